@@ -30,11 +30,16 @@ class SourceError(StokerError, ValueError):
 class ShardError(StokerError, ValueError):
     """A shard is corrupt, truncated or not what the manifest says; names the shard and offset."""
 
-    def __init__(self, shard: str, message: str, offset: int | None = None) -> None:
-        where = f"{shard}" if offset is None else f"{shard} at offset {offset}"
+    def __init__(self, shard: str, message: str, offset: int | None = None, *, row: int | None = None) -> None:
+        where = shard
+        if offset is not None:
+            where += f" at byte offset {offset}"
+        if row is not None:
+            where += f" (row {row})"
         super().__init__(f"{where}: {message}")
         self.shard = shard
         self.offset = offset
+        self.row = row
 
 
 class ShardNotFoundError(StokerError, FileNotFoundError):

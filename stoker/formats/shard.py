@@ -1,0 +1,236 @@
+"""The format-level API: open any shard, iterate its record batches, read rows by index; write shards.
+
+Every reader hands out `pyarrow.RecordBatch`es in the schemas of `stoker.formats.schema`, whatever the file format,
+so everything downstream works on Arrow columns and numpy views. No format here ever unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, Union
+
+import numpy as np
+import pyarrow as pa
+
+from stoker.errors import ConfigError, ShardError
+
+ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
+FORMATS = ("arrow", "msgpack")
+SUFFIX = {"arrow": ".arrow", "msgpack": ".msgpack"}
+
+
+class ShardReader(ABC):
+    """Read-only view of one shard: record batches, and rows by index."""
+
+    name: str
+    schema: pa.Schema
+    batch_offsets: np.ndarray  # first row of each batch, plus num_rows at the end
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.batch_offsets[-1])
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_offsets) - 1
+
+    @abstractmethod
+    def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
+        """Record batch number `index`, optionally only some columns."""
+
+    def iter_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """All record batches in order."""
+        for i in range(self.num_batches):
+            yield self.read_batch(i, columns)
+
+    def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows by index within this shard, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"{self.name}: row out of range 0..{self.num_rows - 1}")
+        which = np.searchsorted(self.batch_offsets, rows, side="right") - 1
+        pieces = []
+        for b in np.unique(which):
+            batch = self.read_batch(int(b), columns)
+            mask = which == b
+            pieces.append((np.flatnonzero(mask), batch.take(pa.array(rows[mask] - self.batch_offsets[b]))))
+        if not pieces:
+            return self.schema_table(columns)
+        order = np.argsort(np.concatenate([p[0] for p in pieces]), kind="stable")
+        return pa.Table.from_batches([p[1] for p in pieces]).take(pa.array(order))
+
+    def row(self, index: int) -> dict[str, Any]:
+        """One row as a sample dict (see `batch_to_samples`)."""
+        table = self.take([index])
+        return batch_to_samples(table.combine_chunks().to_batches()[0])[0]
+
+    def schema_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        return schema.empty_table()
+
+    def close(self) -> None:
+        """Release files and maps."""
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sniff(head: bytes) -> str:
+    from stoker.formats.msgpack_shard import MAGIC
+
+    if head.startswith(b"ARROW1"):
+        return "arrow"
+    if head.startswith(MAGIC):
+        return "msgpack"
+    return ""
+
+
+def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
+    """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic."""
+    from stoker.formats.arrow_shard import ArrowShardReader
+    from stoker.formats.msgpack_shard import MsgpackShardReader
+
+    if isinstance(source, (str, os.PathLike)):
+        name = name or os.fspath(source)
+        try:
+            with open(source, "rb") as f:
+                head = f.read(8)
+        except FileNotFoundError:
+            from stoker.errors import ShardNotFoundError
+
+            raise ShardNotFoundError(f"shard {name} does not exist") from None
+    elif isinstance(source, (bytes, memoryview, pa.Buffer)):
+        head = bytes(memoryview(source)[:8])
+    else:
+        pos = source.tell()
+        head = source.read(8)
+        source.seek(pos)
+    name = name or "<shard>"
+    fmt = _sniff(head)
+    if fmt == "arrow":
+        return ArrowShardReader(source, name=name)
+    if fmt == "msgpack":
+        return MsgpackShardReader(source, name=name)
+    raise ShardError(name, f"not a stoker shard (starts with {head!r}; expected an Arrow IPC file or a stoker msgpack shard)", 0)
+
+
+def batch_to_samples(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """Turn a record batch into sample dicts: images keep their bytes; tokens become zero-copy numpy views."""
+    columns: dict[str, list[Any]] = {}
+    for name in batch.schema.names:
+        column = batch.column(name)
+        if pa.types.is_list(column.type):
+            columns[name] = list_column_to_numpy(column)
+        else:
+            columns[name] = column.to_pylist()
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def list_column_to_numpy(column: pa.ListArray) -> list[np.ndarray]:
+    """Split a list<int> column into per-row numpy views of one shared values buffer."""
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+class ShardWriter(ABC):
+    """Accumulates samples and writes them as one shard file, hashing as it goes."""
+
+    def __init__(self, path: str, schema: pa.Schema, *, batch_bytes: int = 4 << 20) -> None:
+        self.path = path
+        self.schema = schema
+        self.batch_bytes = batch_bytes
+        self.rows = 0
+        self._pending: list[dict[str, Any]] = []
+        self._pending_bytes = 0
+        self._hash = hashlib.sha256()
+        self._file = open(path, "wb")
+        self._closed = False
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+
+    def add(self, sample: dict[str, Any]) -> None:
+        """Append one sample (a dict with the schema's fields)."""
+        self._pending.append(sample)
+        self._pending_bytes += sample_nbytes(sample)
+        if self._pending_bytes >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending samples as one record batch."""
+        if self._pending:
+            self._write_samples(self._pending)
+            self.rows += len(self._pending)
+            self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> tuple[int, int, str]:
+        """Finish the file; return (rows, bytes, sha256 hex)."""
+        if not self._closed:
+            self.flush()
+            self._finish()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._closed = True
+        return self.rows, os.path.getsize(self.path), self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        if not self._closed:
+            self._file.close()
+            self._closed = True
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    @abstractmethod
+    def _write_samples(self, samples: list[dict[str, Any]]) -> None:
+        """Write pending samples as one record batch."""
+
+    @abstractmethod
+    def _finish(self) -> None: ...
+
+
+def sample_nbytes(sample: dict[str, Any]) -> int:
+    """Approximate stored size of a sample, for record-batch and shard sizing."""
+    size = 16
+    for value in sample.values():
+        if isinstance(value, (bytes, str)):
+            size += len(value)
+        elif isinstance(value, np.ndarray):
+            size += value.nbytes
+    return size
+
+
+def samples_to_batch(samples: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """Build a record batch from sample dicts; token lists become one flat values buffer plus offsets."""
+    arrays = []
+    for field in schema:
+        values = [s[field.name] for s in samples]
+        if pa.types.is_list(field.type):
+            dtype = field.type.value_type.to_pandas_dtype()
+            lengths = np.fromiter((len(v) for v in values), np.int32, len(values))
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+            flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.zeros(0, dtype)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type)))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def create_writer(fmt: str, path: str, schema: pa.Schema, *, batch_bytes: int = 4 << 20) -> ShardWriter:
+    """A writer for `fmt` ("arrow" or "msgpack") at local `path`."""
+    from stoker.formats.arrow_shard import ArrowShardWriter
+    from stoker.formats.msgpack_shard import MsgpackShardWriter
+
+    writers = {"arrow": ArrowShardWriter, "msgpack": MsgpackShardWriter}
+    if fmt not in writers:
+        raise ConfigError(f"unknown shard format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return writers[fmt](path, schema, batch_bytes=batch_bytes)
