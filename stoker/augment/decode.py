@@ -1,0 +1,142 @@
+"""Pillow decoding shared by the CPU and Kornia backends: header probe, reduced-size decode, RGB.
+
+Policy, the same on every backend:
+- EXIF orientation is honoured (like `ImageOps.exif_transpose`, and like DALI's default), so crop
+  boxes are always in the coordinates of the upright image.
+- Grayscale, palette, CMYK and alpha images become RGB; alpha is dropped, not composited.
+- Images with more than `max_pixels` pixels are refused from their header, before any decode.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import PIL
+from PIL import Image
+
+from stoker.errors import ShardError
+
+# EXIF orientation tag value -> the transpose that makes the image upright (as in ImageOps.exif_transpose).
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+class DecodeError(ShardError):
+    """One sample's image bytes could not be decoded (or were refused); names the key and shard."""
+
+    def __init__(self, key: str | None, shard: str | None, message: str) -> None:
+        super().__init__(shard or "<no shard>", f"sample {key if key is not None else '<no key>'}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the file header says: upright size, EXIF orientation and container format."""
+
+    width: int
+    height: int
+    orientation: int
+    format: str
+
+
+def pil_backend_info() -> dict:
+    """Which Pillow is installed: version, whether it is Pillow-SIMD, and whether JPEG uses libjpeg-turbo.
+
+    Pillow-SIMD identifies itself only by a ".postN" suffix on its version (e.g. "9.0.0.post1");
+    upstream Pillow does not publish post releases.
+    """
+    from PIL import features
+
+    return {
+        "version": PIL.__version__,
+        "simd": ".post" in PIL.__version__,
+        "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+        "jpeg_version": features.version("jpg"),
+    }
+
+
+def probe(data: bytes, max_pixels: int) -> tuple[Image.Image, Header]:
+    """Open `data` lazily (header only) and check its size; raises ValueError/OSError on bad input."""
+    image = Image.open(io.BytesIO(data))
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ValueError(f"{w}x{h} image has more than max_pixels={max_pixels} pixels (decompression-bomb guard)")
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image header says {w}x{h}")
+    orientation = _orientation(image)
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return image, Header(width=w, height=h, orientation=orientation, format=image.format or "")
+
+
+def _orientation(image: Image.Image) -> int:
+    # PNG keeps EXIF in a chunk that Pillow only finds after decoding; do not force a decode just to look.
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if value in _ORIENT else 1
+
+
+def decode_for_box(
+    image: Image.Image,
+    header: Header,
+    box: tuple[float, float, float, float],
+    out_size: tuple[int, int],
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decode `image` just large enough that `box` still covers `out_size` (w, h) pixels.
+
+    Returns an upright RGB image and the box in its coordinates. JPEGs are decoded at 1/2, 1/4 or 1/8
+    scale by libjpeg (`Image.draft`), so decode work shrinks with the output; any remaining factor of 2
+    or more is removed with `Image.reduce` over the box only. The residual resample is then under 2x.
+    """
+    out_w, out_h = out_size
+    factor = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
+    if header.format == "JPEG" and factor >= 2:
+        # draft() picks the smallest DCT scale whose result is still >= the requested size.
+        stored_w, stored_h = image.size
+        image.draft("RGB", (math.ceil(stored_w / factor), math.ceil(stored_h / factor)))
+    image.load()
+    if header.orientation != 1:
+        image = image.transpose(_ORIENT[header.orientation])
+    if image.mode != "RGB":
+        image = _to_rgb(image)
+    sx, sy = image.width / header.width, image.height / header.height
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    factor = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
+    if factor >= 2:
+        k = int(factor)
+        ibox = _enclosing(box, image.width, image.height)
+        image = image.reduce(k, box=ibox)
+        box = ((box[0] - ibox[0]) / k, (box[1] - ibox[1]) / k, (box[2] - ibox[0]) / k, (box[3] - ibox[1]) / k)
+    return image, box
+
+
+def decode_full(data: bytes, max_pixels: int) -> Image.Image:
+    """The whole image, upright and RGB, at full resolution (reference decode and error triage)."""
+    image, header = probe(data, max_pixels)
+    full = (0.0, 0.0, float(header.width), float(header.height))
+    image, _ = decode_for_box(image, header, full, (header.width, header.height))
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the top 8 bits instead of letting convert() clip at 255.
+        image = image.point(lambda v: v / 256).convert("L") if image.mode != "I" else image.convert("L")
+    return image.convert("RGB")
+
+
+def _enclosing(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    return (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))

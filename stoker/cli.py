@@ -1,0 +1,130 @@
+"""Command line: `pack-dataset SRC DST` and `stoker {pack,inspect,verify,demo}`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from stoker.errors import StokerError
+
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 268435456 (binary units; K/M/G/T with or without B)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB or 1GB")
+    number, unit = match.groups()
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    return int(float(number) * _UNITS[unit])
+
+
+def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("src", help="image tree SRC/<class>/<file>, or a .jsonl/.txt/.parquet file or folder of them")
+    parser.add_argument("dst", help="output directory or fsspec URL (s3://bucket/prefix)")
+    parser.add_argument("--format", choices=["arrow", "msgpack"], default="arrow")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--shard-size", type=parse_size, default=parse_size("256MB"), help="target shard size (default 256MB)")
+    parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this, re-encoding as JPEG")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality when --max-side re-encodes (default 90)")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="stop at a bad input (default) or skip and list it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DST")
+    parser.add_argument("--no-validate", dest="validate", action="store_false", help="do not decode images while packing")
+    parser.add_argument("--kind", choices=["image", "text"], default=None, help="default: detected from SRC")
+    parser.add_argument("--text-field", default="text", help="JSON field or Parquet column holding the text (default 'text')")
+    parser.add_argument("--tokenizer", default="bytes", help="'bytes', 'none' (pre-tokenized ids) or a tokenizer.json path")
+    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of pre-tokenized ids")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    from stoker.formats.pack import PackOptions, pack_dataset
+
+    options = PackOptions(
+        format=args.format, shard_size=args.shard_size, workers=args.workers, max_side=args.max_side,
+        quality=args.quality, on_error=args.on_error, overwrite=args.overwrite, validate=args.validate,
+        kind=args.kind, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        progress=not args.quiet,
+    )
+    result = pack_dataset(args.src, args.dst, options)
+    m = result.manifest
+    rate = result.samples / max(result.seconds, 1e-9)
+    print(
+        f"packed {m.num_samples:,} {m.kind} samples into {len(m.shards)} {m.format} shards "
+        f"({result.bytes_out / 1e6:,.1f} MB) in {result.seconds:.2f} s: {rate:,.0f} samples/s, "
+        f"{result.bytes_in / 1e6 / max(result.seconds, 1e-9):,.1f} MB/s in; "
+        f"skipped {result.skipped}; reused {result.reused_shards} finished shards"
+    )
+    for item in m.skipped[:20]:
+        print(f"  skipped {item['path']}: {item['error']}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from stoker.formats.verify import inspect
+
+    print("\n".join(inspect(args.dataset)))
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from stoker.formats.manifest import Manifest
+    from stoker.formats.verify import verify
+
+    problems = verify(args.dataset)
+    for problem in problems:
+        print(f"BAD {problem}")
+    total = len(Manifest.load(args.dataset).shards)
+    print(f"{total - len(problems)}/{total} shards verified" + (f"; {len(problems)} bad" if problems else ""))
+    return 1 if problems else 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from stoker.demo import run_demo
+
+    run_demo(args.workdir, per_class=args.per_class)
+    return 0
+
+
+def _guard(run, args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except StokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def pack_main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pack-dataset` console script."""
+    parser = _pack_parser(argparse.ArgumentParser(prog="pack-dataset", description="Pack a raw dataset into shards."))
+    return _guard(_run_pack, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `stoker` console script."""
+    parser = argparse.ArgumentParser(prog="stoker", description="Keep accelerators fed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pack_parser(sub.add_parser("pack", help="same as pack-dataset")).set_defaults(run=_run_pack)
+    p = sub.add_parser("inspect", help="summarise a packed dataset")
+    p.add_argument("dataset")
+    p.set_defaults(run=_run_inspect)
+    p = sub.add_parser("verify", help="recompute shard checksums; exit 1 naming every bad shard")
+    p.add_argument("dataset")
+    p.set_defaults(run=_run_verify)
+    p = sub.add_parser("demo", help="generate data, pack it, read it back and summarise")
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "demo-data"))
+    p.add_argument("--per-class", type=int, default=150)
+    p.set_defaults(run=_run_demo)
+    args = parser.parse_args(argv)
+    return _guard(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

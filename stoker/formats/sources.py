@@ -1,0 +1,274 @@
+"""Raw inputs for packing: list an ImageNet-style image tree or text files, and turn one item into a sample.
+
+Listing is sorted and stable, so the same input always packs into the same shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stoker.errors import ConfigError, MissingExtraError, SourceError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image file: its key (path relative to SRC), class label and size in bytes."""
+
+    key: str
+    label: int
+    size: int
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could name something outside the dataset (absolute, `..`, NUL, backslash)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\0" in key or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise SourceError(f"{key!r}: unsafe sample key (absolute, '..', empty part or NUL byte); rename the file")
+    return key
+
+
+def _walk_files(root: str, folder: str, seen: set[tuple[int, int]], errors: list[tuple[str, str]]) -> Iterator[str]:
+    """Yield file paths below `folder` (relative to root), following symlinks but refusing loops."""
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        errors.append((os.path.relpath(folder, root), f"unreadable directory: {exc.strerror}"))
+        return
+    ident = (st.st_dev, st.st_ino)
+    if ident in seen:
+        errors.append((os.path.relpath(folder, root), "symlink loop: this directory is its own ancestor"))
+        return
+    seen = seen | {ident}
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        errors.append((os.path.relpath(folder, root), f"unreadable directory: {exc.strerror}"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = os.path.join(folder, entry.name)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            errors.append((os.path.relpath(path, root), f"unreadable: {exc.strerror} (broken symlink?)"))
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk_files(root, path, seen, errors)
+        else:
+            yield os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def list_image_tree(src: str, *, skip_errors: bool = False) -> tuple[list[str], list[ImageItem], list[dict[str, str]]]:
+    """List `src/<class>/**/<file>`; return (class names, items, skipped). Raises SourceError on the first problem."""
+    if not os.path.isdir(src):
+        raise SourceError(f"{src}: not a directory; expected an ImageNet-style tree SRC/<class>/<image>")
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{src}: no class directories; expected SRC/<class>/<image>")
+    problems: list[tuple[str, str]] = []
+    items: list[ImageItem] = []
+    for label, name in enumerate(classes):
+        found = 0
+        for key in _walk_files(src, os.path.join(src, name), set(), problems):
+            if not key.lower().endswith(IMAGE_SUFFIXES):
+                problems.append((key, f"not an image file (suffix not one of {', '.join(IMAGE_SUFFIXES)})"))
+                continue
+            try:
+                check_key(key)
+            except SourceError as exc:
+                problems.append((key, str(exc)))
+                continue
+            items.append(ImageItem(key, label, os.path.getsize(os.path.join(src, key))))
+            found += 1
+        if found == 0:
+            problems.append((name, "empty class directory: no images"))
+    if problems and not skip_errors:
+        path, why = problems[0]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise SourceError(f"{os.path.join(src, path)}: {why}{more}; fix it or pass --on-error skip")
+    return classes, items, [{"path": p, "error": e} for p, e in problems]
+
+
+def load_image(src: str, item: ImageItem, *, max_side: int | None, quality: int, validate: bool) -> dict[str, Any]:
+    """Read one image file into a sample; re-encode only when it is larger than `max_side`."""
+    path = os.path.join(src, item.key)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_side is not None and max(width, height) > max_side:
+                data, width, height = _shrink(image, max_side, quality)
+            elif validate:
+                # A reduced-size (DCT-scaled) decode reads every byte of the entropy-coded data, so it catches
+                # truncated and corrupt files at a fraction of a full decode's cost.
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SourceError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+    return {"key": item.key, "label": item.label, "image": data, "height": height, "width": width}
+
+
+def _shrink(image: Image.Image, max_side: int, quality: int) -> tuple[bytes, int, int]:
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    image.draft("RGB", size)
+    resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    resized.save(out, format="JPEG", quality=quality)
+    return out.getvalue(), size[1], size[0]
+
+
+# ---- text ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """A contiguous run of documents in one text file: lines [start, stop) or Parquet rows [start, stop)."""
+
+    path: str
+    start: int
+    stop: int
+    byte_start: int
+    byte_stop: int
+
+
+def list_text_files(src: str) -> list[str]:
+    """A text source is one file or a directory of .jsonl/.txt/.parquet files (sorted)."""
+    if os.path.isfile(src):
+        files = [src]
+    elif os.path.isdir(src):
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, names in os.walk(src)
+            for f in names
+            if f.lower().endswith(TEXT_SUFFIXES) and not f.startswith(".")
+        )
+    else:
+        raise SourceError(f"{src}: no such file or directory")
+    if not files:
+        raise SourceError(f"{src}: no .jsonl, .txt or .parquet files")
+    return files
+
+
+def text_spans(path: str, target_bytes: int) -> list[TextSpan]:
+    """Split a text file into spans of whole documents of about `target_bytes` each."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+        sizes = np.concatenate([[0], np.cumsum([meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)])])
+        return _group(path, starts, sizes, target_bytes)
+    with open(path, "rb") as f:
+        data = np.frombuffer(f.read(), np.uint8)
+    ends = np.flatnonzero(data == ord("\n")) + 1
+    if len(data) and (not len(ends) or ends[-1] != len(data)):
+        ends = np.append(ends, len(data))
+    line_starts = np.concatenate([[0], ends])
+    return _group(path, np.arange(len(line_starts)), line_starts, target_bytes)
+
+
+def _group(path: str, index: np.ndarray, offsets: np.ndarray, target_bytes: int) -> list[TextSpan]:
+    """Cut [0, len(index)-1) into runs whose byte size (from `offsets`) is about `target_bytes`."""
+    spans, start, count = [], 0, len(index) - 1
+    while start < count:
+        stop = int(np.searchsorted(offsets, offsets[start] + target_bytes, side="right")) - 1
+        stop = min(max(stop, start + 1), count)
+        spans.append(TextSpan(path, int(index[start]), int(index[stop]), int(offsets[start]), int(offsets[stop])))
+        start = stop
+    return spans
+
+
+def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, document) for a span: a string, or a list of token ids if pre-tokenized."""
+    if span.path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(span.path)
+        groups = [g for g in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in groups])])
+        wanted = [g for g in groups if starts[g] >= span.start and starts[g + 1] <= span.stop]
+        if text_field not in pf.schema_arrow.names:
+            raise SourceError(f"{span.path}: no column {text_field!r}; columns are {pf.schema_arrow.names} (--text-field)")
+        column = pf.read_row_groups(wanted, columns=[text_field]).column(0).to_pylist()
+        for offset, value in enumerate(column):
+            if value is None:
+                raise SourceError(f"{span.path}: row {span.start + offset} has no value in {text_field!r}")
+            yield span.start + offset, value
+        return
+    is_txt = span.path.lower().endswith(".txt")
+    with open(span.path, "rb") as f:
+        f.seek(span.byte_start)
+        lines = f.read(span.byte_stop - span.byte_start).split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for offset, raw in enumerate(lines):
+        number = span.start + offset + 1  # 1-based line numbers in messages, as editors show them
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{span.path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if is_txt:
+            yield number, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{span.path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise SourceError(f"{span.path}:{number}: no field {text_field!r} in this row (see --text-field)")
+        yield number, record[text_field]
+
+
+Tokenize = Callable[[str], np.ndarray]
+
+
+def make_tokenizer(name: str) -> tuple[Tokenize | None, int | None]:
+    """Return (encode function, vocabulary size): "bytes" (UTF-8 byte ids), "none" (pre-tokenized) or a tokenizer.json."""
+    if name == "bytes":
+        return (lambda text: np.frombuffer(text.encode("utf-8"), np.uint8)), 256
+    if name in ("none", "pretokenized"):
+        return None, None
+    if not os.path.isfile(name):
+        raise ConfigError(f"--tokenizer {name!r}: expected 'bytes', 'none' or the path of a Hugging Face tokenizer.json")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MissingExtraError("a Hugging Face tokenizer.json", "tokenizers", "tokenizers") from None
+    tok = Tokenizer.from_file(name)
+    return (lambda text: np.asarray(tok.encode(text, add_special_tokens=False).ids, np.uint32)), tok.get_vocab_size()
+
+
+def to_tokens(
+    where: str, document: Any, tokenize: Tokenize | None, vocab_size: int | None, dtype: np.dtype
+) -> np.ndarray:
+    """Tokenize a document (or check a pre-tokenized one) into an array of `dtype`."""
+    if isinstance(document, str):
+        if tokenize is None:
+            raise SourceError(f"{where}: found text but --tokenizer none expects lists of token ids")
+        ids = tokenize(document)
+    elif isinstance(document, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in document):
+        ids = np.asarray(document, np.int64)
+        if ids.size and ids.min() < 0:
+            raise SourceError(f"{where}: negative token id {int(ids.min())}")
+    else:
+        raise SourceError(f"{where}: expected a string or a list of integer token ids, got {type(document).__name__}")
+    limit = vocab_size if vocab_size is not None else np.iinfo(dtype).max + 1
+    if ids.size and int(ids.max()) >= limit:
+        raise SourceError(f"{where}: token id {int(ids.max())} is outside the vocabulary of {limit} (--vocab-size)")
+    return ids.astype(dtype, copy=False)

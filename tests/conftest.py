@@ -1,0 +1,43 @@
+"""Shared fixtures: small generated raw data and packed datasets, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stoker.formats.pack import pack_dataset
+from stoker.synthetic import make_image_tree, make_text_corpus
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 8 natural-looking JPEGs of 64-160 px."""
+    return make_image_tree(tmp_path_factory.mktemp("raw") / "images", num_classes=3, per_class=8, min_side=64, max_side=160, seed=1)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .jsonl file of 300 documents with long-tailed lengths."""
+    return make_text_corpus(tmp_path_factory.mktemp("raw") / "text" / "corpus.jsonl", num_docs=300, seed=1)
+
+
+@pytest.fixture(scope="session", params=["arrow", "msgpack"])
+def shard_format(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def packed_images(image_tree: Path, tmp_path_factory: pytest.TempPathFactory, shard_format: str) -> Path:
+    """The image tree packed into several small shards."""
+    dst = tmp_path_factory.mktemp(f"images-{shard_format}")
+    pack_dataset(str(image_tree), str(dst), format=shard_format, shard_size=64 << 10, workers=1, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def packed_text(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory, shard_format: str) -> Path:
+    """The text corpus packed with the byte tokenizer into several small shards."""
+    dst = tmp_path_factory.mktemp(f"text-{shard_format}")
+    pack_dataset(str(text_corpus), str(dst), format=shard_format, shard_size=32 << 10, workers=1, progress=False)
+    return dst
