@@ -87,7 +87,7 @@ def test_arrow_shards_open_with_plain_pyarrow_duckdb_and_polars(image_tree: Path
     polars = pytest.importorskip("polars")
     frame = polars.read_ipc(str(first))
     assert frame["key"].to_list() == table.column("key").to_pylist()
-    count = duckdb.sql("select count(*), max(label) from frame").fetchone()
+    count = duckdb.sql("select count(*), max(label) from frame").fetchall()[0]
     assert count == (table.num_rows, max(table.column("label").to_pylist()))
 
 

@@ -87,6 +87,7 @@ class _Job:
 
     index: int
     name: str
+    fingerprint: str
     kind: str
     src: str
     dst: str
@@ -142,13 +143,16 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, 
     return shards
 
 
-def _fingerprint(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -> str:
+def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -> list[str]:
+    """One hash per shard of everything that decides its bytes; a finished shard is reused only on a match."""
     relevant = asdict(opts)
     for volatile in ("workers", "progress", "overwrite", "storage_options"):
         relevant.pop(volatile)
-    plan = [[asdict(u) for u in units] for units in shards]
-    blob = json.dumps({"kind": kind, "options": relevant, "plan": plan}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    common = json.dumps({"kind": kind, "options": relevant}, sort_keys=True, default=str)
+    return [
+        hashlib.sha256((common + json.dumps([asdict(u) for u in units], sort_keys=True)).encode()).hexdigest()
+        for units in shards
+    ]
 
 
 # ---- worker side -------------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def _pack_shard(job: _Job) -> dict[str, Any]:
         storage.publish_local(tmp, storage.join(job.dst, job.name), job.options.storage_options)
     else:
         os.remove(tmp)
-    record = {"shard": info.to_json(), "skipped": skipped}
+    record = {"fingerprint": job.fingerprint, "shard": info.to_json(), "skipped": skipped}
     state = storage.join(storage.join(job.dst, STATE_DIR), job.name + ".json")
     storage.write_bytes_atomic(state, json.dumps(record).encode(), job.options.storage_options)
     return record
@@ -239,32 +243,21 @@ def _read_json(url: str, storage_options: dict[str, Any] | None) -> dict[str, An
 
 
 def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions) -> Manifest | None:
-    """Create DST, refuse to mix different packs, clear leftovers; return the manifest if already complete."""
+    """Create DST, refuse to replace a different finished dataset, clear leftovers; return it if already done."""
     so = opts.storage_options
     fs, path = storage.filesystem(dst, so)
     fs.makedirs(path, exist_ok=True)
-    state_dir = storage.join(dst, STATE_DIR)
-    plan_url = storage.join(state_dir, "plan.json")
-    manifest_url = storage.join(dst, MANIFEST_NAME)
     if opts.overwrite:
         for entry in fs.ls(path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name == MANIFEST_NAME or name == STATE_DIR or name.endswith(tuple(SUFFIX.values())) or storage.is_temp_name(name):
                 fs.rm(entry, recursive=True)
-    elif fs.exists(storage.filesystem(manifest_url, so)[1]):
+    elif fs.exists(storage.filesystem(storage.join(dst, MANIFEST_NAME), so)[1]):
         existing = Manifest.load(dst, so)
         if existing.options.get("fingerprint") == fingerprint:
             return existing
         raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass --overwrite to replace it")
-    plan = _read_json(plan_url, so)
-    if plan is not None and plan.get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{storage.redact(dst)} holds an unfinished pack of different input or options; "
-            "rerun with the original command to finish it, or pass --overwrite"
-        )
-    fs.makedirs(storage.filesystem(state_dir, so)[1], exist_ok=True)
-    if plan is None:
-        storage.write_bytes_atomic(plan_url, json.dumps({"fingerprint": fingerprint}).encode(), so)
+    fs.makedirs(storage.filesystem(storage.join(dst, STATE_DIR), so)[1], exist_ok=True)
     if storage.is_local(dst):  # temporary files of a killed run; remote stores never show partial objects
         for entry in os.scandir(storage.local_path(dst)):
             if storage.is_temp_name(entry.name):
@@ -280,6 +273,8 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     opts.check()
     start = time.perf_counter()
     src = os.path.abspath(src)
+    if not os.path.exists(src):
+        raise SourceError(f"{src}: no such file or directory")
     kind = opts.kind or detect_kind(src)
     classes: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -290,7 +285,8 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         _, vocab = sources.make_tokenizer(opts.tokenizer)
         dtype = token_dtype(opts.vocab_size if opts.vocab_size is not None else vocab)
         plan = _plan_text(src, opts, dtype)
-    fingerprint = _fingerprint(kind, plan, opts)
+    shard_prints = _fingerprints(kind, plan, opts)
+    fingerprint = hashlib.sha256("".join(shard_prints).encode()).hexdigest()
     done = _prepare_dst(dst, fingerprint, opts)
     if done is not None:
         return PackResult(done, time.perf_counter() - start, 0, 0, 0, len(done.skipped), len(done.shards))
@@ -300,12 +296,12 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     records: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(names):
         record = _read_json(storage.join(storage.join(dst, STATE_DIR), name + ".json"), opts.storage_options)
-        if record is not None and _shard_intact(dst, record, opts):
+        if record is not None and record.get("fingerprint") == shard_prints[i] and _shard_intact(dst, record, opts):
             records[i] = record
     reused = len(records)
     stage = dst if storage.is_local(dst) else tempfile.mkdtemp(prefix="stoker-pack-")
     jobs = [
-        _Job(i, names[i], kind, src, dst, storage.local_path(stage), plan[i], opts, dtype.str if dtype is not None else None)
+        _Job(i, names[i], shard_prints[i], kind, src, dst, storage.local_path(stage), plan[i], opts, dtype.str if dtype is not None else None)
         for i in range(len(plan))
         if i not in records
     ]

@@ -193,7 +193,10 @@ def _group(path: str, index: np.ndarray, offsets: np.ndarray, target_bytes: int)
 
 
 def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, document) for a span: a string, or a list of token ids if pre-tokenized."""
+    """Yield (line or row number, document) for a span: a string, or a list of token ids if pre-tokenized.
+
+    A bad row yields a SourceError in place of its document, so the caller's error policy decides.
+    """
     if span.path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -206,7 +209,7 @@ def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]
         column = pf.read_row_groups(wanted, columns=[text_field]).column(0).to_pylist()
         for offset, value in enumerate(column):
             if value is None:
-                raise SourceError(f"{span.path}: row {span.start + offset} has no value in {text_field!r}")
+                value = SourceError(f"{span.path}: row {span.start + offset} has no value in {text_field!r}")
             yield span.start + offset, value
         return
     is_txt = span.path.lower().endswith(".txt")
@@ -220,7 +223,8 @@ def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise SourceError(f"{span.path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            yield number, SourceError(f"{span.path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
         if is_txt:
             yield number, line
             continue
@@ -229,9 +233,11 @@ def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SourceError(f"{span.path}:{number}: not valid JSON ({exc.msg})") from None
+            yield number, SourceError(f"{span.path}:{number}: not valid JSON ({exc.msg})")
+            continue
         if not isinstance(record, dict) or text_field not in record:
-            raise SourceError(f"{span.path}:{number}: no field {text_field!r} in this row (see --text-field)")
+            yield number, SourceError(f"{span.path}:{number}: no field {text_field!r} in this row (see --text-field)")
+            continue
         yield number, record[text_field]
 
 
@@ -258,6 +264,8 @@ def to_tokens(
     where: str, document: Any, tokenize: Tokenize | None, vocab_size: int | None, dtype: np.dtype
 ) -> np.ndarray:
     """Tokenize a document (or check a pre-tokenized one) into an array of `dtype`."""
+    if isinstance(document, SourceError):
+        raise document
     if isinstance(document, str):
         if tokenize is None:
             raise SourceError(f"{where}: found text but --tokenizer none expects lists of token ids")
