@@ -32,7 +32,8 @@ def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality when --max-side re-encodes (default 90)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="stop at a bad input (default) or skip and list it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DST")
-    parser.add_argument("--no-validate", dest="validate", action="store_false", help="do not decode images while packing")
+    parser.add_argument("--validate", choices=["none", "header", "decode"], default="header",
+                        help="image checks: header+completeness (default), decode at reduced size (thorough), none")
     parser.add_argument("--kind", choices=["image", "text"], default=None, help="default: detected from SRC")
     parser.add_argument("--text-field", default="text", help="JSON field or Parquet column holding the text (default 'text')")
     parser.add_argument("--tokenizer", default="bytes", help="'bytes', 'none' (pre-tokenized ids) or a tokenizer.json path")

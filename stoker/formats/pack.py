@@ -44,7 +44,7 @@ class PackOptions:
     quality: int = 90
     on_error: str = "raise"  # or "skip"
     overwrite: bool = False
-    validate: bool = True  # reduced-size decode of every image while packing
+    validate: str = "header"  # "none" | "header" (complete file, valid header) | "decode" (reduced-size decode)
     kind: str | None = None  # "image" | "text" | None (detect)
     text_field: str = "text"
     tokenizer: str = "bytes"
@@ -64,6 +64,8 @@ class PackOptions:
             raise ConfigError(f"--max-side {self.max_side}: use at least 8 pixels")
         if self.kind not in (None, "image", "text"):
             raise ConfigError(f"kind {self.kind!r}: expected 'image' or 'text'")
+        if self.validate not in sources.VALIDATE_LEVELS:
+            raise ConfigError(f"--validate {self.validate!r}: expected one of {', '.join(sources.VALIDATE_LEVELS)}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: need at least 1")
 
@@ -352,7 +354,8 @@ def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[in
     from tqdm import tqdm
 
     workers = min(opts.workers or os.cpu_count() or 1, max(1, len(jobs)))
-    ctx = mp.get_context("spawn")
+    # fork starts workers in milliseconds; the parent holds no locks or threads that workers use.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     results: dict[int, dict[str, Any]] = {}
     bar = tqdm(total=total, unit="sample", disable=not opts.progress or not jobs, dynamic_ncols=True)
