@@ -22,6 +22,13 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def _parse_part(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, for example 0/8 (I counts from 0)")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("src", help="image tree SRC/<class>/<file>, or a .jsonl/.txt/.parquet file or folder of them")
     parser.add_argument("dst", help="output directory or fsspec URL (s3://bucket/prefix)")
@@ -38,6 +45,9 @@ def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--text-field", default="text", help="JSON field or Parquet column holding the text (default 'text')")
     parser.add_argument("--tokenizer", default="bytes", help="'bytes', 'none' (pre-tokenized ids) or a tokenizer.json path")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of pre-tokenized ids")
+    parser.add_argument("--part", type=_parse_part, default=None, metavar="I/N",
+                        help="pack only slice I of N (array jobs); combine with `stoker merge DST`")
+    parser.add_argument("--files-from", default=None, help="file listing SRC-relative image paths, instead of walking SRC")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -49,7 +59,7 @@ def _run_pack(args: argparse.Namespace) -> int:
         format=args.format, shard_size=args.shard_size, workers=args.workers, max_side=args.max_side,
         quality=args.quality, on_error=args.on_error, overwrite=args.overwrite, validate=args.validate,
         kind=args.kind, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        progress=not args.quiet,
+        part=args.part, files_from=args.files_from, progress=not args.quiet,
     )
     result = pack_dataset(args.src, args.dst, options)
     m = result.manifest
@@ -82,6 +92,14 @@ def _run_verify(args: argparse.Namespace) -> int:
     total = len(Manifest.load(args.dataset).shards)
     print(f"{total - len(problems)}/{total} shards verified" + (f"; {len(problems)} bad" if problems else ""))
     return 1 if problems else 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from stoker.formats.merge import merge
+
+    manifest = merge(args.dataset)
+    print(f"merged {manifest.options['parts']} parts: {manifest.num_samples:,} samples in {len(manifest.shards)} shards")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -119,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="recompute shard checksums; exit 1 naming every bad shard")
     p.add_argument("dataset")
     p.set_defaults(run=_run_verify)
+    p = sub.add_parser("merge", help="combine the parts of `pack-dataset --part I/N` into manifest.json")
+    p.add_argument("dataset")
+    p.set_defaults(run=_run_merge)
     p = sub.add_parser("demo", help="generate data, pack it, read it back and summarise")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "demo-data"))
     p.add_argument("--per-class", type=int, default=150)

@@ -177,11 +177,11 @@ class Manifest:
             ) from None
         return cls.loads(text, storage.redact(path))
 
-    def save(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        """Write `manifest.json` into the dataset directory `url`, atomically."""
+    def save(self, url: str, storage_options: dict[str, Any] | None = None, *, name: str = MANIFEST_NAME) -> None:
+        """Write the manifest (`manifest.json` unless named) into the dataset directory `url`, atomically."""
         from stoker import storage
 
-        storage.write_bytes_atomic(storage.join(url, MANIFEST_NAME), self.dumps().encode(), storage_options)
+        storage.write_bytes_atomic(storage.join(url, name), self.dumps().encode(), storage_options)
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)

@@ -50,6 +50,8 @@ class PackOptions:
     tokenizer: str = "bytes"
     vocab_size: int | None = None
     batch_bytes: int = 4 << 20
+    part: tuple[int, int] | None = None  # (index, count): pack only this deterministic slice, see stoker.formats.merge
+    files_from: str | None = None  # a text file listing SRC-relative image paths, instead of walking SRC
     progress: bool = True
     storage_options: dict[str, Any] | None = field(default=None, compare=False)
 
@@ -66,6 +68,8 @@ class PackOptions:
             raise ConfigError(f"kind {self.kind!r}: expected 'image' or 'text'")
         if self.validate not in sources.VALIDATE_LEVELS:
             raise ConfigError(f"--validate {self.validate!r}: expected one of {', '.join(sources.VALIDATE_LEVELS)}")
+        if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
+            raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 0 <= I < N")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: need at least 1")
 
@@ -99,6 +103,22 @@ class _Job:
     dtype: str | None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """File names of one pack run: the whole dataset, or part I of N (whose names never collide)."""
+
+    prefix: str
+    manifest: str
+    state_dir: str
+
+    @classmethod
+    def of(cls, part: tuple[int, int] | None) -> Layout:
+        if part is None:
+            return cls("shard-", MANIFEST_NAME, STATE_DIR)
+        tag = f"part-{part[0]:05d}-of-{part[1]:05d}"
+        return cls(f"{tag}-shard-", f"manifest.{tag}.json", f"{STATE_DIR}-{tag}")
+
+
 def detect_kind(src: str) -> str:
     """'text' for a text file or a folder of text files, else 'image'."""
     if os.path.isfile(src):
@@ -111,7 +131,11 @@ def detect_kind(src: str) -> str:
 
 
 def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any, ...]], list[dict[str, str]]]:
-    classes, items, skipped = sources.list_image_tree(src, skip_errors=opts.on_error == "skip")
+    files = None
+    if opts.files_from is not None:
+        with open(opts.files_from, encoding="utf-8") as f:
+            files = [line.strip() for line in f if line.strip()]
+    classes, items, skipped = sources.list_image_tree(src, skip_errors=opts.on_error == "skip", files=files)
     shards: list[tuple[Any, ...]] = []
     current: list[sources.ImageItem] = []
     size = 0
@@ -229,7 +253,7 @@ def _pack_shard(job: _Job) -> dict[str, Any]:
     else:
         os.remove(tmp)
     record = {"fingerprint": job.fingerprint, "shard": info.to_json(), "skipped": skipped}
-    state = storage.join(storage.join(job.dst, STATE_DIR), job.name + ".json")
+    state = storage.join(storage.join(job.dst, Layout.of(job.options.part).state_dir), job.name + ".json")
     storage.write_bytes_atomic(state, json.dumps(record).encode(), job.options.storage_options)
     return record
 
@@ -244,25 +268,28 @@ def _read_json(url: str, storage_options: dict[str, Any] | None) -> dict[str, An
         return None
 
 
-def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions) -> Manifest | None:
+def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions, layout: Layout) -> Manifest | None:
     """Create DST, refuse to replace a different finished dataset, clear leftovers; return it if already done."""
     so = opts.storage_options
     fs, path = storage.filesystem(dst, so)
     fs.makedirs(path, exist_ok=True)
+    manifest_url = storage.join(dst, layout.manifest)
     if opts.overwrite:
+        # Only this run's own files: other parts of a partitioned pack may be writing beside it.
         for entry in fs.ls(path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name == MANIFEST_NAME or name == STATE_DIR or name.endswith(tuple(SUFFIX.values())) or storage.is_temp_name(name):
+            ours = name.startswith(layout.prefix) or name.lstrip(".").startswith(layout.prefix)
+            if name in (layout.manifest, layout.state_dir) or ours or (layout.manifest == MANIFEST_NAME and name.startswith("manifest.part-")):
                 fs.rm(entry, recursive=True)
-    elif fs.exists(storage.filesystem(storage.join(dst, MANIFEST_NAME), so)[1]):
-        existing = Manifest.load(dst, so)
+    elif fs.exists(storage.filesystem(manifest_url, so)[1]):
+        existing = Manifest.load(manifest_url, so)
         if existing.options.get("fingerprint") == fingerprint:
             return existing
         raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass --overwrite to replace it")
-    fs.makedirs(storage.filesystem(storage.join(dst, STATE_DIR), so)[1], exist_ok=True)
+    fs.makedirs(storage.filesystem(storage.join(dst, layout.state_dir), so)[1], exist_ok=True)
     if storage.is_local(dst):  # temporary files of a killed run; remote stores never show partial objects
         for entry in os.scandir(storage.local_path(dst)):
-            if storage.is_temp_name(entry.name):
+            if storage.is_temp_name(entry.name) and entry.name[1:].startswith(layout.prefix):
                 os.remove(entry.path)
     return None
 
@@ -287,17 +314,24 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         _, vocab = sources.make_tokenizer(opts.tokenizer)
         dtype = token_dtype(opts.vocab_size if opts.vocab_size is not None else vocab)
         plan = _plan_text(src, opts, dtype)
+    first = 0
+    if opts.part is not None:
+        # Parts cut the one global plan, so N parts hold exactly the shards of a single run, renamed.
+        index, count = opts.part
+        first, last = index * len(plan) // count, (index + 1) * len(plan) // count
+        plan = plan[first:last]
+        skipped = skipped if index == 0 else []
+    layout = Layout.of(opts.part)
     shard_prints = _fingerprints(kind, plan, opts)
     fingerprint = hashlib.sha256("".join(shard_prints).encode()).hexdigest()
-    done = _prepare_dst(dst, fingerprint, opts)
+    done = _prepare_dst(dst, fingerprint, opts, layout)
     if done is not None:
         return PackResult(done, time.perf_counter() - start, 0, 0, 0, len(done.skipped), len(done.shards))
 
-    width = max(5, len(str(len(plan))))
-    names = [f"shard-{i:0{width}d}{SUFFIX[opts.format]}" for i in range(len(plan))]
+    names = [f"{layout.prefix}{first + i:05d}{SUFFIX[opts.format]}" for i in range(len(plan))]
     records: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        record = _read_json(storage.join(storage.join(dst, STATE_DIR), name + ".json"), opts.storage_options)
+        record = _read_json(storage.join(storage.join(dst, layout.state_dir), name + ".json"), opts.storage_options)
         if record is not None and record.get("fingerprint") == shard_prints[i] and _shard_intact(dst, record, opts):
             records[i] = record
     reused = len(records)
@@ -325,10 +359,11 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         token_dtype=dtype.name if dtype is not None else None,
         tokenizer=opts.tokenizer if kind == "text" else None,
         skipped=tuple(skipped),
-        options={"fingerprint": fingerprint, "shard_size": opts.shard_size, "max_side": opts.max_side},
+        options={"fingerprint": fingerprint, "shard_size": opts.shard_size, "max_side": opts.max_side,
+                 "part": list(opts.part) if opts.part else None},
     )
-    manifest.save(dst, opts.storage_options)
-    fs, path = storage.filesystem(storage.join(dst, STATE_DIR), opts.storage_options)
+    manifest.save(dst, opts.storage_options, name=layout.manifest)
+    fs, path = storage.filesystem(storage.join(dst, layout.state_dir), opts.storage_options)
     fs.rm(path, recursive=True)
     bytes_in = sum(u.size for units in plan for u in units) if kind == "image" else sum(
         u.byte_stop - u.byte_start for units in plan for u in units

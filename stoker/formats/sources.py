@@ -70,18 +70,38 @@ def _walk_files(root: str, folder: str, seen: set[tuple[int, int]], errors: list
             yield os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def list_image_tree(src: str, *, skip_errors: bool = False) -> tuple[list[str], list[ImageItem], list[dict[str, str]]]:
-    """List `src/<class>/**/<file>`; return (class names, items, skipped). Raises SourceError on the first problem."""
+def _listed(src: str, files: list[str], name: str, problems: list[tuple[str, str]]) -> Iterator[str]:
+    """The entries of a precomputed file list that lie in class `name`, checked to exist."""
+    for key in files:
+        if key.split("/", 1)[0] == name:
+            if os.path.isfile(os.path.join(src, key)):
+                yield key
+            else:
+                problems.append((key, "listed in --files-from but missing"))
+
+
+def list_image_tree(
+    src: str, *, skip_errors: bool = False, files: list[str] | None = None
+) -> tuple[list[str], list[ImageItem], list[dict[str, str]]]:
+    """List `src/<class>/**/<file>` (or the SRC-relative paths in `files`); return (classes, items, skipped).
+
+    Raises SourceError on the first problem unless `skip_errors`.
+    """
     if not os.path.isdir(src):
         raise SourceError(f"{src}: not a directory; expected an ImageNet-style tree SRC/<class>/<image>")
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    if files is not None:
+        files = sorted({f.strip().removeprefix("./") for f in files if "/" in f.strip()})
+        classes = sorted({f.split("/", 1)[0] for f in files})
+    else:
+        classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise SourceError(f"{src}: no class directories; expected SRC/<class>/<image>")
     problems: list[tuple[str, str]] = []
     items: list[ImageItem] = []
     for label, name in enumerate(classes):
         found = 0
-        for key in _walk_files(src, os.path.join(src, name), set(), problems):
+        keys = _walk_files(src, os.path.join(src, name), set(), problems) if files is None else _listed(src, files, name, problems)
+        for key in keys:
             if not key.lower().endswith(IMAGE_SUFFIXES):
                 problems.append((key, f"not an image file (suffix not one of {', '.join(IMAGE_SUFFIXES)})"))
                 continue

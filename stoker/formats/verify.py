@@ -28,7 +28,8 @@ class Problem:
         return f"{self.shard}: {self.reason}"
 
 
-def _check_shard(url: str, info: ShardInfo, storage_options: dict[str, Any] | None) -> str | None:
+def check_shard(url: str, info: ShardInfo, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Why the shard `info` of the dataset at `url` is bad (missing, wrong size or checksum, unreadable), or None."""
     fs, path = storage.filesystem(storage.join(url, info.name), storage_options)
     try:
         size = fs.size(path)
@@ -58,7 +59,7 @@ def verify(url: str, storage_options: dict[str, Any] | None = None) -> list[Prob
     manifest = Manifest.load(url, storage_options)
     problems = []
     for info in manifest.shards:
-        reason = _check_shard(url, info, storage_options)
+        reason = check_shard(url, info, storage_options)
         if reason:
             problems.append(Problem(info.name, reason))
     return problems
