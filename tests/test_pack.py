@@ -197,3 +197,28 @@ def test_cli_prints_summary_and_inspect_histogram(packed_text: Path, image_tree:
     assert "samples  300" in out and "length histogram" in out
     assert pack_main([str(tmp_path / "missing"), str(tmp_path / "x"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_validate_decode_finds_corruption_inside_the_compressed_data(tree: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    victim = tree / sorted(os.listdir(tree))[0] / "zz.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(victim)
+    data = bytearray(victim.read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 40 : idat + 200] = bytes(160)  # zeroes inside the zlib stream; the file still ends with IEND
+    victim.write_bytes(bytes(data))
+    assert _pack(tree, tmp_path / "fast").num_samples == len(list(tree.rglob("*.*g")))
+    with pytest.raises(SourceError, match="zz.png"):
+        _pack(tree, tmp_path / "deep", validate="decode")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"format": "parquet"}, "--format"), ({"on_error": "ignore"}, "--on-error"), ({"shard_size": 10}, "--shard-size"),
+     ({"validate": "full"}, "--validate"), ({"part": (3, 3)}, "--part"), ({"workers": 0}, "--workers")],
+)
+def test_invalid_options_fail_before_any_work(image_tree: Path, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _pack(image_tree, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
