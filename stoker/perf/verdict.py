@@ -178,7 +178,7 @@ def _bottleneck(rates: dict[str, float]) -> str:
 def _shortfall(stage: str, kind: str | None, rate: float, required: float, num_gpus: int, unit: str) -> str:
     gpus = f"{num_gpus} GPU" + ("s" if num_gpus > 1 else "")
     short = "delivers nothing" if rate == 0 else f"is {required / rate:.1f}x too slow"
-    text = f"Stage {stage!r} {short}: {rate:,.0f} {unit} against the {required:,.0f} {unit} that {gpus} consume."
+    text = f"Stage {stage!r} {short}: {rate:,.0f} {unit} against the {required:,.0f} {unit} needed by {gpus}."
     if kind == "decode" and unit.startswith("img"):
         per_core = stage_limits("decode")[0]  # the published per-core JPEG decode range
         text += (f" At {per_core.low:,.0f}-{per_core.high:,.0f} img/s per core (published figure), that takes "
