@@ -76,7 +76,7 @@ def _run_pack(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from stoker.formats.verify import inspect
+    from stoker.inspect import inspect
 
     print("\n".join(inspect(args.dataset)))
     return 0

@@ -6,7 +6,8 @@ import os
 import time
 
 from stoker.formats.pack import pack_dataset
-from stoker.formats.verify import inspect, verify
+from stoker.formats.verify import verify
+from stoker.inspect import inspect
 from stoker.synthetic import make_image_tree, make_text_corpus
 
 

@@ -20,6 +20,15 @@ _SHUFFLE_BUCKETS = 256
 
 
 @dataclass(frozen=True)
+class TokenBudget:
+    """A batch may hold rows x round_up(longest, pad_to_multiple_of) <= max_tokens tokens."""
+
+    max_tokens: int
+    pad_to_multiple_of: int = 1
+    max_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """One epoch of batches for all ranks: batch i is `order[starts[i]:ends[i]]`."""
 
@@ -65,9 +74,9 @@ def round_up(values: np.ndarray | int, multiple: int) -> np.ndarray | int:
     return -(-values // multiple) * multiple
 
 
-def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The random generator of one epoch; the same (seed, epoch) gives the same stream everywhere."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+def epoch_rng(seed: int, epoch: int, worker: int = 0) -> np.random.Generator:
+    """The random generator of one epoch (and DataLoader worker); same inputs, same stream everywhere."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, worker]))
 
 
 def random_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -89,24 +98,30 @@ def random_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
     return order
 
 
-def sort_within_megabatches(order: np.ndarray, lengths: np.ndarray, megabatch: int) -> np.ndarray:
-    """Reorder `order` so each run of `megabatch` samples is sorted by length, longest first.
+def descending_keys(lengths: np.ndarray) -> np.ndarray:
+    """Sort keys that order samples longest first: (max - length) in the narrowest uint type.
+
+    uint16 keys (every length < 65536) get numpy's radix sort; computed once per lengths array.
+    """
+    key_dtype = np.uint16 if int(lengths.max()) <= np.iinfo(np.uint16).max else np.uint32
+    return (np.iinfo(key_dtype).max - lengths).astype(key_dtype)
+
+
+def sort_within_megabatches(order: np.ndarray, keys: np.ndarray, megabatch: int) -> np.ndarray:
+    """Reorder `order` so each run of `megabatch` samples is sorted by `keys` (see descending_keys).
 
     Stable sorts only: ties keep their shuffled order, and the result never depends on which
     sorting kernel numpy picks on this CPU (ranks on different hardware must agree).
     """
-    keys = lengths[order]
-    # Sorting (max - length) ascending == length descending; uint16 keys get numpy's radix sort.
-    key_dtype = np.uint16 if int(keys.max()) <= np.iinfo(np.uint16).max else np.uint32
-    keys = (np.iinfo(key_dtype).max - keys).astype(key_dtype)
+    ordered_keys = keys[order]
     n = len(order)
     full = (n // megabatch) * megabatch
     out = np.empty_like(order)
     if full:
-        rows = np.argsort(keys[:full].reshape(-1, megabatch), axis=1, kind="stable")
+        rows = np.argsort(ordered_keys[:full].reshape(-1, megabatch), axis=1, kind="stable")
         out[:full] = np.take_along_axis(order[:full].reshape(-1, megabatch), rows, axis=1).ravel()
     if full < n:
-        out[full:] = order[full:][np.argsort(keys[full:], kind="stable")]
+        out[full:] = order[full:][np.argsort(ordered_keys[full:], kind="stable")]
     return out
 
 
@@ -117,33 +132,30 @@ def fixed_size_bounds(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_budget_bounds(
-    sorted_lengths: np.ndarray, megabatch: int, max_tokens: int, pad_to_multiple_of: int, max_batch_size: int | None
+    order: np.ndarray, lengths: np.ndarray, megabatch: int, budget: TokenBudget
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy token-budget batches over lengths sorted longest-first within each megabatch.
+    """Greedy token-budget batches over `order`, sorted longest-first within each megabatch.
 
     With longest-first order a batch's padded length is that of its first sample, so the batch
-    starting at i holds `max_tokens // padded[i]` samples (capped by `max_batch_size` and by the
-    megabatch end). The chain of batch starts is followed for all megabatches at once: one
-    vectorised step per batch *within* a megabatch, never a step per sample.
+    starting at position i holds `max_tokens // padded(lengths[order[i]])` samples (capped by
+    `max_batch_size` and by the end of the megabatch). The chain of batch starts is followed for
+    all megabatches at once: one vectorised step per batch *within* a megabatch, touching only
+    the batch starts, never a step or an array entry per sample.
     """
-    n = len(sorted_lengths)
-    padded = round_up(sorted_lengths.astype(np.int64), pad_to_multiple_of)
-    capacity = max_tokens // padded
-    if max_batch_size is not None:
-        capacity = np.minimum(capacity, max_batch_size)
-    positions = np.arange(n, dtype=np.int64)
-    megabatch_end = np.minimum((positions // megabatch + 1) * megabatch, n)
-    next_start = np.minimum(positions + capacity, megabatch_end)
+    n = len(order)
     starts_found = []
     current = np.arange(0, n, megabatch, dtype=np.int64)
     while current.size:
         starts_found.append(current)
-        current = next_start[current]
-        # A start that lands on a megabatch boundary (or n) ends that megabatch's chain.
-        current = current[(current < n) & (current % megabatch != 0)]
+        longest = lengths[order[current]].astype(np.int64)
+        size = budget.max_tokens // round_up(longest, budget.pad_to_multiple_of)
+        if budget.max_batch_size is not None:
+            size = np.minimum(size, budget.max_batch_size)
+        megabatch_end = np.minimum((current // megabatch + 1) * megabatch, n)
+        current = np.minimum(current + size, megabatch_end)
+        current = current[current < megabatch_end]  # reaching the end closes that megabatch
     starts = np.sort(np.concatenate(starts_found))
-    ends = np.append(starts[1:], n)
-    return starts, ends
+    return starts, np.append(starts[1:], n)
 
 
 def batch_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -172,11 +184,11 @@ def equalise_for_ranks(plan: Plan, world: int, drop_last: bool) -> Plan:
     """Make the number of batches a multiple of `world` so every rank gets the same count.
 
     drop_last: drop the last `B % world` batches (after shuffling, so which ones varies by epoch).
-    Otherwise no sample is dropped or repeated: the largest batches are split in two until the
-    count divides evenly (at most world - 1 extra batches, each smaller than a normal one).
+    Otherwise no sample is dropped or repeated: the largest batches are split (in two, unless
+    there are very few) until the count divides evenly: at most world - 1 extra batches.
     Only when the epoch has fewer samples than the batch count needs (fewer than about `world`
     more samples than batches) is every batch cut to one sample and the first few samples of
-    the epoch repeated, fewer than `world` of them; `Plan.repeated` says how many.
+    the epoch repeated (cycling), fewer than `world` copies; `Plan.repeated` says how many.
     """
     num = plan.num_batches
     if num % world == 0:
@@ -200,7 +212,7 @@ def equalise_for_ranks(plan: Plan, world: int, drop_last: bool) -> Plan:
         return Plan(plan.order, starts, ends, plan.dropped, plan.repeated)
     # Too few samples to give every rank a batch of its own: one sample per batch, plus repeats.
     flat = plan.order[batch_positions(plan.starts, plan.ends)]
-    repeats = -(-samples // world) * world - samples
-    order = np.concatenate([flat, flat[:repeats]])
+    order = np.resize(flat, -(-samples // world) * world)  # cycles through flat again
+    repeats = len(order) - samples
     starts = np.arange(len(order), dtype=np.int64)
     return Plan(order, starts, starts + 1, plan.dropped, plan.repeated + repeats)

@@ -77,9 +77,10 @@ class _LengthBatchSampler(Sampler[list[int]]):
         self._consumed = 0  # batches handed out in the current epoch, resumed ones included
         self._plan_cache: tuple[int, plans.Plan] | None = None
         self._digest: str | None = None
+        self._keys: np.ndarray | None = None  # sort keys, computed on first use
 
     # -- subclass hooks ------------------------------------------------------------------------
-    def _bounds(self, sorted_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bounds(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def _settings(self) -> dict[str, Any]:
@@ -95,16 +96,18 @@ class _LengthBatchSampler(Sampler[list[int]]):
         rng = plans.epoch_rng(self.seed, self.epoch)
         n = len(self.lengths)
         order = plans.random_permutation(n, rng) if self.shuffle else np.arange(n, dtype=np.int64)
-        order = plans.sort_within_megabatches(order, self.lengths, self.megabatch)
-        plan = self._trim(plans.Plan(order, *self._bounds(self.lengths[order])))
+        if self._keys is None:
+            self._keys = plans.descending_keys(self.lengths)
+        order = plans.sort_within_megabatches(order, self._keys, self.megabatch)
+        plan = self._trim(plans.Plan(order, *self._bounds(order)))
         if self.shuffle:
             plan = plans.shuffle_batches(plan, rng)
         plan = plans.equalise_for_ranks(plan, self.num_replicas, self.drop_last)
         if plan.repeated:
             warnings.warn(
-                f"epoch {self.epoch}: {n} samples cannot fill an equal number of batches on "
-                f"{self.num_replicas} ranks; {plan.repeated} samples are repeated this epoch",
-                stacklevel=3,
+                f"epoch {self.epoch}: {n} samples are too few for an equal number of batches on "
+                f"{self.num_replicas} ranks; one sample per batch and {plan.repeated} samples repeated",
+                stacklevel=4,  # _global_plan <- _rank_plan <- __iter__/__len__ <- caller
             )
         self._plan_cache = (self.epoch, plan)
         return plan
@@ -133,9 +136,13 @@ class _LengthBatchSampler(Sampler[list[int]]):
         return self._rank_plan().num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Not a generator itself: the counters reset when iteration starts, not at the first next().
         plan = self._rank_plan()
         start, self._resume_at = self._resume_at, 0
         self._consumed = start
+        return self._batches(plan, start)
+
+    def _batches(self, plan: plans.Plan, start: int) -> Iterator[list[int]]:
         for s, e in zip(plan.starts[start:].tolist(), plan.ends[start:].tolist()):
             self._consumed += 1
             yield plan.order[s:e].tolist()
@@ -172,7 +179,8 @@ class _LengthBatchSampler(Sampler[list[int]]):
         if missing:
             raise StateError(f"sampler state lacks keys {sorted(missing)}")
         if state["version"] != STATE_VERSION:
-            raise StateError(f"sampler state version {state['version']!r} is not {STATE_VERSION}: key 'version' differs")
+            version = state["version"]
+            raise StateError(f"sampler state key 'version' differs: checkpoint {version!r}, now {STATE_VERSION}")
         ours, theirs = self._config(), state["config"]
         differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         if differing:
@@ -221,13 +229,14 @@ class BucketBatchSampler(_LengthBatchSampler):
         super().__init__(lengths, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
         _positive("batch_size", batch_size)
         self.batch_size = int(batch_size)
-        self.megabatch = DEFAULT_MEGABATCH_BATCHES * self.batch_size if megabatch is None else megabatch
-        _positive("megabatch", self.megabatch)
+        megabatch = DEFAULT_MEGABATCH_BATCHES * self.batch_size if megabatch is None else megabatch
+        _positive("megabatch", megabatch)
+        self.megabatch = int(megabatch)
         if self.megabatch % self.batch_size:
             raise ConfigError(f"megabatch={self.megabatch} must be a multiple of batch_size={self.batch_size}")
 
-    def _bounds(self, sorted_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return plans.fixed_size_bounds(len(sorted_lengths), self.batch_size)
+    def _bounds(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return plans.fixed_size_bounds(len(order), self.batch_size)
 
     def _trim(self, plan: plans.Plan) -> plans.Plan:
         # Only the last batch can be short: megabatches are whole multiples of batch_size.
@@ -269,23 +278,28 @@ class TokenBudgetBatchSampler(_LengthBatchSampler):
         self.max_tokens = int(max_tokens)
         self.pad_to_multiple_of = self._pad_multiple = int(pad_to_multiple_of)
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
-        longest = int(np.argmax(self.lengths))
-        padded = plans.round_up(int(self.lengths[longest]), self.pad_to_multiple_of)
-        if padded > self.max_tokens:
+        # The longest length that still fits once padded; every sample must fit in a batch of one.
+        fits = self.max_tokens // self.pad_to_multiple_of * self.pad_to_multiple_of
+        too_long = np.flatnonzero(self.lengths > fits)
+        if too_long.size:
+            first = int(too_long[0])
+            length = int(self.lengths[first])
             raise ConfigError(
-                f"sample {longest} has length {int(self.lengths[longest])} (padded to {padded}), more than "
-                f"max_tokens={self.max_tokens}: raise max_tokens or truncate/filter long samples"
+                f"sample {first} has length {length} (padded to {plans.round_up(length, self.pad_to_multiple_of)}), "
+                f"more than max_tokens={self.max_tokens} ({too_long.size} samples are too long): "
+                "raise max_tokens or truncate/filter long samples"
             )
         if megabatch is None:
             per_batch = self.max_tokens / float(self.lengths.mean())
+            if self.max_batch_size is not None:
+                per_batch = min(per_batch, self.max_batch_size)
             megabatch = max(1, round(DEFAULT_MEGABATCH_BATCHES * per_batch))
         _positive("megabatch", megabatch)
         self.megabatch = int(megabatch)
 
-    def _bounds(self, sorted_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return plans.token_budget_bounds(
-            sorted_lengths, self.megabatch, self.max_tokens, self.pad_to_multiple_of, self.max_batch_size
-        )
+    def _bounds(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        budget = plans.TokenBudget(self.max_tokens, self.pad_to_multiple_of, self.max_batch_size)
+        return plans.token_budget_bounds(order, self.lengths, self.megabatch, budget)
 
     def _settings(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,72 @@
+"""Two real torch.distributed (gloo) ranks: the samplers take rank and world from the process group."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from stoker.bucketing.samplers import BucketBatchSampler, TokenBudgetBatchSampler
+
+LENGTHS = np.random.default_rng(0).integers(1, 300, 501)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    # Misleading env vars: an initialised process group must take precedence over them.
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = "3", "5"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    try:
+        samplers = {
+            "token": TokenBudgetBatchSampler(LENGTHS, 1024, seed=7),
+            "bucket": BucketBatchSampler(LENGTHS, 8, seed=7),
+        }
+        result = {name: {"rank": s.rank, "world": s.num_replicas, "batches": list(s)} for name, s in samplers.items()}
+        counts = [None, None]
+        dist.all_gather_object(counts, len(result["token"]["batches"]))  # the ranks agree on the count
+        result["gathered_counts"] = counts
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_ranks_get_disjoint_equal_batches(tmp_path) -> None:
+    port = _free_port()
+    ctx = multiprocessing.get_context("fork")  # ranks inherit the imported torch: no seconds-long re-import
+    procs = [ctx.Process(target=_rank_main, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 90
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks did not finish within 90 s"
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in ("token", "bucket"):
+        assert [(r[name]["rank"], r[name]["world"]) for r in results] == [(0, 2), (1, 2)]
+        per_rank = [[i for b in r[name]["batches"] for i in b] for r in results]
+        assert len(results[0][name]["batches"]) == len(results[1][name]["batches"]) > 0
+        assert not set(per_rank[0]) & set(per_rank[1]), "ranks share no sample"
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(len(LENGTHS))), "every sample once"
+        expected = [list(TokenBudgetBatchSampler(LENGTHS, 1024, seed=7, num_replicas=2, rank=r)) for r in range(2)]
+        if name == "token":
+            assert [r[name]["batches"] for r in results] == expected
+    assert results[0]["gathered_counts"] == results[1]["gathered_counts"] == [len(results[0]["token"]["batches"])] * 2
