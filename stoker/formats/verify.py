@@ -51,12 +51,55 @@ def check_shard(url: str, info: ShardInfo, storage_options: dict[str, Any] | Non
     return None
 
 
-def verify(url: str, storage_options: dict[str, Any] | None = None) -> list[Problem]:
-    """Recompute every shard's checksum and row count; return the problems (empty when all is well)."""
+def _deep_check(url: str, manifest: Manifest, info: ShardInfo, storage_options: dict[str, Any] | None) -> list[str]:
+    """Decode every image / check every token array of one shard; return what is wrong, row by row."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from stoker.formats.shard import batch_to_samples
+    from stoker.formats.sources import check_key
+
+    reasons: list[str] = []
+    vocab = manifest.vocab_size
+    expected = info.lengths
+    fs, path = storage.filesystem(storage.join(url, info.name), storage_options)
+    with fs.open(path, "rb") as f, open_shard(f, name=info.name) as reader:
+        row = 0
+        for batch in reader.iter_batches():
+            for sample in batch_to_samples(batch):
+                where = f"row {row} ({sample.get('key')!r})"
+                try:
+                    check_key(str(sample["key"]))
+                except StokerError as exc:
+                    reasons.append(f"{where}: {exc}")
+                if manifest.kind == "image":
+                    try:
+                        with Image.open(io.BytesIO(sample["image"])) as image:
+                            image.load()  # Pillow refuses decompression bombs (> 2 x MAX_IMAGE_PIXELS) here
+                    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                        reasons.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
+                else:
+                    tokens = sample["tokens"]
+                    if len(tokens) != sample["length"]:
+                        reasons.append(f"{where}: {len(tokens)} tokens stored but length says {sample['length']}")
+                    elif expected is not None and int(expected[row]) != len(tokens):
+                        reasons.append(f"{where}: manifest records length {int(expected[row])}, shard has {len(tokens)}")
+                    if vocab is not None and len(tokens) and int(np.max(tokens)) >= vocab:
+                        reasons.append(f"{where}: token id {int(np.max(tokens))} outside the vocabulary of {vocab}")
+                row += 1
+    return reasons
+
+
+def verify(url: str, storage_options: dict[str, Any] | None = None, *, deep: bool = False) -> list[Problem]:
+    """Recompute every shard's checksum and row count (and with `deep`, decode every sample); return the problems."""
     manifest = Manifest.load(url, storage_options)
     problems = []
     for info in manifest.shards:
         reason = check_shard(url, info, storage_options)
         if reason:
             problems.append(Problem(info.name, reason))
+        elif deep:
+            problems += [Problem(info.name, r) for r in _deep_check(url, manifest, info, storage_options)]
     return problems
