@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,gpu,tokenizers
+EXTRAS ?= dev,gpu,tokenizers,ray
 
 .PHONY: demo test bench clean
 

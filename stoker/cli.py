@@ -30,7 +30,8 @@ def _parse_part(text: str) -> tuple[int, int]:
 
 
 def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", help="image tree SRC/<class>/<file>, or a .jsonl/.txt/.parquet file or folder of them")
+    parser.add_argument("src", help="image tree SRC/<class>/<file>, or a .jsonl/.txt/.parquet file or folder of them; "
+                                    "a path or fsspec URL (s3://bucket/prefix)")
     parser.add_argument("dst", help="output directory or fsspec URL (s3://bucket/prefix)")
     parser.add_argument("--format", choices=["arrow", "msgpack"], default="arrow")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -47,7 +48,14 @@ def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size of pre-tokenized ids")
     parser.add_argument("--part", type=_parse_part, default=None, metavar="I/N",
                         help="pack only slice I of N (array jobs); combine with `stoker merge DST`")
-    parser.add_argument("--files-from", default=None, help="file listing SRC-relative image paths, instead of walking SRC")
+    parser.add_argument("--files-from", default=None,
+                        help="file (path or URL) listing SRC-relative image paths, one per line, optionally `path<TAB>size`, "
+                             "instead of listing SRC")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="run shard jobs on a local process pool (default) or as Ray tasks (needs stoker[ray])")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto', ray://host:10001); default: start a local Ray instance")
+    parser.add_argument("--max-retries", type=int, default=3, help="Ray: reruns of a shard task that died (default 3)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -60,6 +68,7 @@ def _run_pack(args: argparse.Namespace) -> int:
         quality=args.quality, on_error=args.on_error, overwrite=args.overwrite, validate=args.validate,
         kind=args.kind, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         part=args.part, files_from=args.files_from, progress=not args.quiet,
+        engine=args.engine, ray_address=args.ray_address, max_retries=args.max_retries,
     )
     result = pack_dataset(args.src, args.dst, options)
     m = result.manifest
@@ -86,7 +95,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     from stoker.formats.manifest import Manifest
     from stoker.formats.verify import verify
 
-    problems = verify(args.dataset)
+    problems = verify(args.dataset, deep=args.deep)
     for problem in problems:
         print(f"BAD {problem}")
     total = len(Manifest.load(args.dataset).shards)
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_run_inspect)
     p = sub.add_parser("verify", help="recompute shard checksums; exit 1 naming every bad shard")
     p.add_argument("dataset")
+    p.add_argument("--deep", action="store_true", help="also decode every image and check every token array")
     p.set_defaults(run=_run_verify)
     p = sub.add_parser("merge", help="combine the parts of `pack-dataset --part I/N` into manifest.json")
     p.add_argument("dataset")

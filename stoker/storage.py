@@ -43,7 +43,12 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole (small) file."""
     fs, path = filesystem(url, storage_options)
-    return fs.cat_file(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        # Object stores' listing caches can predate a file another process wrote since; look again once.
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        return fs.cat_file(path)
 
 
 def redact(url: str) -> str:
@@ -84,3 +89,39 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         return
     fs, path = filesystem(url, storage_options)
     fs.pipe_file(path, data)
+
+
+def remote_options(
+    url: str, storage_options: dict[str, Any] | None, *, connect_timeout: float, read_timeout: float
+) -> dict[str, Any]:
+    """`storage_options` plus explicit connect/read timeouts and bounded client retries for s3 and http(s).
+
+    Library defaults can wait minutes on a dead endpoint; the reader bounds every request and retries itself.
+    Options the caller set win.
+    """
+    options = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", connect_timeout)
+        config.setdefault("read_timeout", read_timeout)
+        # One attempt per call: the reader retries with its own backoff and deadline, and botocore's standard
+        # mode would multiply them (seconds of sleeps per request against a dead endpoint).
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        config.setdefault("max_pool_connections", 32)
+        options["config_kwargs"] = config
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout))
+        options["client_kwargs"] = client
+    return options
+
+
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of `path`; a short read (object smaller than expected) is an error, not silent."""
+    data = fs.cat_file(path, start=start, end=end)
+    if len(data) != end - start:
+        raise EOFError(f"{path}: asked for bytes {start}-{end}, got {len(data)} bytes")
+    return data

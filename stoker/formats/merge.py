@@ -23,6 +23,7 @@ _SAME = ("kind", "format", "schema", "classes", "vocab_size", "token_dtype", "to
 def merge(dst: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Check all N parts in `dst`, verify their shards, and write the combined `manifest.json`."""
     fs, path = storage.filesystem(dst, storage_options)
+    fs.invalidate_cache(path)  # parts were written by other processes after any listing this one cached
     names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
     found = {(int(m.group(1)), int(m.group(2))) for m in map(_PART.match, names) if m}
     counts = {n for _, n in found}

@@ -6,6 +6,8 @@ How it stays safe and resumable:
     records it in `DST/.stoker-pack/<shard>.json`. A shard without that record is redone on the next run.
   * The manifest is written last, atomically; then the `.stoker-pack` folder is removed. A rerun of the
     same command after a crash finishes only what is missing; the result is byte-identical.
+  * `--engine ray` runs the very same shard jobs as Ray tasks instead of on a local process pool
+    (stoker.formats.ray_engine); SRC and DST may be fsspec URLs (SRC is listed by stoker.formats.listing).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,7 +55,11 @@ class PackOptions:
     part: tuple[int, int] | None = None  # (index, count): pack only this deterministic slice, see stoker.formats.merge
     files_from: str | None = None  # a text file listing SRC-relative image paths, instead of walking SRC
     progress: bool = True
-    storage_options: dict[str, Any] | None = field(default=None, compare=False)
+    engine: str = "local"  # "local" (process pool) or "ray" (one Ray task per shard, see stoker.formats.ray_engine)
+    ray_address: str | None = None  # None: start a local Ray instance; "auto" or ray://host:port: join a cluster
+    max_retries: int = 3  # Ray only: reruns of a shard task whose worker died or hit an I/O error
+    storage_options: dict[str, Any] | None = field(default=None, compare=False)  # for DST (and SRC on the same store)
+    source_options: dict[str, Any] | None = field(default=None, compare=False)  # for SRC when it needs its own
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -72,6 +78,12 @@ class PackOptions:
             raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 0 <= I < N")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: need at least 1")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"--engine {self.engine!r}: expected 'local' or 'ray'")
+        if self.ray_address and self.engine != "ray":
+            raise ConfigError(f"--ray-address {self.ray_address}: only used with --engine ray")
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries {self.max_retries}: expected 0 or more")
 
 
 @dataclass(frozen=True)
@@ -119,8 +131,16 @@ class Layout:
         return cls(f"{tag}-shard-", f"manifest.{tag}.json", f"{STATE_DIR}-{tag}")
 
 
-def detect_kind(src: str) -> str:
+def detect_kind(src: str, storage_options: dict[str, Any] | None = None) -> str:
     """'text' for a text file or a folder of text files, else 'image'."""
+    if not storage.is_local(src):
+        from stoker.formats import listing
+
+        fs, path = storage.filesystem(src, storage_options)
+        if fs.isfile(path):
+            return "text"
+        prefixes, files = listing.list_prefixes(src, storage_options)
+        return "text" if not prefixes and any(f.key.lower().endswith(sources.TEXT_SUFFIXES) for f in files) else "image"
     if os.path.isfile(src):
         return "text"
     if os.path.isdir(src):
@@ -131,11 +151,16 @@ def detect_kind(src: str) -> str:
 
 
 def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any, ...]], list[dict[str, str]]]:
-    files = None
+    from stoker.formats import listing
+
+    files, sizes = None, None
     if opts.files_from is not None:
-        with open(opts.files_from, encoding="utf-8") as f:
-            files = [line.strip() for line in f if line.strip()]
-    classes, items, skipped = sources.list_image_tree(src, skip_errors=opts.on_error == "skip", files=files)
+        entries = listing.read_file_list(opts.files_from, opts.source_options)
+        files = [key for key, _ in entries]
+        sizes = {key: size for key, size in entries if size is not None}
+    classes, items, skipped = sources.list_image_tree(
+        src, skip_errors=opts.on_error == "skip", files=files, sizes=sizes, storage_options=opts.source_options
+    )
     shards: list[tuple[Any, ...]] = []
     current: list[sources.ImageItem] = []
     size = 0
@@ -153,7 +178,8 @@ def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any
 def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, ...]]:
     # Byte-level tokens take `itemsize` bytes per input byte; other tokenizers compress, so this errs small.
     target = max(1, opts.shard_size // dtype.itemsize)
-    spans = [span for path in sources.list_text_files(src) for span in sources.text_spans(path, target)]
+    so = opts.source_options
+    spans = [span for path in sources.list_text_files(src, so) for span in sources.text_spans(path, target, so)]
     shards: list[tuple[Any, ...]] = []
     current: list[sources.TextSpan] = []
     size = 0
@@ -172,7 +198,7 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, 
 def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -> list[str]:
     """One hash per shard of everything that decides its bytes; a finished shard is reused only on a match."""
     relevant = asdict(opts)
-    for volatile in ("workers", "progress", "overwrite", "storage_options"):
+    for volatile in ("workers", "progress", "overwrite", "storage_options", "source_options", "engine", "ray_address", "max_retries"):
         relevant.pop(volatile)
     common = json.dumps({"kind": kind, "options": relevant}, sort_keys=True, default=str)
     return [
@@ -204,7 +230,8 @@ def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dic
     if job.kind == "image":
         for item in job.units:
             try:
-                yield sources.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate)
+                yield sources.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate,
+                                         storage_options=opts.source_options)
             except (SourceError, FileNotFoundError) as exc:
                 if opts.on_error == "raise":
                     raise SourceError(str(exc)) from None
@@ -213,8 +240,9 @@ def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dic
         return
     dtype = np.dtype(job.dtype)
     for span in job.units:
-        for number, document in sources.read_documents(span, opts.text_field):
-            where = f"{span.path}:{number}"
+        name = sources.text_key(job.src, span.path)
+        for number, document in sources.read_documents(span, opts.text_field, opts.source_options):
+            where = f"{storage.redact(span.path)}:{number}"
             try:
                 tokens = sources.to_tokens(where, document, tokenize, vocab_size, dtype)
             except SourceError as exc:
@@ -222,8 +250,7 @@ def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dic
                     raise
                 skipped.append({"path": where, "error": str(exc)})
                 continue
-            key = f"{os.path.relpath(span.path, job.src) if os.path.isdir(job.src) else os.path.basename(span.path)}:{number}"
-            yield {"key": key, "tokens": tokens, "length": len(tokens)}
+            yield {"key": f"{name}:{number}", "tokens": tokens, "length": len(tokens)}
             _count(1, 0)
         _count(0, span.byte_stop - span.byte_start)
 
@@ -272,6 +299,8 @@ def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions, layout: Layout) 
     """Create DST, refuse to replace a different finished dataset, clear leftovers; return it if already done."""
     so = opts.storage_options
     fs, path = storage.filesystem(dst, so)
+    # s3fs answers exists/ls/cat from listings it cached earlier in this process; other parts write here too.
+    fs.invalidate_cache(path)
     fs.makedirs(path, exist_ok=True)
     manifest_url = storage.join(dst, layout.manifest)
     if opts.overwrite:
@@ -287,11 +316,35 @@ def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions, layout: Layout) 
             return existing
         raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass --overwrite to replace it")
     fs.makedirs(storage.filesystem(storage.join(dst, layout.state_dir), so)[1], exist_ok=True)
-    if storage.is_local(dst):  # temporary files of a killed run; remote stores never show partial objects
+    _remove_temp_files(dst, layout)
+    return None
+
+
+def _remove_temp_files(dst: str, layout: Layout) -> None:
+    """Delete this run's hidden temporary shards in a local DST, left by killed workers or retried Ray tasks."""
+    if storage.is_local(dst):  # remote stores never show partial objects
         for entry in os.scandir(storage.local_path(dst)):
             if storage.is_temp_name(entry.name) and entry.name[1:].startswith(layout.prefix):
-                os.remove(entry.path)
-    return None
+                try:
+                    os.remove(entry.path)
+                except FileNotFoundError:  # another part's cleanup got there first
+                    pass
+
+
+def _resolve_source(src: str, dst: str, opts: PackOptions) -> tuple[str, PackOptions]:
+    """SRC as an absolute path or a URL, checked to exist; SRC's storage options settled once for all workers."""
+    if storage.is_local(src):
+        src = os.path.abspath(storage.local_path(src))
+        if not os.path.exists(src):
+            raise SourceError(f"{src}: no such file or directory")
+        return src, replace(opts, source_options=None)
+    so = opts.source_options
+    if so is None and src.split("://", 1)[0] == dst.split("://", 1)[0]:
+        so = opts.storage_options  # the same store (one set of credentials) is the common case
+    fs, path = storage.filesystem(src, so)
+    if not fs.exists(path):
+        raise SourceError(f"{storage.redact(src)}: no such file or prefix")
+    return src.rstrip("/"), replace(opts, source_options=so)
 
 
 def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overrides: Any) -> PackResult:
@@ -300,11 +353,18 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     if overrides:
         opts = PackOptions(**{**asdict(opts), **overrides})
     opts.check()
+    if opts.engine == "ray":
+        from stoker.formats import ray_engine
+
+        ray_engine.import_ray()  # a missing extra fails before any listing or writing
     start = time.perf_counter()
-    src = os.path.abspath(src)
-    if not os.path.exists(src):
-        raise SourceError(f"{src}: no such file or directory")
-    kind = opts.kind or detect_kind(src)
+    src, opts = _resolve_source(src, dst, opts)
+    if "memory" in (src.split("://", 1)[0], dst.split("://", 1)[0]):
+        # memory:// lives in this process only: other processes would write shards this one never sees.
+        if opts.engine == "ray":
+            raise ConfigError("--engine ray cannot use memory:// SRC or DST (each process has its own); use a path or s3://")
+        opts = replace(opts, workers=1)
+    kind = opts.kind or detect_kind(src, opts.source_options)
     classes: list[str] = []
     skipped: list[dict[str, str]] = []
     dtype: np.dtype | None = None
@@ -341,11 +401,18 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         for i in range(len(plan))
         if i not in records
     ]
+    total = sum(len(u) for u in plan) if kind == "image" else None
     try:
-        records.update(_run_jobs(jobs, opts, total=sum(len(u) for u in plan) if kind == "image" else None))
+        if opts.engine == "ray" and jobs:
+            from stoker.formats import ray_engine
+
+            records.update(ray_engine.run_jobs(jobs, opts, total))
+        else:
+            records.update(_run_jobs(jobs, opts, total))
     finally:
         if stage != dst:
             shutil.rmtree(stage, ignore_errors=True)
+    _remove_temp_files(dst, layout)
 
     shards = [ShardInfo.from_json(records[i]["shard"]) for i in range(len(plan))]
     skipped += [s for i in range(len(plan)) for s in records[i]["skipped"]]

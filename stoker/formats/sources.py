@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from stoker import storage
 from stoker.errors import ConfigError, MissingExtraError, SourceError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -80,28 +81,63 @@ def _listed(src: str, files: list[str], name: str, problems: list[tuple[str, str
                 problems.append((key, "listed in --files-from but missing"))
 
 
+def _remote_classes(
+    src: str, classes: list[str], files: list[str] | None, sizes: dict[str, int] | None,
+    storage_options: dict[str, Any] | None, problems: list[tuple[str, str]],
+) -> dict[str, list[tuple[str, int]]]:
+    """{class: [(key, size)]} of a bucket prefix: one parallel listing per class, or the --files-from list."""
+    from stoker.formats import listing
+
+    if files is None:
+        found = listing.list_objects(src, classes, storage_options)
+        return {name: [(f.key, f.size) for f in found[name]] for name in classes}
+    sizes = dict(sizes or {})
+    unknown = [key for key in files if key not in sizes]
+    sizes.update(zip(unknown, listing.stat_objects(src, unknown, storage_options)))
+    by_class: dict[str, list[tuple[str, int]]] = {name: [] for name in classes}
+    for key in files:
+        if sizes[key] is None:
+            problems.append((key, "listed in --files-from but missing"))
+        else:
+            by_class[key.split("/", 1)[0]].append((key, sizes[key]))
+    return by_class
+
+
 def list_image_tree(
-    src: str, *, skip_errors: bool = False, files: list[str] | None = None
+    src: str, *, skip_errors: bool = False, files: list[str] | None = None, sizes: dict[str, int] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[list[str], list[ImageItem], list[dict[str, str]]]:
     """List `src/<class>/**/<file>` (or the SRC-relative paths in `files`); return (classes, items, skipped).
 
+    `src` is a local path or an fsspec URL (listed in parallel by class prefix, see stoker.formats.listing);
+    `sizes` gives known sizes of `files` so a remote SRC needs no request per file.
     Raises SourceError on the first problem unless `skip_errors`.
     """
-    if not os.path.isdir(src):
+    remote = not storage.is_local(src)
+    if not remote and not os.path.isdir(src):
         raise SourceError(f"{src}: not a directory; expected an ImageNet-style tree SRC/<class>/<image>")
     if files is not None:
         files = sorted({f.strip().removeprefix("./") for f in files if "/" in f.strip()})
         classes = sorted({f.split("/", 1)[0] for f in files})
+    elif remote:
+        from stoker.formats import listing
+
+        classes = listing.list_prefixes(src, storage_options)[0]
     else:
         classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise SourceError(f"{src}: no class directories; expected SRC/<class>/<image>")
+        raise SourceError(f"{storage.redact(src)}: no class directories; expected SRC/<class>/<image>")
     problems: list[tuple[str, str]] = []
+    remote_keys = _remote_classes(src, classes, files, sizes, storage_options, problems) if remote else {}
     items: list[ImageItem] = []
     for label, name in enumerate(classes):
         found = 0
-        keys = _walk_files(src, os.path.join(src, name), set(), problems) if files is None else _listed(src, files, name, problems)
-        for key in keys:
+        if remote:
+            keys: Iterator[tuple[str, int | None]] = iter(remote_keys[name])
+        else:
+            walk = _walk_files(src, os.path.join(src, name), set(), problems) if files is None else _listed(src, files, name, problems)
+            keys = ((key, None) for key in walk)
+        for key, size in keys:
             if not key.lower().endswith(IMAGE_SUFFIXES):
                 problems.append((key, f"not an image file (suffix not one of {', '.join(IMAGE_SUFFIXES)})"))
                 continue
@@ -110,14 +146,14 @@ def list_image_tree(
             except SourceError as exc:
                 problems.append((key, str(exc)))
                 continue
-            items.append(ImageItem(key, label, os.path.getsize(os.path.join(src, key))))
+            items.append(ImageItem(key, label, size if size is not None else os.path.getsize(os.path.join(src, key))))
             found += 1
         if found == 0:
             problems.append((name, "empty class directory: no images"))
     if problems and not skip_errors:
         path, why = problems[0]
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise SourceError(f"{os.path.join(src, path)}: {why}{more}; fix it or pass --on-error skip")
+        raise SourceError(f"{storage.redact(storage.join(src, path)) if remote else os.path.join(src, path)}: {why}{more}; fix it or pass --on-error skip")
     return classes, items, [{"path": p, "error": e} for p, e in problems]
 
 
@@ -132,16 +168,32 @@ def _check_complete(data: bytes, image: Image.Image) -> None:
         raise OSError("PNG ends without its IEND chunk (truncated)")
 
 
-def load_image(src: str, item: ImageItem, *, max_side: int | None, quality: int, validate: str) -> dict[str, Any]:
+def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The bytes of a source file (local path or URL); one that vanished since it was listed is a SourceError."""
+    try:
+        if storage.is_local(path):
+            with open(storage.local_path(path), "rb") as f:
+                return f.read()
+        return storage.read_bytes(path, storage_options)
+    except FileNotFoundError:
+        # Listing and reading are minutes apart at scale; say so rather than a bare errno.
+        raise SourceError(f"{storage.redact(path)}: file disappeared after SRC was listed (deleted or moved)") from None
+    except OSError as exc:
+        raise SourceError(f"{storage.redact(path)}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def load_image(
+    src: str, item: ImageItem, *, max_side: int | None, quality: int, validate: str,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Read one image file into a sample; re-encode only when it is larger than `max_side`.
 
     `validate`: "header" parses the header and checks the file is complete; "decode" also decodes it at
     reduced size (reads every byte of the compressed data, catching corruption inside it); "none" trusts it.
     """
-    path = os.path.join(src, item.key)
+    path = os.path.join(src, item.key) if storage.is_local(src) else storage.join(src, item.key)
+    data = read_file(path, storage_options)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if max_side is not None and max(width, height) > max_side:
@@ -153,7 +205,7 @@ def load_image(src: str, item: ImageItem, *, max_side: int | None, quality: int,
             elif validate == "header":
                 _check_complete(data, image)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise SourceError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise SourceError(f"{storage.redact(path)}: unreadable image ({type(exc).__name__}: {exc})") from None
     return {"key": item.key, "label": item.label, "image": data, "height": height, "width": width}
 
 
@@ -181,8 +233,10 @@ class TextSpan:
     byte_stop: int
 
 
-def list_text_files(src: str) -> list[str]:
-    """A text source is one file or a directory of .jsonl/.txt/.parquet files (sorted)."""
+def list_text_files(src: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """A text source is one file or a directory of .jsonl/.txt/.parquet files (sorted); local path or URL."""
+    if not storage.is_local(src):
+        return _list_remote_text(src, storage_options)
     if os.path.isfile(src):
         files = [src]
     elif os.path.isdir(src):
@@ -199,17 +253,49 @@ def list_text_files(src: str) -> list[str]:
     return files
 
 
-def text_spans(path: str, target_bytes: int) -> list[TextSpan]:
+def _list_remote_text(src: str, storage_options: dict[str, Any] | None) -> list[str]:
+    from stoker.formats import listing
+
+    fs, path = storage.filesystem(src, storage_options)
+    if fs.isfile(path):
+        return [src]
+    prefixes, top = listing.list_prefixes(src, storage_options)
+    found = top + [f for files in listing.list_objects(src, prefixes, storage_options).values() for f in files]
+    # Sorted as full paths, like the local walk, so a local copy and the bucket plan the same spans.
+    files = sorted(storage.join(src, f.key) for f in found if f.key.lower().endswith(TEXT_SUFFIXES))
+    if not files:
+        raise SourceError(f"{storage.redact(src)}: no .jsonl, .txt or .parquet files")
+    return files
+
+
+def text_key(src: str, path: str) -> str:
+    """The sample-key prefix of a text file: its path relative to a SRC folder, or its name when SRC is the file."""
+    folder = src.rstrip("/") + "/"
+    return path[len(folder):] if path.startswith(folder) else path.rsplit("/", 1)[-1]
+
+
+def _open(path: str, storage_options: dict[str, Any] | None) -> Any:
+    """A binary file object for a local path or URL; a vanished file is a SourceError naming it."""
+    try:
+        if storage.is_local(path):
+            return open(storage.local_path(path), "rb")
+        fs, fs_path = storage.filesystem(path, storage_options)
+        return fs.open(fs_path, "rb")
+    except FileNotFoundError:
+        raise SourceError(f"{storage.redact(path)}: file disappeared after SRC was listed (deleted or moved)") from None
+
+
+def text_spans(path: str, target_bytes: int, storage_options: dict[str, Any] | None = None) -> list[TextSpan]:
     """Split a text file into spans of whole documents of about `target_bytes` each."""
     if path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        meta = pq.ParquetFile(path).metadata
+        with _open(path, storage_options) as f:
+            meta = pq.ParquetFile(f).metadata
         starts = np.concatenate([[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
         sizes = np.concatenate([[0], np.cumsum([meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)])])
         return _group(path, starts, sizes, target_bytes)
-    with open(path, "rb") as f:
-        data = np.frombuffer(f.read(), np.uint8)
+    data = np.frombuffer(read_file(path, storage_options), np.uint8)
     ends = np.flatnonzero(data == ord("\n")) + 1
     if len(data) and (not len(ends) or ends[-1] != len(data)):
         ends = np.append(ends, len(data))
@@ -228,7 +314,7 @@ def _group(path: str, index: np.ndarray, offsets: np.ndarray, target_bytes: int)
     return spans
 
 
-def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]:
+def read_documents(span: TextSpan, text_field: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (line or row number, document) for a span: a string, or a list of token ids if pre-tokenized.
 
     A bad row yields a SourceError in place of its document, so the caller's error policy decides.
@@ -236,20 +322,21 @@ def read_documents(span: TextSpan, text_field: str) -> Iterator[tuple[int, Any]]
     if span.path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(span.path)
-        groups = [g for g in range(pf.metadata.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in groups])])
-        wanted = [g for g in groups if starts[g] >= span.start and starts[g + 1] <= span.stop]
-        if text_field not in pf.schema_arrow.names:
-            raise SourceError(f"{span.path}: no column {text_field!r}; columns are {pf.schema_arrow.names} (--text-field)")
-        column = pf.read_row_groups(wanted, columns=[text_field]).column(0).to_pylist()
+        with _open(span.path, storage_options) as f:
+            pf = pq.ParquetFile(f)
+            groups = [g for g in range(pf.metadata.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in groups])])
+            wanted = [g for g in groups if starts[g] >= span.start and starts[g + 1] <= span.stop]
+            if text_field not in pf.schema_arrow.names:
+                raise SourceError(f"{span.path}: no column {text_field!r}; columns are {pf.schema_arrow.names} (--text-field)")
+            column = pf.read_row_groups(wanted, columns=[text_field]).column(0).to_pylist()
         for offset, value in enumerate(column):
             if value is None:
                 value = SourceError(f"{span.path}: row {span.start + offset} has no value in {text_field!r}")
             yield span.start + offset, value
         return
     is_txt = span.path.lower().endswith(".txt")
-    with open(span.path, "rb") as f:
+    with _open(span.path, storage_options) as f:
         f.seek(span.byte_start)
         lines = f.read(span.byte_stop - span.byte_start).split(b"\n")
     if lines and lines[-1] == b"":
