@@ -13,6 +13,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import PIL
 from PIL import Image
 
@@ -34,9 +35,22 @@ _EXIF_ORIENTATION = 0x0112
 class DecodeError(ShardError):
     """One sample's image bytes could not be decoded (or were refused); names the key and shard."""
 
-    def __init__(self, key: str | None, shard: str | None, message: str) -> None:
-        super().__init__(shard or "<no shard>", f"sample {key if key is not None else '<no key>'}: {message}")
-        self.key = key
+    def __init__(self, message: str, *, key: str | None = None, shard: str | None = None) -> None:
+        # Not ShardError.__init__: a DataLoader worker re-raises errors as `type(err)(text)`, so a lone
+        # message must be a valid constructor call, or the main process would see a RuntimeError.
+        if key is not None or shard is not None:
+            message = f"{shard or '<no shard>'}: sample {key or '<no key>'}: {message}"
+        Exception.__init__(self, message)
+        self.shard, self.offset, self.key = shard or "", None, key
+
+    def __reduce__(self):
+        return (_rebuild_decode_error, (self.args[0], self.key, self.shard))
+
+
+def _rebuild_decode_error(text: str, key: str | None, shard: str) -> DecodeError:
+    error = DecodeError(text)
+    error.key, error.shard = key, shard
+    return error
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ def decode_for_box(
     """
     out_w, out_h = out_size
     factor = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
-    if header.format == "JPEG" and factor >= 2:
+    if header.format in ("JPEG", "MPO") and factor >= 2:  # MPO: camera JPEGs with extra frames
         # draft() picks the smallest DCT scale whose result is still >= the requested size.
         stored_w, stored_h = image.size
         image.draft("RGB", (math.ceil(stored_w / factor), math.ceil(stored_h / factor)))
@@ -130,9 +144,9 @@ def decode_full(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: keep the top 8 bits instead of letting convert() clip at 255.
-        image = image.point(lambda v: v / 256).convert("L") if image.mode != "I" else image.convert("L")
+    if image.mode.startswith("I;16"):
+        # 16-bit grayscale: keep the top 8 bits; convert() would clip everything above 255 to white.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     return image.convert("RGB")
 
 
