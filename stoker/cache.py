@@ -1,0 +1,249 @@
+"""The local shard cache: a bounded directory of complete, verified shard files, and the downloads that fill it.
+
+Safe with many threads, processes and jobs on one machine:
+- a file appears under its final name only by atomic rename, so a file with its final name is complete;
+- filling takes a per-file lock (fcntl, so a dead holder releases it), so one process downloads while the others
+  wait for it, each with a timeout;
+- least recently used files (by mtime, touched on every use) are evicted to stay under the byte limit, skipping
+  files whose lock is held; evicting a file another process has open is harmless on POSIX (its pages stay valid);
+- temporary files carry a per-writer unique name; orphans of crashed writers are removed during eviction.
+
+Downloads are parallel ranged reads through fsspec, each retried with exponential backoff, all bounded by one
+deadline, hashed in order and checked against the manifest's sha256; a mismatch is fetched once more, then an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+from filelock import FileLock, Timeout
+
+from stoker import storage
+from stoker.errors import ShardError, ShardNotFoundError, StokerError, StorageError
+
+_LOCKS = ".locks"
+
+
+_Task = tuple[cf.Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class IOPool:
+    """Daemon threads for blocking I/O (network and disk release the GIL).
+
+    Unlike ThreadPoolExecutor, queued downloads never hold up the exit of a worker process.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+def wait(future: cf.Future[Any], deadline: float, what: str) -> Any:
+    """The future's result, or a StorageError once `deadline` (time.monotonic) has passed."""
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except cf.TimeoutError:
+        future.cancel()
+        raise StorageError(f"{what}: no answer before the deadline; is the storage endpoint reachable?") from None
+
+
+class ShardCache:
+    """A directory of shard files under a byte limit, shared safely by processes and jobs on one machine."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.limit = int(limit)
+        os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
+
+    def path(self, key: str) -> str:
+        """Where the file for `key` (a plain file name) lives once filled."""
+        return os.path.join(self.directory, key)
+
+    def _lock(self, key: str, timeout: float) -> FileLock:
+        return FileLock(os.path.join(self.directory, _LOCKS, key + ".lock"), timeout=timeout)
+
+    def get(self, key: str, size: int, fill: Callable[[str], None], timeout: float) -> str:
+        """Path of the complete file for `key`; calls `fill(tmp_path)` to create it if it is missing."""
+        path = self.path(key)
+        if _touch(path):
+            return path
+        lock = self._lock(key, timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StorageError(
+                f"waited {timeout:.0f}s for another process to fill {key} into the cache {self.directory}"
+            ) from None
+        try:
+            if _touch(path):  # another process filled it while we waited
+                return path
+            self._make_room(size, keep=key, timeout=timeout)
+            tmp = os.path.join(self.directory, storage.temp_name(key))
+            try:
+                fill(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return path
+        finally:
+            lock.release()
+
+    def _make_room(self, incoming: int, keep: str, timeout: float) -> None:
+        with FileLock(os.path.join(self.directory, _LOCKS, "evict.lock"), timeout=timeout):
+            entries, total = [], 0
+            for entry in os.scandir(self.directory):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if storage.is_temp_name(entry.name):
+                    self._remove_orphan(entry.name)
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+                entries.append((stat.st_mtime, stat.st_size, entry.name))
+                total += stat.st_size
+            for _, size, name in sorted(entries):
+                if total + incoming <= self.limit:
+                    break
+                if name != keep and self._try_remove(name, name):
+                    total -= size
+
+    def _remove_orphan(self, tmp_name: str) -> None:
+        # ".<key>.tmp-<id>": a writer holds <key>'s lock while the file is being written.
+        key = tmp_name[1:tmp_name.rindex(".tmp-")]
+        self._try_remove(key, tmp_name)
+
+    def _try_remove(self, key: str, name: str) -> bool:
+        lock = self._lock(key, 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False  # being filled or read right now
+        try:
+            os.remove(os.path.join(self.directory, name))
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            lock.release()
+
+
+def _touch(path: str) -> bool:
+    try:
+        os.utime(path)  # the mtime is the LRU clock
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def retry(fn: Callable[[], Any], *, attempts: int, backoff: float, deadline: float, what: str) -> Any:
+    """`fn()`, retried with exponential backoff on storage errors until `attempts` or `deadline` run out.
+
+    Missing objects and stoker's own errors are not retried; denied access becomes a StorageError at once.
+    """
+    last: BaseException | None = None
+    attempt = 0
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (StokerError, FileNotFoundError):
+            raise
+        except PermissionError as exc:
+            raise StorageError(f"{what}: access denied ({exc}); check the credentials in storage_options") from None
+        except Exception as exc:  # network and server errors of any client library
+            last = exc
+        pause = backoff * 2 ** (attempt - 1)
+        if attempt == attempts or time.monotonic() + pause > deadline:
+            break
+        time.sleep(pause)
+    raise StorageError(
+        f"{what} failed after {attempt} attempt(s): {last!r}; check the endpoint, credentials and network"
+    ) from last
+
+
+def read_part(fs: fsspec.AbstractFileSystem, path: str, span: tuple[int, int], attempts: int, backoff: float,
+              deadline: float, what: str) -> bytes:
+    """Bytes span[0]:span[1] of `path`, retried with exponential backoff; errors name `what`."""
+    start, end = span
+    try:
+        return retry(lambda: storage.read_range(fs, path, start, end), attempts=attempts, backoff=backoff,
+                     deadline=deadline, what=f"{what}: reading bytes {start}-{end}")
+    except FileNotFoundError as exc:
+        if isinstance(exc, ShardNotFoundError):
+            raise
+        raise ShardNotFoundError(
+            f"{what} does not exist in storage; check the URL and that the upload finished"
+        ) from None
+
+
+def download(fs: fsspec.AbstractFileSystem, path: str, dst: str, size: int, *, pool: IOPool, part_size: int,
+             parallel: int, attempts: int, backoff: float, deadline: float, what: str) -> str:
+    """Write `path` (of `size` bytes) to local `dst` with up to `parallel` ranged reads in flight; return its sha256."""
+    spans = collections.deque((s, min(s + part_size, size)) for s in range(0, size, part_size))
+    pending: collections.deque[tuple[int, cf.Future[bytes]]] = collections.deque()
+    digest = hashlib.sha256()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while spans or pending:
+            while spans and len(pending) < parallel:
+                span = spans.popleft()
+                pending.append((span[0], pool.submit(read_part, fs, path, span, attempts, backoff, deadline, what)))
+            start, future = pending.popleft()
+            data = wait(future, deadline, what)
+            digest.update(data)  # in order, while later parts are still in flight
+            os.pwrite(fd, data, start)
+        os.fsync(fd)  # the rename that publishes the file must not outlive its data in a crash
+    finally:
+        os.close(fd)
+        for _, future in pending:
+            future.cancel()
+    return digest.hexdigest()
+
+
+def fill_verified(dst: str, fetch: Callable[[str], str], expected_sha256: str, name: str, where: str) -> None:
+    """Run `fetch(dst)` (which returns the sha256 of what it wrote) and insist on `expected_sha256`.
+
+    A mismatch can be a damaged transfer, so the shard is fetched once more before it is reported.
+    """
+    digest = ""
+    for _ in range(2):
+        digest = fetch(dst)
+        if digest == expected_sha256:
+            return
+    raise ShardError(
+        name,
+        f"sha256 of {where} is {digest[:16]}..., the manifest says {expected_sha256[:16]}..., also after a "
+        "refetch: the stored object differs from the manifest (re-upload the shard or repack the dataset)",
+    )

@@ -1,0 +1,284 @@
+"""Shards in, columns out: open shards (local, or remote through the cache), prefetch, gather rows by index.
+
+`ShardSource` lives in one process (a DataLoader worker or the main process) and is never pickled. Local shards are
+memory-mapped where they lie; remote ones are downloaded into the `ShardCache` with parallel ranged reads, by
+daemon threads that run ahead of the reader (`prefetch`). `gather` turns (shard, row) pairs into columns: fixed-width
+columns as numpy arrays, variable-width ones (image bytes, token lists, keys) as `Ragged` values buffers plus
+offsets, copied once, straight from the mapped record batches into a buffer the caller provides.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from stoker import cache, storage
+from stoker.errors import ConfigError, ShardNotFoundError
+from stoker.formats.manifest import Manifest
+from stoker.formats.shard import ShardReader, open_shard
+
+DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How shards are read from remote storage; every wait is bounded."""
+
+    prefetch_shards: int = 2  # shards fetched ahead of the ones being read
+    parallel_reads: int = 8  # ranged reads in flight per shard
+    part_size: int = 16 << 20  # bytes per ranged read
+    attempts: int = 3  # tries per ranged read before giving up
+    backoff: float = 0.5  # seconds before the first retry, doubled after each
+    connect_timeout: float = 10.0  # per request, passed to the storage client
+    read_timeout: float = 30.0  # per request, passed to the storage client
+    shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
+
+    def check(self) -> None:
+        if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0:
+            raise ConfigError(f"invalid read options {self}: counts and sizes must be positive")
+        if min(self.backoff, self.connect_timeout, self.read_timeout, self.shard_timeout) < 0:
+            raise ConfigError(f"invalid read options {self}: times must not be negative")
+
+
+class Ragged(NamedTuple):
+    """Variable-length values of n rows: row i is values[offsets[i]:offsets[i + 1]]."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int64, n + 1
+
+
+class RaggedColumn(NamedTuple):
+    """A variable-width column of one shard: row r is sources[src[r]][start[r]:start[r] + length[r]]."""
+
+    sources: list[np.ndarray]  # one values buffer per record batch (views of the mapped file)
+    src: np.ndarray  # int32
+    start: np.ndarray  # int64
+    length: np.ndarray  # int64
+
+
+class OpenShard:
+    """A shard opened for reading, with per-row tables of every column built once (numpy, no Python objects)."""
+
+    def __init__(self, reader: ShardReader, columns: Sequence[str]) -> None:
+        self.reader = reader
+        self.name = reader.name
+        self.columns: dict[str, np.ndarray | RaggedColumn] = {}
+        batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
+        for name in columns:
+            views = [_column_view(batch.column(name)) for batch in batches]
+            if views and isinstance(views[0], tuple):
+                counts = [len(starts) - 1 for starts, _ in views]
+                self.columns[name] = RaggedColumn(
+                    [values for _, values in views],
+                    np.repeat(np.arange(len(views), dtype=np.int32), counts),
+                    np.concatenate([starts[:-1] for starts, _ in views]),
+                    np.concatenate([np.diff(starts) for starts, _ in views]),
+                )
+            elif views:
+                self.columns[name] = np.concatenate(views)
+            else:
+                self.columns[name] = np.zeros(0, np.int64)
+
+    def close(self) -> None:
+        self.columns.clear()
+        self.reader.close()
+
+
+def _column_view(column: pa.Array) -> Any:
+    if pa.types.is_list(column.type):
+        return column.offsets.to_numpy().astype(np.int64), column.values.to_numpy()
+    if pa.types.is_binary(column.type) or pa.types.is_string(column.type):
+        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
+        data = column.buffers()[2]
+        values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return offsets.astype(np.int64), values
+    return column.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class RaggedPlan:
+    """Where each requested row of a variable-width column lies: sources[src[i]][start[i]:start[i] + length[i]]."""
+
+    sources: list[np.ndarray]
+    src: np.ndarray
+    start: np.ndarray
+    length: np.ndarray  # in values (bytes, or tokens)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.sources[0].dtype if self.sources else np.dtype(np.uint8)
+
+    def views(self) -> list[np.ndarray]:
+        """Per-row views of the mapped record batches (no copy)."""
+        sources = self.sources
+        return [sources[s][a:a + n] for s, a, n in zip(self.src.tolist(), self.start.tolist(), self.length.tolist())]
+
+    def copy_into(self, out: np.ndarray) -> Ragged:
+        """Copy the rows back to back into `out` (at least `self.length.sum()` values long)."""
+        offsets = np.zeros(len(self.length) + 1, np.int64)
+        np.cumsum(self.length, out=offsets[1:])
+        if len(self.length):
+            np.concatenate(self.views(), out=out[:offsets[-1]])
+        return Ragged(out[:offsets[-1]], offsets)
+
+
+def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndarray,
+           columns: Sequence[str]) -> dict[str, np.ndarray | RaggedPlan]:
+    """Rows (shard_ids[i], rows[i]) in the given order: fixed-width columns gathered, variable ones planned."""
+    unique = np.unique(shard_ids)
+    if not len(unique):
+        raise ValueError("gather needs at least one row")
+    if len(unique) == 1:  # the common case inside a shuffle window of large shards
+        groups = [(shards[int(unique[0])], slice(None), rows)]
+    else:
+        groups = [(shards[int(s)], mask, rows[mask]) for s in unique.tolist() for mask in [shard_ids == s]]
+    n = len(rows)
+    out: dict[str, Any] = {}
+    for name in columns:
+        first = groups[0][0].columns[name]
+        if isinstance(first, RaggedColumn):
+            plan = RaggedPlan([], np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int64))
+            for shard, where, local in groups:
+                column = shard.columns[name]
+                plan.src[where] = column.src[local] + len(plan.sources)
+                plan.start[where] = column.start[local]
+                plan.length[where] = column.length[local]
+                plan.sources.extend(column.sources)
+            out[name] = plan
+        else:
+            values = np.empty(n, first.dtype)
+            for shard, where, local in groups:
+                values[where] = shard.columns[name][local]
+            out[name] = values
+    return out
+
+
+def decode_strings(plan: RaggedPlan) -> list[str]:
+    """UTF-8 rows of a string column as Python strings (one C call after one copy)."""
+    ragged = plan.copy_into(np.empty(int(plan.length.sum()), np.uint8))
+    array = pa.StringArray.from_buffers(len(plan.length), pa.py_buffer(ragged.offsets.astype(np.int32)),
+                                        pa.py_buffer(ragged.values))
+    return array.to_pylist()
+
+
+def to_samples(columns: Mapping[str, Any], kinds: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Sample dicts like `batch_to_samples`: ints, str keys, image bytes, token arrays (copies, safe to keep)."""
+    values: dict[str, list[Any]] = {}
+    for name, column in columns.items():
+        kind = kinds[name]
+        if kind == "string":
+            values[name] = decode_strings(column)
+        elif kind == "list":
+            ragged = column.copy_into(np.empty(int(column.length.sum()), column.dtype))
+            values[name] = np.split(ragged.values, ragged.offsets[1:-1]) if len(column.length) else []
+        elif kind == "binary":
+            values[name] = [view.tobytes() for view in column.views()]
+        else:
+            values[name] = column.tolist()
+    return [dict(zip(values, row)) for row in zip(*values.values())]
+
+
+class ShardSource:
+    """Opens the shards of one dataset in this process: local files directly, remote ones via the cache."""
+
+    def __init__(self, url: str, manifest: Manifest, storage_options: dict[str, Any] | None,
+                 cache_dir: str | None, cache_limit: int, options: ReadOptions) -> None:
+        self.url = url
+        self.manifest = manifest
+        self.options = options
+        self.local = storage.is_local(url)
+        self._pid = os.getpid()
+        self._pending: dict[int, Any] = {}
+        if not self.local:
+            opts = storage.remote_options(url, storage_options, connect_timeout=options.connect_timeout,
+                                          read_timeout=options.read_timeout)
+            self._fs, self._root = storage.filesystem(url, opts)
+            self._cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
+            self._parts = cache.IOPool(options.parallel_reads * (options.prefetch_shards + 1), "stoker-read")
+            self._fetchers = cache.IOPool(options.prefetch_shards + 1, "stoker-prefetch")
+
+    def _shard_url(self, shard: int) -> str:
+        return storage.join(self.url, self.manifest.shards[shard].name)
+
+    def _fetch(self, shard: int) -> str:
+        """Local path of a remote shard, downloading it into the cache if needed."""
+        info = self.manifest.shards[shard]
+        key = f"{info.sha256[:32]}-{info.name}"
+        where = f"shard {info.name} ({storage.redact(self._shard_url(shard))})"
+        deadline = time.monotonic() + self.options.shard_timeout
+        path = storage.join(self._root, info.name)
+        opts = self.options
+
+        def fetch(dst: str) -> str:
+            return cache.download(self._fs, path, dst, info.bytes, pool=self._parts, part_size=opts.part_size,
+                                  parallel=opts.parallel_reads, attempts=opts.attempts, backoff=opts.backoff,
+                                  deadline=deadline, what=where)
+
+        def fill(tmp: str) -> None:
+            cache.fill_verified(tmp, fetch, info.sha256, info.name, where)
+
+        return self._cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
+
+    def prefetch(self, shards: Sequence[int]) -> None:
+        """Start reading `shards` in the background (download into the cache, or page-cache readahead)."""
+        for shard in shards:
+            shard = int(shard)
+            if shard in self._pending or not self.manifest.shards[shard].rows:
+                continue  # empty shards are never opened
+            if self.local:
+                _readahead(storage.local_path(self._shard_url(shard)))
+                self._pending[shard] = None
+            else:
+                self._pending[shard] = self._fetchers.submit(self._fetch, shard)
+
+    def forget(self, shards: Sequence[int]) -> None:
+        """Drop finished prefetches of shards that will not be read again soon."""
+        for shard in shards:
+            future = self._pending.get(int(shard))
+            if future is None or future.done():
+                self._pending.pop(int(shard), None)
+
+    def open(self, shard: int, columns: Sequence[str]) -> OpenShard:
+        """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
+        name = self.manifest.shards[shard].name
+        if self.local:
+            return OpenShard(open_shard(storage.local_path(self._shard_url(shard)), name=name), columns)
+        for attempt in range(2):
+            future = self._pending.pop(shard, None)
+            if future is None:
+                future = self._fetchers.submit(self._fetch, shard)
+            path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
+            try:
+                return OpenShard(open_shard(path, name=name), columns)
+            except ShardNotFoundError:
+                if attempt:  # evicted by another process between fill and open, twice: the cache is too small
+                    raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "
+                                      "raise cache_limit") from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if not self.local and os.getpid() == self._pid:
+            self._parts.close()
+            self._fetchers.close()
+        self._pending.clear()
+
+
+def _readahead(path: str) -> None:
+    # Ask the kernel to start reading the whole file into the page cache; returns at once.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # reported when the shard is opened
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,65 @@
+"""Checkpoints of a stream: {version, config, epoch, consumed}, and the check that a checkpoint fits the stream.
+
+`consumed` counts the positions of the epoch's global order (see `stoker.dataloader.order`) that were delivered over
+all ranks, so a checkpoint does not depend on the world size, the number of workers or the batch size. `config`
+holds what the order does depend on; loading a checkpoint made under another configuration raises a StateError
+naming every key that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from stoker.errors import StateError
+from stoker.formats.manifest import Manifest
+
+STATE_VERSION = 1
+
+
+def dataset_fingerprint(manifest: Manifest) -> str:
+    """A short hash of the shards (names, rows, checksums): changes whenever the dataset's content does."""
+    digest = hashlib.sha256()
+    for shard in manifest.shards:
+        digest.update(f"{shard.name}\0{shard.rows}\0{shard.sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def stream_config(manifest: Manifest, *, seed: int, shuffle: bool, shuffle_buffer: int) -> dict[str, Any]:
+    """Everything the epoch order depends on, as a plain dict saved in checkpoints."""
+    return {
+        "dataset": dataset_fingerprint(manifest),
+        "num_samples": manifest.num_samples,
+        "seed": seed,
+        "shuffle": shuffle,
+        "shuffle_buffer": shuffle_buffer if shuffle else None,
+    }
+
+
+def make_state(config: dict[str, Any], epoch: int, consumed: int) -> dict[str, Any]:
+    """A checkpoint: plain ints and strings, safe for torch.save and JSON."""
+    return {"version": STATE_VERSION, "config": dict(config), "epoch": int(epoch), "consumed": int(consumed)}
+
+
+def read_state(state: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, consumed) of a checkpoint, after checking that it was made under `config`."""
+    if not isinstance(state, dict) or not {"version", "config", "epoch", "consumed"} <= set(state):
+        raise StateError(
+            f"not a stoker stream checkpoint (expected keys version, config, epoch, consumed): {state!r:.200}"
+        )
+    if state["version"] != STATE_VERSION:
+        raise StateError(
+            f"checkpoint version {state['version']!r} is not supported (this stoker writes {STATE_VERSION})"
+        )
+    saved = state["config"]
+    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differ:
+        details = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {config.get(k)!r})" for k in differ)
+        raise StateError(
+            f"checkpoint does not match this stream: {details}; resume with the dataset and shuffle settings "
+            "the checkpoint was made with"
+        )
+    epoch, consumed = int(state["epoch"]), int(state["consumed"])
+    if epoch < 0 or not 0 <= consumed <= int(config["num_samples"]):
+        raise StateError(f"checkpoint has epoch {epoch} and consumed {consumed}, outside this dataset's range")
+    return epoch, consumed

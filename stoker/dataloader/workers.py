@@ -1,0 +1,252 @@
+"""What crosses the boundary between DataLoader workers and the training process, and how.
+
+Batches: a worker copies the variable-width columns of a batch (image bytes, tokens) once, into a *slab*: a
+shared-memory buffer that torch's own tensor sharing hands to the main process as a file descriptor (anonymous,
+per-process, nothing named). Slabs are reused: fresh shared-memory pages cost a page fault and a zero-fill each,
+which is slower than the copy itself. The first bytes of a slab are its state word. The worker sets it to IN_USE
+before sending; the main process sets it back to FREE once nothing but its own bookkeeping references the slab
+(torch's storage use count), i.e. once the user has dropped every view of that batch. A worker never waits for a
+slab: when none is free it makes a new one, so holding on to batches is always safe.
+
+Errors: an exception in a worker travels as `WorkerError` and is re-raised in the main process as the same type,
+with the worker's traceback attached as a note.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import numpy as np
+import torch
+
+from stoker.errors import ConfigError
+
+HEADER = 64  # bytes before the data of a slab; the first int32 is its state
+FREE, IN_USE, ONE_OFF = 0, 1, 2
+
+# Main process: slabs mapped so far, by (worker pid, pool token, slot), kept while their worker lives, and the keys
+# of those whose batch the user may still hold. Unpickling runs in the pin-memory thread when pin_memory=True.
+_slabs: dict[tuple[int, str, int], torch.Tensor] = {}
+_held: set[tuple[int, str, int]] = set()
+_retired: set[tuple[int, str, int]] = set()  # replaced by their worker, or their worker is gone
+_lock = threading.Lock()
+
+
+def topology() -> tuple[int, int]:
+    """(rank, world size) of this training process: torch.distributed if initialized, else RANK/WORLD_SIZE, else (0, 1).
+
+    Call it in the training process: DataLoader workers started with spawn or forkserver cannot see the process group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(
+            f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers"
+        ) from None
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def _new_slab(nbytes: int) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(nbytes)  # allocated in shared memory directly, as default_collate does
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def _state(slab: torch.Tensor) -> np.ndarray:
+    return slab.numpy()[:4].view(np.int32)
+
+
+Key = tuple[int, str, int]  # (worker pid, pool token, serial number of the slab)
+
+
+class SlabPool:
+    """A worker's reusable shared-memory buffers; each is sent to the main process once, then named by its key."""
+
+    def __init__(self, max_slabs: int) -> None:
+        self.max_slabs = max_slabs
+        self.token = os.urandom(6).hex()  # pids get reused; keys must not
+        self._slabs: list[tuple[Key, torch.Tensor]] = []
+        self._serial = 0
+
+    def take(self, nbytes: int) -> tuple[Key | None, torch.Tensor, bool, Key | None]:
+        """(key, slab, first use, key of the slab it replaces) for a slab with `nbytes` of room, marked IN_USE.
+
+        The key is None for a one-off slab (every pooled slab is still out), which is sent and never reused.
+        """
+        need = HEADER + nbytes
+        free = [i for i, (_, slab) in enumerate(self._slabs) if _state(slab)[0] == FREE]
+        for i in free:
+            key, slab = self._slabs[i]
+            if slab.numel() >= need:
+                _state(slab)[0] = IN_USE
+                return key, slab, False, None
+        slab = _new_slab(max(need + need // 4, 1 << 20))  # headroom, so slightly bigger batches fit next time
+        if not free and len(self._slabs) >= self.max_slabs:
+            _state(slab)[0] = ONE_OFF
+            return None, slab, True, None
+        self._serial += 1
+        key, replaced = (os.getpid(), self.token, self._serial), None
+        if free:  # a free slab that is too small makes room for a bigger one
+            replaced = self._slabs[free[0]][0]
+            self._slabs[free[0]] = (key, slab)
+        else:
+            self._slabs.append((key, slab))
+        _state(slab)[0] = IN_USE
+        return key, slab, True, replaced
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // HEADER) * HEADER
+
+
+class WireBatch:
+    """A collated batch as it crosses processes: small columns pickled, variable-width ones in a slab.
+
+    The slab tensor itself travels only with its first batch (torch passes its file descriptor); later batches
+    name it by key, and the main process reuses the mapping it already has.
+    """
+
+    def __init__(self, key: Key | None, slab: torch.Tensor | None, replaced: Key | None, layout: tuple[Any, ...],
+                 columns: dict[str, Any]) -> None:
+        self.key, self.slab, self.replaced, self.layout, self.columns = key, slab, replaced, layout, columns
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (unpack, (self.key, self.slab, self.replaced, self.layout, self.columns))
+
+
+def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[str, Any]) -> dict[str, Any]:
+    """The user's batch: ints as int64 tensors, strings as lists, bytes as memoryviews, tokens as tensors.
+
+    `layout` entries are (name, kind, numpy dtype, byte offset in `buffer`, row offsets); the views keep `buffer`'s
+    storage alive, which is what tells the main process when a slab is free again.
+    """
+    batch: dict[str, Any] = {}
+    data = None
+    ragged = {entry[0]: entry for entry in layout}
+    for name, value in columns.items():
+        if name not in ragged:
+            batch[name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            continue
+        _, kind, dtype, at, offsets = ragged[name]
+        if kind == "binary":
+            if data is None:
+                data = buffer.numpy()
+            bounds = (offsets + at).tolist()
+            batch[name] = [memoryview(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            itemsize = np.dtype(dtype).itemsize
+            flat = buffer[at:at + int(offsets[-1]) * itemsize].view(_TORCH_DTYPES[np.dtype(dtype)])
+            batch[name] = list(torch.split(flat, np.diff(offsets).tolist())) if len(offsets) > 1 else []
+    return batch
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.uint16, np.dtype(np.uint32): torch.uint32,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+def unpack(key: Key | None, slab: torch.Tensor | None, replaced: Key | None, layout: tuple[Any, ...],
+           columns: dict[str, Any]) -> dict[str, Any]:
+    """Main-process side of `WireBatch`: build the batch on the slab, then hand back slabs no longer referenced."""
+    with _lock:
+        if replaced is not None:
+            _retired.add(replaced)  # unmapped once the user lets go of it
+        if key is not None:
+            if slab is not None:
+                _slabs[key] = slab
+                _forget_dead_workers()
+            slab = _slabs[key]
+    if slab is None:  # a batch without variable-width columns
+        return build(None, layout, columns)
+    user = torch.empty(0, dtype=torch.uint8).set_(slab.untyped_storage())  # the user's views hang off this one
+    batch = build(user[HEADER:], layout, columns)
+    del user
+    with _lock:
+        if key is not None:
+            _held.add(key)
+        release_free_slabs()
+    return batch
+
+
+def release_free_slabs() -> None:
+    """Mark FREE every held slab that nothing outside this module references any more (call with the lock held)."""
+    for key in list(_held) + [k for k in _retired if k not in _held]:
+        slab = _slabs.get(key)
+        # One reference is the mapping in `_slabs`, one the temporary storage object of this call; more are the user's.
+        if slab is not None and torch._C._storage_Use_Count(slab.untyped_storage()._cdata) > 2:
+            continue
+        _held.discard(key)
+        if key in _retired:
+            _retired.discard(key)
+            _slabs.pop(key, None)
+        elif slab is not None:
+            _state(slab)[0] = FREE
+
+
+def _forget_dead_workers() -> None:
+    for pid in {k[0] for k in _slabs}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # the worker is gone: drop our mappings, the kernel frees its shared memory
+            for key in [k for k in _slabs if k[0] == pid]:
+                _retired.add(key)
+        except PermissionError:
+            pass
+    release_free_slabs()
+
+
+def sweep() -> None:
+    """Hand back slabs of batches the user has dropped, and unmap slabs of workers that are gone."""
+    with _lock:
+        release_free_slabs()
+        _forget_dead_workers()
+
+
+def check_picklable(batch: Any) -> None:
+    """Raise a TypeError if `batch` cannot be sent to the main process."""
+    try:
+        ForkingPickler.dumps(batch)
+    except Exception as exc:
+        raise TypeError(
+            f"a batch from collate_fn/transform cannot be sent to the main process ({exc!r}); return tensors, "
+            "numpy arrays, numbers, strings and containers of them"
+        ) from exc
+
+
+class WorkerError:
+    """An exception raised in a worker, carried to the main process with its traceback."""
+
+    def __init__(self, exc: BaseException, where: str) -> None:
+        self.where = where
+        self.text = "".join(traceback.format_exception(exc))
+        self.exc = exc
+        try:  # an exception that cannot travel would be dropped by the queue's feeder thread: send its text instead
+            ForkingPickler.dumps((type(exc), exc.args, vars(exc)))
+        except Exception:
+            self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self.exc), self.exc.args, vars(self.exc), self.text, self.where))
+
+    def reraise(self) -> None:
+        raise self.exc
+
+
+def _rebuild_error(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any], text: str,
+                   where: str) -> WorkerError:
+    # Built without calling __init__: stoker's errors take several arguments and already carry their message.
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    exc.add_note(f"Raised in {where}; original traceback:\n{text.rstrip()}")
+    error = WorkerError.__new__(WorkerError)
+    error.exc, error.text, error.where = exc, text, where
+    return error
