@@ -15,6 +15,7 @@ _EXPORTS = {
     "BucketBatchSampler": "stoker.bucketing.samplers",
     "DataLoader": "stoker.dataloader.loader",
     "Manifest": "stoker.formats.manifest",
+    "ReadOptions": "stoker.dataloader.reader",
     "ShardDataset": "stoker.dataloader.shard_dataset",
     "StreamingDataset": "stoker.dataloader.stream",
     "TokenBudgetBatchSampler": "stoker.bucketing.samplers",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from stoker.bucketing.collate import pack_collate, pad_collate
     from stoker.bucketing.samplers import BucketBatchSampler, TokenBudgetBatchSampler
     from stoker.dataloader.loader import DataLoader
+    from stoker.dataloader.reader import ReadOptions
     from stoker.dataloader.shard_dataset import ShardDataset
     from stoker.dataloader.stream import StreamingDataset
     from stoker.formats.manifest import Manifest

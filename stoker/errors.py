@@ -30,7 +30,12 @@ class SourceError(StokerError, ValueError):
 class ShardError(StokerError, ValueError):
     """A shard is corrupt, truncated or not what the manifest says; names the shard and offset."""
 
-    def __init__(self, shard: str, message: str, offset: int | None = None, *, row: int | None = None) -> None:
+    def __init__(self, shard: str, message: str | None = None, offset: int | None = None, *, row: int | None = None) -> None:
+        if message is None:
+            # One argument: an already formatted message, as torch's DataLoader rebuilds a worker's exception.
+            super().__init__(shard)
+            self.shard, self.offset, self.row, self._message = "", offset, row, shard
+            return
         where = shard
         if offset is not None:
             where += f" at byte offset {offset}"
@@ -40,6 +45,10 @@ class ShardError(StokerError, ValueError):
         self.shard = shard
         self.offset = offset
         self.row = row
+        self._message = message
+
+    def __reduce__(self):  # keep the type across processes (DataLoader workers pickle exceptions)
+        return _rebuild_shard_error, (type(self), self.shard, self._message, self.offset, self.row)
 
 
 class ShardNotFoundError(StokerError, FileNotFoundError):
@@ -56,3 +65,7 @@ class StorageError(StokerError, OSError):
 
 class StateError(StokerError, ValueError):
     """A checkpoint does not match the current configuration; names the keys that differ."""
+
+
+def _rebuild_shard_error(cls: type, shard: str, message: str, offset: int | None, row: int | None) -> ShardError:
+    return cls(shard, message, offset, row=row)

@@ -73,7 +73,9 @@ class ArrowShardReader(ShardReader):
             self._source = pa.PythonFile(source, mode="r")
         try:
             self._reader = pa.ipc.open_file(self._source)
-            rows = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
+            # Batches of a memory map or buffer are zero-copy views: keep the ones read to count rows.
+            self._batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
+            rows = [b.num_rows for b in self._batches]
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
             self.close()
             raise ShardError(name, f"not a readable Arrow IPC file ({exc})", 0) from None
@@ -84,7 +86,7 @@ class ArrowShardReader(ShardReader):
         if not 0 <= index < self.num_batches:
             raise IndexError(f"{self.name}: batch {index} out of range 0..{self.num_batches - 1}")
         try:
-            batch = self._reader.get_batch(index)
+            batch = self._batches[index]
             # Forged offsets or lengths must become an error here, not a crash or a giant allocation later.
             batch.validate(full=True)
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -97,6 +99,7 @@ class ArrowShardReader(ShardReader):
         return batch
 
     def close(self) -> None:
+        self._batches = []
         source = getattr(self, "_source", None)
         if source is not None:
             source.close()
