@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 from stoker.formats.pack import pack_dataset
 from stoker.formats.verify import verify
@@ -22,24 +21,43 @@ def _generate(workdir: str, per_class: int) -> tuple[str, str]:
     return images, text
 
 
-def _read_back(shards: str) -> str:
-    """Stream every sample once through the public loader and report the rate."""
-    from stoker.formats.manifest import Manifest
-    from stoker.formats.shard import open_shard
+def _train_images(shards: str) -> None:
+    """One epoch of the image pipeline: stream shards, decode + random-resized-crop in 2 workers, watch for starvation."""
+    import torch
 
-    manifest = Manifest.load(shards)
-    start, rows, nbytes = time.perf_counter(), 0, 0
-    for info in manifest.shards:
-        with open_shard(os.path.join(shards, info.name), name=info.name) as reader:
-            for batch in reader.iter_batches():
-                rows += batch.num_rows
-                nbytes += batch.nbytes
-    seconds = time.perf_counter() - start
-    return f"read back {rows:,} samples ({nbytes / 1e6:,.1f} MB) in {seconds:.2f} s: {rows / max(seconds, 1e-9):,.0f} samples/s"
+    import stoker
+    from stoker.perf.monitor import format_report
+
+    transform = stoker.build_transform(stoker.TransformSpec(size=128, mode="train"), backend="pil", seed=0)
+    loader = stoker.DataLoader(stoker.StreamingDataset(shards, seed=0), batch_size=64, num_workers=2, collate_fn=transform)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    images = 0
+    with stoker.monitor(loader, log=lambda line: None) as watched:
+        for batch in watched:
+            logits = model(batch["image"].float().div_(255))
+            torch.nn.functional.cross_entropy(logits, batch["label"]).backward()
+            images += len(batch["label"])
+        report = watched.report(log=False)
+    print(f"trained one epoch on {images:,} decoded 128x128 images, batches of 64 from 2 worker processes")
+    print(format_report(report))
+
+
+def _batch_text(shards: str) -> None:
+    """Token-budget batches of the text shards, padded to multiples of 8; report the padding paid."""
+    import stoker
+    from stoker.formats.manifest import Manifest
+
+    lengths = Manifest.load(shards).lengths
+    sampler = stoker.TokenBudgetBatchSampler(lengths, max_tokens=8192, seed=0)
+    loader = stoker.DataLoader(stoker.ShardDataset(shards), batch_sampler=sampler, collate_fn=stoker.pad_collate())
+    shapes = [tuple(batch["input_ids"].shape) for batch in loader]
+    stats = sampler.padding_stats()
+    print(f"{len(shapes)} token-budget batches (<= 8192 tokens each, lengths padded to multiples of 8); "
+          f"first shapes {shapes[:3]}; padding {100 * stats.padding_fraction:.1f}% of tokens")
 
 
 def run_demo(workdir: str, *, per_class: int = 150) -> None:
-    """Generate, pack (Arrow images, msgpack text), verify, read back and summarise."""
+    """Generate, pack (Arrow images, msgpack text), verify, then train on the images and batch the text."""
     images, text = _generate(workdir, per_class)
     for src, dst, fmt in ((images, "images-arrow", "arrow"), (text, "text-msgpack", "msgpack")):
         out = os.path.join(workdir, "shards", dst)
@@ -48,4 +66,4 @@ def run_demo(workdir: str, *, per_class: int = 150) -> None:
         problems = verify(out)
         print(f"verify: {'all shards intact' if not problems else problems}")
         print("\n".join(inspect(out)))
-        print(_read_back(out))
+        (_train_images if fmt == "arrow" else _batch_text)(out)
