@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import errno
 import hashlib
 import os
 import queue
@@ -90,6 +91,9 @@ class ShardCache:
 
     def path(self, key: str) -> str:
         """Where the file for `key` (a plain file name) lives once filled."""
+        if not key or key.startswith(".") or "/" in key or "\\" in key or "\0" in key:
+            # Keys come from manifests, which may come from anywhere: never a path outside the cache directory.
+            raise StorageError(f"cache key {key[:80]!r} is not a plain file name")
         return os.path.join(self.directory, key)
 
     def _lock(self, key: str, timeout: float) -> FileLock:
@@ -98,8 +102,10 @@ class ShardCache:
     def get(self, key: str, size: int, fill: Callable[[str], None], timeout: float) -> str:
         """Path of the complete file for `key`; calls `fill(tmp_path)` to create it if it is missing."""
         path = self.path(key)
-        if _touch(path):
+        if _touch(path, size):
             return path
+        # The directory may have been deleted under a running job (a cleanup script): make it again.
+        os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
         lock = self._lock(key, timeout)
         try:
             lock.acquire()
@@ -108,21 +114,47 @@ class ShardCache:
                 f"waited {timeout:.0f}s for another process to fill {key} into the cache {self.directory}"
             ) from None
         try:
-            if _touch(path):  # another process filled it while we waited
+            if _touch(path, size):  # another process filled it while we waited
                 return path
-            self._make_room(size, keep=key, timeout=timeout)
-            tmp = os.path.join(self.directory, storage.temp_name(key))
-            try:
-                fill(tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            return path
+            _remove(path)  # a damaged entry (wrong size): filled again below
+            full = vanished = False
+            while True:
+                # After ENOSPC: evict every entry not in use (the disk filled before the byte limit was reached).
+                self._make_room(size, keep=key, timeout=timeout, limit=0 if full else self.limit)
+                tmp = os.path.join(self.directory, storage.temp_name(key))
+                try:
+                    fill(tmp)
+                    os.replace(tmp, path)
+                    return path
+                except OSError as exc:
+                    if isinstance(exc, StokerError):
+                        raise
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not full:
+                        full = True
+                    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise StorageError(
+                            f"no space left for {key} ({size} bytes) in the cache {self.directory}, even after "
+                            "evicting every entry not in use: free disk space or lower cache_limit"
+                        ) from None
+                    elif isinstance(exc, FileNotFoundError) and not vanished:
+                        vanished = True  # the directory was deleted while we filled: make it again, fill again
+                        os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
+                    else:
+                        raise
+                finally:
+                    _remove(tmp)
         finally:
             lock.release()
 
-    def _make_room(self, incoming: int, keep: str, timeout: float) -> None:
+    def evict(self, key: str, timeout: float) -> None:
+        """Remove the entry for `key` (found damaged by its reader) so that the next `get` fills it again."""
+        with self._lock(key, timeout):
+            _remove(self.path(key))
+
+    def _make_room(self, incoming: int, keep: str, timeout: float, limit: int | None = None) -> None:
+        # `limit=0`: evict every entry not in use (the disk filled up before the byte limit was reached).
+        limit = self.limit if limit is None else limit
+        os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
         with FileLock(os.path.join(self.directory, _LOCKS, "evict.lock"), timeout=timeout):
             entries, total = [], 0
             for entry in os.scandir(self.directory):
@@ -135,7 +167,7 @@ class ShardCache:
                 entries.append((stat.st_mtime, stat.st_size, entry.name))
                 total += stat.st_size
             for _, size, name in sorted(entries):
-                if total + incoming <= self.limit:
+                if total + incoming <= limit:
                     break
                 if name != keep and self._try_remove(name, name):
                     total -= size
@@ -160,12 +192,22 @@ class ShardCache:
             lock.release()
 
 
-def _touch(path: str) -> bool:
+def _touch(path: str, size: int | None = None) -> bool:
+    """Whether a complete entry is at `path` (of `size` bytes, if given); marks it as just used."""
     try:
+        if size is not None and os.stat(path).st_size != size:
+            return False  # truncated or replaced behind our back: refilled under the lock
         os.utime(path)  # the mtime is the LRU clock
         return True
     except FileNotFoundError:
         return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def retry(fn: Callable[[], Any], *, attempts: int, backoff: float, deadline: float, what: str) -> Any:
@@ -188,9 +230,11 @@ def retry(fn: Callable[[], Any], *, attempts: int, backoff: float, deadline: flo
         if attempt == attempts or time.monotonic() + pause > deadline:
             break
         time.sleep(pause)
+    # The client's error can quote the URL with its credentials: only a redacted copy is kept, not the exception.
     raise StorageError(
-        f"{what} failed after {attempt} attempt(s): {last!r}; check the endpoint, credentials and network"
-    ) from last
+        f"{what} failed after {attempt} attempt(s): {storage.redact_text(repr(last))}; check the endpoint, "
+        "credentials and network"
+    ) from None
 
 
 def read_part(fs: fsspec.AbstractFileSystem, path: str, span: tuple[int, int], attempts: int, backoff: float,

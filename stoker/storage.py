@@ -22,7 +22,7 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> str:
     """The filesystem path of a local URL."""
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url.removeprefix("file://")
 
 
 def join(base: str, name: str) -> str:
@@ -55,6 +55,13 @@ def redact(url: str) -> str:
     """The URL without credentials (user:password@ or query-string secrets), safe for logs and errors."""
     url = re.sub(r"//[^/@]*@", "//", url)
     return re.sub(r"(?i)([?&](?:[a-z_-]*(?:key|token|secret|signature|credential)[a-z_-]*)=)[^&]*", r"\1***", url)
+
+
+def redact_text(text: str) -> str:
+    """Any text (a client library's error message) with the credentials of the URLs in it removed."""
+    text = re.sub(r"([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@", r"\1", text)
+    return re.sub(r"(?i)([?&](?:[a-z_-]*(?:key|token|secret|signature|credential)[a-z_-]*)=)[^&\s'\"]*", r"\1***",
+                  text)
 
 
 def temp_name(name: str) -> str:

@@ -13,6 +13,7 @@ wait for it is bounded.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 KEY, SECRET, REGION = "testing", "testing", "us-east-1"
@@ -135,3 +137,13 @@ class S3Server:
             os.remove(self._log.name)
         except OSError:
             pass
+
+
+
+@contextlib.contextmanager
+def serving(local_dir: str | os.PathLike[str], url: str = "s3://data/ds") -> Iterator[S3Server]:
+    """A running server whose bucket holds the files of `local_dir` under `url`, stopped on exit."""
+    with S3Server() as server:
+        server.create_bucket(url.removeprefix("s3://").partition("/")[0])
+        server.upload_dir(local_dir, url)
+        yield server

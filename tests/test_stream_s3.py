@@ -7,7 +7,7 @@ import os
 import pytest
 
 from _datasets import keys_of, make_dataset
-from s3_server import S3Server
+from s3_server import S3Server, serving
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
 from stoker.errors import ShardError, StorageError
@@ -25,9 +25,7 @@ def local(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3(local):
-    with S3Server() as server:
-        server.create_bucket("data")
-        server.upload_dir(local, "s3://data/ds")
+    with serving(local) as server:
         yield server
 
 

@@ -88,7 +88,11 @@ class ShardDataset(Dataset):
         open_ = self._open.get(shard)
         if open_ is None:
             name = self.manifest.shards[shard].name
-            open_ = OpenShard(open_shard(storage.local_path(storage.join(self.source, name)), name=name), self.columns)
+            path = storage.local_path(storage.join(self.source, name))
+            # Rows, token lengths and token ids are checked against the manifest: a replaced or forged shard is a
+            # ShardError naming it, never an IndexError or an out-of-vocabulary id reaching the model.
+            open_ = OpenShard(open_shard(path, name=name), self.columns, self.manifest.shards[shard],
+                              self.manifest.vocab_size)
             self._open[shard] = open_
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()

@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -25,6 +26,7 @@ from stoker.errors import ManifestError
 from stoker.formats.schema import FORMAT_VERSION
 
 MANIFEST_NAME = "manifest.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,13 @@ class ShardInfo:
             lengths = np.frombuffer(base64.b64decode(data["lengths"]), "<u4").astype(np.uint32)
             if len(lengths) != int(data["rows"]):
                 raise ManifestError(f"shard {name}: {len(lengths)} lengths recorded for {data['rows']} rows")
-        return cls(name, int(data["rows"]), int(data["bytes"]), str(data["sha256"]), lengths)
+        rows, size, sha256 = int(data["rows"]), int(data["bytes"]), str(data["sha256"])
+        if rows < 0 or size < 0:
+            raise ManifestError(f"shard {name}: negative rows ({rows}) or bytes ({size})")
+        if not _SHA256.fullmatch(sha256):
+            # The checksum names the shard's cache file: it must not be able to point anywhere else.
+            raise ManifestError(f"shard {name}: sha256 {sha256[:80]!r} is not 64 lowercase hex digits")
+        return cls(name, rows, size, sha256, lengths)
 
 
 def _check_shard_name(name: str) -> None:
