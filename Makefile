@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,gpu,tokenizers,ray
+EXTRAS ?= dev,gpu,tokenizers,ray,plot
 
 .PHONY: demo test bench clean
 
@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/pack.py
+	$(PY) benchmarks/run_all.py   # every benchmark (peers.py too when .venv-bench exists: docs/bench.md)
 
 clean:
 	rm -rf $(VENV) demo-data

@@ -118,6 +118,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from stoker.perf.bench import run_cli
+
+    return run_cli(args)
+
+
 def _guard(run, args: argparse.Namespace) -> int:
     try:
         return run(args)
@@ -154,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "demo-data"))
     p.add_argument("--per-class", type=int, default=150)
     p.set_defaults(run=_run_demo)
+    from stoker.perf.bench import add_arguments as bench_arguments  # argparse only: torch loads when it runs
+
+    p = sub.add_parser("bench", help="time each input stage on this machine and judge whether it feeds the GPUs")
+    bench_arguments(p).set_defaults(run=_run_bench)
     args = parser.parse_args(argv)
     return _guard(args.run, args)
 

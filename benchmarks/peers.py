@@ -1,0 +1,478 @@
+"""Side by side, in one run: stoker against ImageFolder + torch DataLoader, WebDataset, MosaicML Streaming, LitData
+and Hugging Face datasets, packing and loading the same JPEGs.
+
+    .venv-bench/bin/python benchmarks/peers.py [--per-class 100] [--workers 2] [--rounds 2] [--only webdataset]
+
+Same for every system: the cached ~450x450 JPEG tree of benchmarks/_data.py, stored as the original bytes (never
+re-encoded), ~8 MB shards, `--workers` processes, batches of 64, shuffled, local disk with a warm page cache.
+  packing  SRC tree -> the system's own shard format with its own writer (parallel where the library is), then
+           os.sync(), so everyone pays for putting the bytes on disk; one untimed warm-up pack of 10 images first.
+  loading  a second epoch timed from iter() to its last batch, after a first epoch that starts the (persistent)
+           workers; the first batch's latency is reported apart. Twice:
+    typical      each system as its documentation shows it: per-sample decode + RandomResizedCrop(224) + flip
+                 (torchvision transforms when importable, else the same steps in PIL) and the default collate;
+                 stoker with its own batch transform as collate_fn and stoker.DataLoader
+    same xform   every system hands encoded samples to stoker's batch transform as collate_fn, so only the
+                 storage format and the loader differ
+Every pack and every round of loads runs in a fresh child process (see `run`). A peer that does not import in this
+interpreter is listed with the reason, never dropped. Peers need their own venv (docs/bench.md): mosaicml-streaming
+imports torchvision, and no torchvision wheel here works with the project's torch 2.13 CPU build.
+The machine may be shared: compare ratios from one run; `--rounds` keeps each measurement's best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _data  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, IterableDataset  # noqa: E402
+
+import stoker  # noqa: E402
+from stoker.augment.params import random_resized_crop_box  # noqa: E402
+
+SIZE = 224
+CHILD_TIMEOUT_S = 240  # one pack or one round of loads of one system
+Item = Callable[[bytes, int, str], Any]  # (encoded image, label, key) -> what the loader's collate receives
+
+
+@dataclass(frozen=True)
+class Config:
+    per_class: int
+    workers: int
+    batch: int
+    shard_bytes: int
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    module: str  # what must import for the peer to run
+    package: str  # what pip installs
+    pack: Callable[[Path, Path, Config], None] | None  # None: reads the raw files, nothing to pack
+    dataset: Callable[[Path, Path, Config, Item], tuple[Any, Callable[..., Any]]]  # (dataset, loader class)
+
+
+# ---- what every loader applies to a sample ----
+
+
+def _typical_item(image: bytes, label: int, key: str) -> tuple[torch.Tensor, int]:
+    """Decode + RandomResizedCrop(224) + horizontal flip, per sample, as torchvision users write it."""
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    return _augment()(picture), label
+
+
+@functools.cache
+def _augment() -> Callable[[Image.Image], torch.Tensor]:
+    try:
+        from torchvision.transforms import v2
+
+        return v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    except (ImportError, RuntimeError):  # absent, or built for another torch: the same steps in plain PIL
+        return _pil_augment
+
+
+def _pil_augment(picture: Image.Image) -> torch.Tensor:
+    box = random_resized_crop_box(random, picture.width, picture.height, (0.08, 1.0), (3 / 4, 4 / 3))
+    picture = picture.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box)
+    if random.random() < 0.5:
+        picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()
+
+
+def _encoded_item(image: bytes, label: int, key: str) -> dict[str, Any]:
+    """The encoded sample, left for stoker's batch transform (the collate_fn) to decode."""
+    return {"image": image, "label": int(label), "key": key}
+
+
+class Mapped(IterableDataset):
+    """Apply `item` to every sample of a peer's iterable dataset (which splits itself among workers)."""
+
+    def __init__(self, inner: Any, item: Callable[[dict[str, Any]], Any]) -> None:
+        self.inner, self.item = inner, item
+
+    def __iter__(self):
+        return map(self.item, iter(self.inner))
+
+
+class Indexed(Dataset):
+    """Apply `item` to every sample of a map-style source."""
+
+    def __init__(self, size: int, get: Callable[[int], Any], item: Callable[[Any], Any]) -> None:
+        self.size, self.get, self.item = size, get, item
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        return self.item(self.get(index))
+
+
+def _files(src: Path) -> list[tuple[Path, int]]:
+    classes = sorted(d for d in src.iterdir() if d.is_dir())
+    return [(p, label) for label, d in enumerate(classes) for p in sorted(d.glob("*.jpg"))]
+
+
+def _tiny_tree(src: Path, dst: Path) -> Path:
+    """Two classes of five images: what each system packs once, untimed, before it is timed."""
+    for folder in sorted(d for d in src.iterdir() if d.is_dir())[:2]:
+        (dst / folder.name).mkdir(parents=True, exist_ok=True)
+        for path in sorted(folder.glob("*.jpg"))[:5]:
+            shutil.copy(path, dst / folder.name / path.name)
+    return dst
+
+
+# ---- the systems ----
+
+
+def _stoker_pack(src: Path, dst: Path, cfg: Config, validate: str = "header") -> None:
+    stoker.pack_dataset(str(src), str(dst), workers=cfg.workers, shard_size=cfg.shard_bytes, overwrite=True,
+                        progress=False, validate=validate)
+
+
+def _stoker_pack_unvalidated(src: Path, dst: Path, cfg: Config) -> None:
+    _stoker_pack(src, dst, cfg, validate="none")
+
+
+def _stoker_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    # Always encoded samples: stoker's documented way is its batch transform as the collate_fn.
+    return stoker.StreamingDataset(str(packed), shuffle=True, seed=0, columns=["key", "label", "image"]), stoker.DataLoader
+
+
+def _sample_fn(item: Item) -> Callable[[dict[str, Any]], Any]:
+    return functools.partial(_apply_dict, item)
+
+
+def _apply_dict(item: Item, sample: dict[str, Any]) -> Any:
+    return item(sample["image"], sample["label"], sample.get("key", ""))
+
+
+def _folder_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    files = _files(src)
+    return Indexed(len(files), files.__getitem__, functools.partial(_read_file, item)), DataLoader
+
+
+def _read_file(item: Item, entry: tuple[Path, int]) -> Any:
+    return item(entry[0].read_bytes(), entry[1], entry[0].stem)
+
+
+def _wds_pack(src: Path, dst: Path, cfg: Config) -> None:
+    import webdataset as wds
+
+    dst.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(dst / "shard-%06d.tar"), maxsize=cfg.shard_bytes, verbose=0) as sink:
+        for path, label in _files(src):
+            sink.write({"__key__": f"{label}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label).encode()})
+
+
+def _wds_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in packed.glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False).shuffle(1000)
+    return Mapped(dataset, functools.partial(_wds_item, item)), DataLoader
+
+
+def _wds_item(item: Item, sample: dict[str, Any]) -> Any:
+    return item(sample["jpg"], int(sample["cls"]), sample["__key__"])
+
+
+def _mosaic_pack(src: Path, dst: Path, cfg: Config) -> None:
+    from streaming import MDSWriter
+
+    columns = {"image": "bytes", "label": "int", "key": "str"}
+    with MDSWriter(out=str(dst), columns=columns, size_limit=cfg.shard_bytes, progress_bar=False) as out:
+        for path, label in _files(src):
+            out.write({"image": path.read_bytes(), "label": label, "key": path.stem})
+
+
+def _mosaic_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()  # a previous run's shared memory would make the next one fail
+    dataset = StreamingDataset(local=str(packed), shuffle=True, shuffle_seed=0, batch_size=cfg.batch)
+    return Mapped(dataset, _sample_fn(item)), DataLoader
+
+
+def _litdata_pack(src: Path, dst: Path, cfg: Config) -> None:
+    import litdata
+
+    inputs = [(str(path), label) for path, label in _files(src)]
+    litdata.optimize(fn=_litdata_sample, inputs=inputs, output_dir=str(dst), chunk_bytes=cfg.shard_bytes,
+                     num_workers=cfg.workers, mode="overwrite", verbose=False)
+
+
+def _litdata_sample(entry: tuple[str, int]) -> dict[str, Any]:
+    path = Path(entry[0])
+    return {"image": path.read_bytes(), "label": entry[1], "key": path.stem}
+
+
+def _litdata_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    import litdata
+
+    dataset = litdata.StreamingDataset(input_dir=str(packed), shuffle=True, seed=0, transform=_sample_fn(item))
+    return dataset, litdata.StreamingDataLoader
+
+
+def _hf_pack(src: Path, dst: Path, cfg: Config) -> None:
+    from datasets import Dataset as HFDataset
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    files = _files(src)
+    features = Features({"image": HFImage(), "label": Value("int64"), "key": Value("string")})
+    table = {"image": [{"bytes": p.read_bytes(), "path": None} for p, _ in files],
+             "label": [label for _, label in files], "key": [p.stem for p, _ in files]}
+    HFDataset.from_dict(table, features=features).save_to_disk(str(dst), max_shard_size=cfg.shard_bytes,
+                                                               num_proc=cfg.workers)
+
+
+def _hf_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    from datasets import Image as HFImage
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(packed)).cast_column("image", HFImage(decode=False))
+    return Indexed(len(table), table.__getitem__, functools.partial(_hf_item, item)), DataLoader
+
+
+def _hf_item(item: Item, row: dict[str, Any]) -> Any:
+    return item(row["image"]["bytes"], row["label"], row["key"])
+
+
+PEERS = (
+    Peer("stoker", "stoker", "stoker", _stoker_pack, _stoker_dataset),
+    Peer("ImageFolder + DataLoader", "torch", "torch", None, _folder_dataset),
+    Peer("WebDataset", "webdataset", "webdataset", _wds_pack, _wds_dataset),
+    Peer("MosaicML Streaming", "streaming", "mosaicml-streaming", _mosaic_pack, _mosaic_dataset),
+    Peer("LitData", "litdata", "litdata", _litdata_pack, _litdata_dataset),
+    Peer("HF datasets", "datasets", "datasets", _hf_pack, _hf_dataset),
+)
+
+
+# ---- measuring ----
+
+
+def importable(peer: Peer) -> str | None:
+    """None if the peer imports here, else why not."""
+    try:
+        __import__(peer.module)
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or a RuntimeError from a broken binary dependency
+        return (f"cannot import {peer.module!r} (pip package {peer.package}) in {sys.executable}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return None
+
+
+def pack_seconds(peer: Peer, src: Path, dst: Path, cfg: Config) -> float:
+    """Best wall time of `rounds` packs into an emptied `dst`, including os.sync()."""
+    best = float("inf")
+    for _ in range(cfg.rounds):
+        shutil.rmtree(dst, ignore_errors=True)
+        os.sync()
+        start = time.perf_counter()
+        peer.pack(src, dst, cfg)
+        os.sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def load_rate(peer: Peer, src: Path, packed: Path, cfg: Config, same_transform: bool) -> tuple[float, float, int]:
+    """(images/s of a whole second epoch, seconds to the first batch of the first, images in the second epoch).
+
+    The first epoch only warms up: it starts the (persistent) workers and opens the shards. Timing the second from
+    iter() to its last batch leaves out start-up, yet cannot credit batches that were prefetched before the clock
+    started, as timing "after the first batch" would.
+    """
+    item: Item = _encoded_item if same_transform or peer.name == "stoker" else _typical_item
+    dataset, loader_class = peer.dataset(src, packed, cfg, item)
+    collate = None
+    if item is _encoded_item:
+        collate = stoker.build_transform(stoker.TransformSpec(size=SIZE), backend="pil", seed=0)
+    options: dict[str, Any] = {"persistent_workers": True} if cfg.workers else {}
+    if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset):
+        options["shuffle"] = True
+    loader = loader_class(dataset, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate, **options)
+    start = time.perf_counter()
+    first = None
+    for _ in loader:
+        first = time.perf_counter() - start if first is None else first
+    start = time.perf_counter()
+    count = sum(_count(batch) for batch in loader)
+    seconds = time.perf_counter() - start
+    del loader  # stops the persistent workers
+    return count / seconds, first or 0.0, count
+
+
+def _count(batch: Any) -> int:
+    return len(batch["label"]) if isinstance(batch, dict) else len(batch[1])
+
+
+def run(cfg: Config, peers: tuple[Peer, ...], work: Path) -> dict[str, Any]:
+    """Every measurement for every peer; failures are recorded per peer, never raised.
+
+    Each pack and each round of loads runs in a fresh child process: libraries leave state behind (LitData's
+    optimize() slowed every later DataLoader's start-up 8x here), and one system must not tax the next. All
+    systems pack first; then each round loads with every system in turn, so a burst of load on a shared machine
+    hits one round of everyone rather than all rounds of one system. Each figure is its best round.
+    """
+    src = _data.image_tree(per_class=cfg.per_class)
+    nbytes = sum(len(p.read_bytes()) for p, _ in _files(src))  # also warms the page cache, for everyone alike
+    _tiny_tree(src, work / "tiny")
+    results: dict[str, Any] = {"input_mb": nbytes / 1e6, "images": len(_files(src)), "peers": {}}
+    for peer in peers:
+        results["peers"][peer.name] = {"package": peer.package, "error": None, **_child(peer, "pack", cfg, work)}
+    for _ in range(cfg.rounds):
+        for peer in peers:
+            row = results["peers"][peer.name]
+            if row["error"] is not None:
+                continue
+            loads = _child(peer, "load", cfg, work)
+            row["error"] = loads.pop("error", None)
+            results["per_sample_transform"] = loads.pop("per_sample", results.get("per_sample_transform"))
+            for mode, (rate, first, count) in loads.items():
+                if rate > row.get(mode, 0):
+                    row[mode], row[f"{mode}_first_batch_s"], row[f"{mode}_images"] = rate, first, count
+    if "typical" in results["peers"].get("stoker", {}):  # stoker's typical path already is its own batch transform
+        results["peers"]["stoker"]["same_transform"] = results["peers"]["stoker"]["typical"]
+    return results
+
+
+def _child(peer: Peer, task: str, cfg: Config, work: Path) -> dict[str, Any]:
+    """Run `task` for `peer` in a fresh interpreter and return its JSON result, or {"error": why it failed}."""
+    command = [sys.executable, __file__, "--child", peer.package, task, str(work), json.dumps(asdict(cfg))]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{task} took more than {CHILD_TIMEOUT_S} s"}
+    finally:  # progress on stderr: which system is running, and for how long
+        print(f"  {peer.name} {task}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+    return {"error": f"{task} failed (exit {proc.returncode}): {last[0].strip()}"}
+
+
+def child_main(package: str, task: str, work: Path, cfg: Config) -> dict[str, Any]:
+    """One task for one system, in this fresh process: "pack" (times, then leaves the shards) or "load"."""
+    peer = next(p for p in PEERS if p.package == package)
+    reason = importable(peer)
+    if reason:
+        return {"error": reason}
+    src = _data.image_tree(per_class=cfg.per_class)
+    packed = work / peer.package
+    if task == "pack":
+        if peer.pack is None:  # reads the raw tree in place
+            packed.symlink_to(src, target_is_directory=True)
+            return {}
+        peer.pack(work / "tiny", work / f"warm-up-{package}", cfg)  # untimed: first-call imports and caches
+        shutil.rmtree(work / f"warm-up-{package}")
+        row = {"pack_s": pack_seconds(peer, src, packed, cfg)}
+        if peer.name == "stoker":  # stoker checks every JPEG header by default; the peers check nothing
+            row["pack_unvalidated_s"] = pack_seconds(replace(peer, pack=_stoker_pack_unvalidated), src, packed, cfg)
+        return row
+    # Import torchvision once here: forked workers inherit it instead of each importing it again.
+    transform = "PIL (torchvision missing)" if _augment() is _pil_augment else "torchvision.transforms.v2"
+    modes = ("typical",) if peer.name == "stoker" else ("typical", "same_transform")
+    return {"per_sample": transform, **{mode: load_rate(peer, src, packed, cfg, mode != "typical") for mode in modes}}
+
+
+def report(results: dict[str, Any], cfg: Config) -> list[str]:
+    """The table and the ratio lines (the last lines are the ratios run_all.py collects)."""
+    images, mb = results["images"], results["input_mb"]
+    lines = [f"input: {images} JPEGs ({mb:.1f} MB), {cfg.workers} workers, batch {cfg.batch}, "
+             f"{cfg.shard_bytes >> 20} MB shards, best of {cfg.rounds}; torch {torch.__version__}; per-sample "
+             f"transform of the typical peers: {results.get('per_sample_transform')}",
+             f"{'system':26s} {'pack s':>8s} {'pack img/s':>10s} {'load img/s':>11s} {'same xform':>11s}  notes"]
+    for name, row in results["peers"].items():
+        if row["error"] and "typical" not in row:
+            lines.append(f"{name:26s} {'-':>8s} {'-':>10s} {'-':>11s} {'-':>11s}  {row['error']}")
+            continue
+        pack = row.get("pack_s")
+        pack_text = (f"{pack:8.2f} {images / pack:10,.0f}") if pack else f"{'n/a':>8s} {'n/a':>10s}"
+        note = f"first batch {row.get('typical_first_batch_s', 0):.2f} s"
+        if row.get("pack_unvalidated_s"):
+            note += f"; pack --validate none {row['pack_unvalidated_s']:.2f} s"
+        if row.get("typical_images", images) != images:  # some loaders pad or drop to split evenly over workers
+            note += f"; {row['typical_images']} images per epoch"
+        note += f"; {row['error']}" if row["error"] else ""
+        lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f}  {note}")
+    lines += ratio_lines(results)
+    return lines
+
+
+def ratio_lines(results: dict[str, Any]) -> list[str]:
+    """stoker over the best peer that ran, for loading (both modes) and packing."""
+    rows = results["peers"]
+    ours = rows.get("stoker", {})
+    others = {name: row for name, row in rows.items() if name != "stoker" and not row["error"]}
+    lines = []
+    for key, what, goal in (("typical", "loading (each as documented)", 1.3),
+                            ("same_transform", "loading (same batch transform)", None),
+                            ("pack_s", "packing", 1.5),
+                            ("pack_unvalidated_s", "packing without validation, as the peers do", None)):
+        candidates = {n: r.get("pack_s" if key.startswith("pack") else key) for n, r in others.items()}
+        candidates = {n: value for n, value in candidates.items() if value}
+        if not ours.get(key) or not candidates:
+            lines.append(f"ratio {what} stoker / best peer: n/a (no peer or no stoker figure)")
+            continue
+        if key.startswith("pack"):  # times: lower is better
+            best = min(candidates, key=candidates.__getitem__)
+            ratio = candidates[best] / ours[key]
+        else:
+            best = max(candidates, key=candidates.__getitem__)
+            ratio = ours[key] / candidates[best]
+        target = f" (goal >= {goal}x)" if goal else ""
+        lines.append(f"ratio {what} stoker / best peer ({best}): {ratio:.2f}x{target}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=100, help="images per class, 10 classes (default 100)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shard-mb", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of each measurement; the best is kept")
+    parser.add_argument("--only", nargs="*", default=None, help="pip package names to run, e.g. webdataset")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)  # PACKAGE TASK WORK CONFIG
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the cores belong to the loader workers, for every system alike
+    if args.child:
+        package, task, work, config = args.child
+        print(json.dumps(child_main(package, task, Path(work), Config(**json.loads(config)))))
+        return
+    cfg = Config(args.per_class, args.workers, args.batch, args.shard_mb << 20, args.rounds)
+    peers = tuple(p for p in PEERS if args.only is None or p.package in args.only or p.name == "stoker")
+    _data.image_tree(per_class=cfg.per_class)  # generate once here, not in racing children
+    with tempfile.TemporaryDirectory(prefix="stoker-peers-") as tmp:
+        results = run(cfg, peers, Path(tmp))
+    results["config"] = asdict(cfg)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print("\n".join(report(results, cfg)))
+
+
+if __name__ == "__main__":
+    main()
