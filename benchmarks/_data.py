@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stoker.synthetic import make_image_tree, make_text_corpus
@@ -32,3 +34,13 @@ def text_corpus(num_docs: int = 20000) -> Path:
 
 def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def best_of(repeats: int, run: Callable[[], object]) -> float:
+    """The shortest wall time of `repeats` calls of `run`, in seconds (the least disturbed by other jobs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -11,22 +11,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _data  # noqa: E402
 
 from stoker.formats.pack import pack_dataset  # noqa: E402
-
-
-def _best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -54,11 +44,11 @@ def main() -> None:
         return run
 
     try:
-        cp_s = _best_of(args.repeats, copy)
-        fast_s = _best_of(args.repeats, pack(validate="none"))
-        full_s = _best_of(args.repeats, pack(validate="header"))
-        deep_s = _best_of(1, pack(validate="decode"))
-        small_s = _best_of(1, pack(max_side=256))
+        cp_s = _data.best_of(args.repeats, copy)
+        fast_s = _data.best_of(args.repeats, pack(validate="none"))
+        full_s = _data.best_of(args.repeats, pack(validate="header"))
+        deep_s = _data.best_of(1, pack(validate="decode"))
+        small_s = _data.best_of(1, pack(max_side=256))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -28,15 +28,6 @@ from stoker.formats.pack import pack_dataset  # noqa: E402
 PACK = [sys.executable, "-c", "import sys; from stoker.cli import pack_main; sys.exit(pack_main())"]
 
 
-def _best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=200)
@@ -74,7 +65,7 @@ def main() -> None:
 
     try:
         for n in (1, 2, 4):
-            rows.append((f"{n} part(s) x 1 worker + merge", _best_of(args.repeats, parts(n))))
+            rows.append((f"{n} part(s) x 1 worker + merge", _data.best_of(args.repeats, parts(n))))
         import ray
 
         start = time.perf_counter()
@@ -85,7 +76,7 @@ def main() -> None:
             timings: dict[str, list[float]] = {"local": [], "ray": []}
             for _ in range(args.repeats):
                 for engine in timings:
-                    timings[engine].append(_best_of(1, pack(engine)))
+                    timings[engine].append(_data.best_of(1, pack(engine)))
         finally:
             ray.shutdown()
         local_s, ray_s = min(timings["local"]), min(timings["ray"])

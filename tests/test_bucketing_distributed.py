@@ -3,61 +3,34 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 
+from _distributed import run_gloo_ranks
 from stoker.bucketing.samplers import BucketBatchSampler, TokenBudgetBatchSampler
 
 LENGTHS = np.random.default_rng(0).integers(1, 300, 501)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, out: str) -> None:
     # Misleading env vars: an initialised process group must take precedence over them.
     os.environ["RANK"], os.environ["WORLD_SIZE"] = "3", "5"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
-    )
-    try:
-        samplers = {
-            "token": TokenBudgetBatchSampler(LENGTHS, 1024, seed=7),
-            "bucket": BucketBatchSampler(LENGTHS, 8, seed=7),
-        }
-        result = {name: {"rank": s.rank, "world": s.num_replicas, "batches": list(s)} for name, s in samplers.items()}
-        counts = [None, None]
-        dist.all_gather_object(counts, len(result["token"]["batches"]))  # the ranks agree on the count
-        result["gathered_counts"] = counts
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    samplers = {
+        "token": TokenBudgetBatchSampler(LENGTHS, 1024, seed=7),
+        "bucket": BucketBatchSampler(LENGTHS, 8, seed=7),
+    }
+    result = {name: {"rank": s.rank, "world": s.num_replicas, "batches": list(s)} for name, s in samplers.items()}
+    counts = [None, None]
+    dist.all_gather_object(counts, len(result["token"]["batches"]))  # the ranks agree on the count
+    result["gathered_counts"] = counts
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def test_gloo_ranks_get_disjoint_equal_batches(tmp_path) -> None:
-    port = _free_port()
-    ctx = multiprocessing.get_context("fork")  # ranks inherit the imported torch: no seconds-long re-import
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "ranks did not finish within 90 s"
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_gloo_ranks(_rank_main, 2, str(tmp_path))
 
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name in ("token", "bucket"):

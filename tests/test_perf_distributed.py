@@ -4,60 +4,33 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
-import socket
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from _distributed import run_gloo_ranks
 from stoker.perf.monitor import monitor
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, out: str) -> None:
+    delay = 0.03 if rank == 1 else 0.0  # rank 1's loader cannot keep up
 
+    def loader():
+        for _ in range(12):
+            time.sleep(delay)
+            yield torch.zeros(4, 2)
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=30))
-    try:
-        delay = 0.03 if rank == 1 else 0.0  # rank 1's loader cannot keep up
-
-        def loader():
-            for _ in range(12):
-                time.sleep(delay)
-                yield torch.zeros(4, 2)
-
-        lines: list[str] = []
-        with monitor(loader(), log=lines.append, log_every=0, csv_path=f"{out}/rank{{rank}}.csv") as m:
-            for _ in m:
-                time.sleep(0.005)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"report": m.last_report, "lines": lines}))
-    finally:
-        dist.destroy_process_group()
+    lines: list[str] = []
+    with monitor(loader(), log=lines.append, log_every=0, csv_path=f"{out}/rank{{rank}}.csv") as m:
+        for _ in m:
+            time.sleep(0.005)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"report": m.last_report, "lines": lines}))
 
 
 def test_two_ranks_report_names_the_slow_one(tmp_path) -> None:
-    port = _free_port()
-    # fork: the ranks inherit the imported torch instead of paying seconds to import it again
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "ranks did not finish within 90 s"
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_gloo_ranks(_rank_main, 2, str(tmp_path))
 
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:  # every rank gets the aggregated numbers

@@ -17,8 +17,25 @@ import numpy as np
 from stoker.errors import ConfigError
 
 
+class _Slots:
+    """Efficiency and padding of `real_tokens` out of `total_tokens` slots."""
+
+    real_tokens: int
+    total_tokens: int
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of slots holding real tokens (packing efficiency); 1.0 when there are none."""
+        return self.real_tokens / self.total_tokens if self.total_tokens else 1.0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Fraction of slots that are padding."""
+        return 1.0 - self.efficiency
+
+
 @dataclass(frozen=True)
-class PaddingStats:
+class PaddingStats(_Slots):
     """Token slots of a set of batches: `total_tokens` = sum of rows x padded length per batch."""
 
     batches: int
@@ -26,16 +43,6 @@ class PaddingStats:
     real_tokens: int
     total_tokens: int
     shapes: Mapping[tuple[int, int], int] = field(default_factory=dict, compare=False)
-
-    @property
-    def efficiency(self) -> float:
-        """Fraction of slots holding real tokens (packing efficiency); 1.0 for no batches."""
-        return self.real_tokens / self.total_tokens if self.total_tokens else 1.0
-
-    @property
-    def padding_fraction(self) -> float:
-        """Fraction of slots that are padding."""
-        return 1.0 - self.efficiency
 
 
 def padding_stats(lengths: np.ndarray, offsets: np.ndarray, pad_to_multiple_of: int = 1) -> PaddingStats:
@@ -64,7 +71,7 @@ def padding_stats(lengths: np.ndarray, offsets: np.ndarray, pad_to_multiple_of: 
     )
 
 
-class BatchStats:
+class BatchStats(_Slots):
     """Running totals over the batches a collate function built (or `update` was given).
 
     Counters live in the process that builds the batches: with DataLoader workers, call
@@ -96,16 +103,6 @@ class BatchStats:
         mask = batch["attention_mask"]
         rows, row_length = (int(d) for d in mask.shape)
         self.add(rows, row_length, int(mask.sum()))
-
-    @property
-    def efficiency(self) -> float:
-        """Fraction of slots holding real tokens; 1.0 before any batch."""
-        return self.real_tokens / self.total_tokens if self.total_tokens else 1.0
-
-    @property
-    def padding_fraction(self) -> float:
-        """Fraction of slots that are padding."""
-        return 1.0 - self.efficiency
 
     def tokens_per_second(self) -> float:
         """Real tokens recorded per second of wall time since creation or `reset()`."""

@@ -6,19 +6,39 @@ as in torch. For a StreamingDataset with a batch size, workers build whole batch
 each worker gathers its batch's rows straight from the mapped record batches, collates column by column, and sends
 the variable-width data through a reusable shared-memory slab (see `workers.py`). The main process counts delivered
 batches, which is all a checkpoint needs (see `order.py`).
+
+`num_workers="auto"` and/or `prefetch_factor="auto"` hand those settings to `autotune.Tuner`: the iterator times
+each step, and when the tuner asks for another setting it re-deals the rest of the epoch to new workers at a batch
+boundary, as a resume would, so the batches delivered stay exactly those of a fixed setting (docs/autotune.md).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
+import warnings
 from typing import Any
 
 import torch.utils.data
 
-from stoker.dataloader import order, workers
+from stoker.dataloader import autotune, order, workers
 from stoker.dataloader.stream import Progress, StreamingDataset, progress_state
 from stoker.errors import ConfigError
+
+
+BUNDLE_SAMPLES = 256  # a worker sends batches in bundles of about this many samples...
+BUNDLE_BYTES = 32 << 20  # ...and at most about this many bytes
+MAX_BUNDLE = 8
+
+
+def bundle_size(batch_size: int, num_workers: int, mean_sample_bytes: float) -> int:
+    """Batches per message from a worker: one message costs the training process about a millisecond of CPU, so
+    small batches travel several at a time (`workers.Bundle`); big ones (>= 256 samples or ~32 MB) one by one."""
+    if num_workers == 0:
+        return 1
+    by_bytes = BUNDLE_BYTES // max(1, int(batch_size * mean_sample_bytes))
+    return max(1, min(MAX_BUNDLE, BUNDLE_SAMPLES // batch_size, by_bytes))
 
 
 def _passthrough(batch: Any) -> Any:
@@ -36,7 +56,7 @@ class DataLoader(torch.utils.data.DataLoader):
         shuffle: bool | None = None,
         sampler: Any = None,
         batch_sampler: Any = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         collate_fn: Any = None,
         pin_memory: bool = False,
         drop_last: bool = False,
@@ -45,22 +65,31 @@ class DataLoader(torch.utils.data.DataLoader):
         multiprocessing_context: Any = None,
         generator: Any = None,
         *,
-        prefetch_factor: int | None = None,
+        prefetch_factor: int | str | None = None,
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
+        memory_budget: str | int = autotune.DEFAULT_BUDGET,
+        autotune_config: autotune.AutotuneConfig | None = None,
     ) -> None:
+        streaming = isinstance(dataset, StreamingDataset) and batch_size is not None
+        self._tuner = _make_tuner(dataset if streaming else None, batch_size, num_workers, prefetch_factor,
+                                  memory_budget, autotune_config)
+        if self._tuner is not None:
+            num_workers = self._tuner.setting.workers
+            prefetch_factor = self._tuner.setting.prefetch
         # The signature mirrors torch's on purpose; torch validates every combination exactly as it always does.
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory, drop_last,
             timeout, worker_init_fn, multiprocessing_context, generator, prefetch_factor=prefetch_factor,
             persistent_workers=persistent_workers, pin_memory_device=pin_memory_device, in_order=in_order,
         )
-        self._streaming = isinstance(dataset, StreamingDataset) and batch_size is not None
+        self._streaming = streaming
         self._user_collate = collate_fn
         self._inner: torch.utils.data.DataLoader | None = None
-        self._inner_topology: tuple[int, int] | None = None
+        self._inner_key: tuple[Any, ...] | None = None
         self._progress: Progress | None = None
+        self._redealt: tuple[int, int, int] | None = None  # (epoch, epoch's start, re-deal position) of the last re-deal
 
     def __iter__(self) -> Any:
         if not self._streaming:
@@ -71,7 +100,7 @@ class DataLoader(torch.utils.data.DataLoader):
         if not self._streaming:
             return super().__len__()
         rank, world = workers.topology()
-        remaining = self.dataset.manifest.num_samples - int(self.dataset._control[1])
+        remaining = self.dataset.manifest.num_samples - self._epoch_start()
         return order.rank_units(remaining, self.batch_size, rank, world, self.drop_last or self.dataset.drop_last)
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,6 +112,18 @@ class DataLoader(torch.utils.data.DataLoader):
         """Make the next iteration deliver exactly the samples the checkpointed run had not delivered yet."""
         self._stream_dataset().load_state_dict(state)
         self._progress = None
+        self._redealt = None
+
+    def tuning_report(self) -> autotune.TuningReport | None:
+        """What `num_workers="auto"`/`prefetch_factor="auto"` chose and why (None for fixed settings)."""
+        return None if self._tuner is None else self._tuner.report()
+
+    def _epoch_start(self) -> int:
+        """The resume position the current epoch started from (a re-deal moves the dataset's, not this)."""
+        ds, redealt = self.dataset, self._redealt
+        if redealt is not None and (ds.epoch, int(ds._control[1])) == (redealt[0], redealt[2]):
+            return redealt[1]
+        return int(ds._control[1])
 
     def _stream_dataset(self) -> StreamingDataset:
         if not self._streaming:
@@ -93,20 +134,50 @@ class DataLoader(torch.utils.data.DataLoader):
         return self.dataset
 
     def _batches(self, topology: tuple[int, int]) -> torch.utils.data.DataLoader:
-        # One inner loader for the loader's life, so persistent workers survive from epoch to epoch.
-        if self._inner is None or self._inner_topology != topology:
+        # One inner loader for the loader's life (or until the tuner changes its settings), so persistent workers
+        # survive from epoch to epoch.
+        key = (topology, self.num_workers, self.prefetch_factor)
+        if self._inner is None or self._inner_key != key:
+            bundle = bundle_size(self.batch_size, self.num_workers, _mean_sample_bytes(self.dataset))
+            persistent = self.persistent_workers and self.num_workers > 0
             view = self.dataset._as_batches(self.batch_size, self.drop_last, self._user_collate, topology,
-                                            self.persistent_workers)
+                                            persistent, bundle)
+            if self._tuner is not None:
+                view = autotune.Timed(view, self._tuner.clock)
+            # prefetch_factor counts batches per worker; the inner loader counts messages.
+            prefetch = None if self.num_workers == 0 else max(1, math.ceil((self.prefetch_factor or 2) / bundle))
             self._inner = torch.utils.data.DataLoader(
                 view, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
                 pin_memory=self.pin_memory, timeout=self.timeout, worker_init_fn=self.worker_init_fn,
                 multiprocessing_context=self.multiprocessing_context, generator=self.generator,
-                prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                prefetch_factor=prefetch, persistent_workers=persistent,
                 pin_memory_device=self.pin_memory_device,
                 in_order=True,  # checkpoints count batches in order; out-of-order delivery would break resume
             )
-            self._inner_topology = topology
+            self._inner_key = key
         return self._inner
+
+
+def _mean_sample_bytes(dataset: StreamingDataset) -> float:
+    manifest = dataset.manifest
+    return sum(s.bytes for s in manifest.shards) / max(1, manifest.num_samples)
+
+
+def _make_tuner(dataset: StreamingDataset | None, batch_size: int | None, num_workers: Any, prefetch_factor: Any,
+                memory_budget: str | int, config: autotune.AutotuneConfig | None) -> autotune.Tuner | None:
+    budget = autotune.memory_budget(memory_budget)  # a bad budget string fails here, tuned or not
+    auto_workers, auto_prefetch = num_workers == autotune.AUTO, prefetch_factor == autotune.AUTO
+    if not (auto_workers or auto_prefetch):
+        return None
+    if dataset is None:
+        raise ConfigError(
+            "num_workers='auto' and prefetch_factor='auto' need a stoker.StreamingDataset and a batch_size (its "
+            "order does not depend on the worker count, so workers can change mid-epoch); for other datasets "
+            "run `stoker bench --tune` on your shards and pass the numbers it recommends"
+        )
+    return autotune.Tuner(config or autotune.AutotuneConfig(), budget, auto_workers, auto_prefetch,
+                          None if auto_workers else num_workers, None if auto_prefetch else prefetch_factor,
+                          bundle_size(batch_size, 1, _mean_sample_bytes(dataset)))
 
 
 class _StreamIterator:
@@ -115,13 +186,40 @@ class _StreamIterator:
     def __init__(self, loader: DataLoader) -> None:
         ds: StreamingDataset = loader.dataset
         topology = workers.topology()  # here, in the training process, where the process group is visible
+        if loader._redealt is not None:  # a pass abandoned after a re-deal: start the epoch where it started
+            ds._control[1] = loader._epoch_start()
+            loader._redealt = None
         self.dataset = ds
+        self.topology = topology
         self.progress = Progress(ds.epoch, int(ds._control[1]), loader.batch_size, topology[1])
         loader._progress = self.progress
         self.length = len(loader)
         self.finished = False
         self._loader = loader
-        self._it = iter(loader._batches(topology))
+        inner = loader._batches(topology)
+        fresh = getattr(inner, "_iterator", None) is None
+        self._it = _start(inner, loader._tuner is not None)
+        self._workers = loader.num_workers
+        self._base = 0  # batches delivered before the current inner iterator started (re-deals)
+        self._bundled: dict[tuple[int, int], Any] = {}  # (worker, its batch number) -> batch, from bundles
+        self._tuner = loader._tuner
+        if self._tuner is not None:
+            self._tuner.segment_started(ds.epoch, 0, autotune.worker_pids(self._it), fresh)
+
+    def _next_batch(self) -> Any:
+        """The next batch in order: this rank's i-th batch is batch i // workers of worker i % workers (`order.Deal`),
+        and workers send theirs in bundles (`workers.Bundle`), round robin."""
+        if not self._workers:
+            return next(self._it)
+        i = self.progress.delivered - self._base
+        key = (i % self._workers, i // self._workers)
+        while key not in self._bundled:
+            bundle = next(self._it)
+            if not isinstance(bundle, workers.Bundle):
+                return bundle  # sent on its own (an error outside a bundle)
+            for n, item in enumerate(bundle.items):
+                self._bundled[(bundle.worker, bundle.first + n)] = item
+        return self._bundled.pop(key)
 
     def __iter__(self) -> _StreamIterator:
         return self
@@ -132,8 +230,9 @@ class _StreamIterator:
     def __next__(self) -> Any:
         if self.finished:
             raise StopIteration
+        asked = self._tune() if self._tuner is not None else 0.0
         try:
-            batch = next(self._it)
+            batch = self._next_batch()
         except StopIteration:
             self.finished = self.progress.done = True
             if self.dataset.epoch == self.progress.epoch:
@@ -159,7 +258,38 @@ class _StreamIterator:
                 self._shutdown()
             batch.reraise()
         self.progress.delivered += 1
+        if self._tuner is not None:
+            self._tuner.delivered(batch, asked)
         return batch
+
+    def _tune(self) -> float:
+        """Time the step that just ended and, when the tuner asks for another setting, re-deal (see `_redeal`)."""
+        tuner = self._tuner
+        now = tuner.before_next()
+        if tuner.due(now):
+            setting = tuner.decide(now, self.length - self.progress.delivered)
+            if setting is not None:
+                self._redeal(setting)
+        return now
+
+    def _redeal(self, setting: autotune.Setting) -> None:
+        """Stop the workers and deal the rest of the epoch to `setting`, as a resume from a checkpoint taken now
+        would: the global order does not depend on the worker count (`order.py`), so the batches are the same."""
+        loader, ds, progress = self._loader, self.dataset, self.progress
+        self._shutdown()
+        position = order.consumed(progress.start, progress.delivered, progress.block, progress.world,
+                                  ds.manifest.num_samples)
+        if loader._redealt is None:
+            loader._redealt = (progress.epoch, progress.start, position)
+        else:
+            loader._redealt = (progress.epoch, loader._redealt[1], position)
+        ds._resume_at(progress.epoch, position)
+        loader.num_workers = setting.workers
+        loader.prefetch_factor = setting.prefetch if setting.workers else None
+        self._it = _start(loader._batches(self.topology), True)
+        self._workers, self._base = setting.workers, progress.delivered
+        self._bundled.clear()
+        self._tuner.segment_started(progress.epoch, progress.delivered, autotune.worker_pids(self._it), True)
 
     def _shutdown(self) -> None:
         shutdown = getattr(self._it, "_shutdown_workers", None)
@@ -184,3 +314,13 @@ class _StreamIterator:
             why = f"is killed by signal: {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             dead.append(f"DataLoader worker (pid {worker.pid}) {why}")
         return ", ".join(dead)
+
+
+def _start(inner: torch.utils.data.DataLoader, tuned: bool) -> Any:
+    """iter(inner); a tuned loader may run more workers than cores on purpose (workers that wait on I/O or sleep),
+    so torch's warning about that is not shown for it."""
+    if not tuned:
+        return iter(inner)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        return iter(inner)

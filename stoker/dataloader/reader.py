@@ -9,6 +9,7 @@ offsets, copied once, straight from the mapped record batches into a buffer the 
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -19,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 
 from stoker import cache, storage
-from stoker.errors import ConfigError, ShardNotFoundError
-from stoker.formats.manifest import Manifest
+from stoker.errors import ConfigError, ShardError, ShardNotFoundError
+from stoker.formats.manifest import Manifest, ShardInfo
 from stoker.formats.shard import ShardReader, open_shard
 
 DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
+IDLE_SHARDS = 64  # local shards kept mapped after use, for the next window or epoch of a persistent worker
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,11 @@ class RaggedColumn(NamedTuple):
 class OpenShard:
     """A shard opened for reading, with per-row tables of every column built once (numpy, no Python objects)."""
 
-    def __init__(self, reader: ShardReader, columns: Sequence[str]) -> None:
+    def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
+                 vocab_size: int | None = None, *, identity: tuple[int, ...] = ()) -> None:
         self.reader = reader
         self.name = reader.name
+        self.identity = identity  # (device, inode, size, mtime) of a local file: reused only while it is unchanged
         self.columns: dict[str, np.ndarray | RaggedColumn] = {}
         batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
         for name in columns:
@@ -84,10 +88,44 @@ class OpenShard:
                 self.columns[name] = np.concatenate(views)
             else:
                 self.columns[name] = np.zeros(0, np.int64)
+        if info is not None:  # issue 9 (untrusted shards): rows, token lengths and ids against the manifest
+            try:
+                check_against_manifest(self, info, vocab_size)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         self.columns.clear()
         self.reader.close()
+
+
+def check_against_manifest(shard: OpenShard, info: ShardInfo, vocab_size: int | None) -> None:
+    """A ShardError unless the opened shard has the manifest's rows (and token lengths), and every token id of its
+    requested list columns is below `vocab_size`: one vectorised pass per record batch, once per shard open.
+
+    Without it a replaced or forged shard gives numpy IndexErrors or silently wrong tokens (issue 9).
+    """
+    rows = shard.reader.num_rows
+    if rows != info.rows:
+        raise ShardError(shard.name, f"has {rows} rows but the manifest says {info.rows}: the shard was replaced "
+                         "or the manifest is stale (run `stoker verify`)")
+    for name, column in shard.columns.items():
+        if not isinstance(column, RaggedColumn) or column.sources[0].dtype == np.uint8:
+            continue  # bytes and strings: nothing to bound here
+        if info.lengths is not None and not np.array_equal(column.length, info.lengths):
+            row = int(np.flatnonzero(column.length != info.lengths)[0])
+            raise ShardError(shard.name, f"column {name!r} has {int(column.length[row])} tokens but the manifest "
+                             f"records {int(info.lengths[row])}", row=row)
+        if vocab_size is None:
+            continue
+        for b, values in enumerate(column.sources):
+            if values.size and int(values.max()) >= vocab_size:
+                first = int(np.flatnonzero(values >= vocab_size)[0])
+                in_batch = np.flatnonzero(column.src == b)
+                row = int(in_batch[np.searchsorted(column.start[in_batch], first, side="right") - 1])
+                raise ShardError(shard.name, f"token id {int(values[first])} in column {name!r} is outside the "
+                                 f"vocabulary of {vocab_size} the manifest declares", row=row)
 
 
 def _column_view(column: pa.Array) -> Any:
@@ -159,6 +197,64 @@ def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndar
     return out
 
 
+class Catalog:
+    """The open shards of one reader as one table, so that a batch is gathered with one fancy index per column.
+
+    `gather` above groups rows by shard, which costs a few numpy calls per open shard and column; a shuffle window
+    over many shards makes that the larger part of a batch's work. The catalog concatenates the per-row tables of
+    the open shards once each time that set changes (once per window) and maps (shard, row) to a catalog row by
+    adding the shard's base.
+    """
+
+    def __init__(self, num_shards: int, columns: Sequence[str]) -> None:
+        self.columns = tuple(columns)
+        self.base = np.full(num_shards, -1, np.int64)
+        self.tables: dict[str, np.ndarray | RaggedColumn] = {}
+        self._members: tuple[int, ...] | None = None
+
+    def update(self, shards: Mapping[int, OpenShard]) -> None:
+        """Rebuild the tables if the set of open shards changed."""
+        members = tuple((s, id(shards[s])) for s in sorted(shards))
+        if members == self._members:
+            return
+        self._members = members
+        self.base[:] = -1
+        ids = [s for s, _ in members]
+        opened = [shards[s] for s in ids]
+        counts = [shard.reader.num_rows for shard in opened]
+        self.base[ids] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
+        self.tables = {}
+        for name in self.columns:
+            parts = [shard.columns[name] for shard in opened]
+            if parts and isinstance(parts[0], RaggedColumn):
+                sources: list[np.ndarray] = []
+                srcs = []
+                for part in parts:
+                    srcs.append(part.src + len(sources))
+                    sources.extend(part.sources)
+                self.tables[name] = RaggedColumn(sources, np.concatenate(srcs), np.concatenate([p.start for p in parts]),
+                                                 np.concatenate([p.length for p in parts]))
+            else:
+                self.tables[name] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def gather(self, shard_ids: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray | RaggedPlan]:
+        """Like `gather`, for shards that are all open (see `update`)."""
+        index = self.base[shard_ids] + rows
+        if not len(index):
+            raise ValueError("gather needs at least one row")
+        if index.min() < 0:
+            missing = sorted(set(np.asarray(shard_ids)[self.base[shard_ids] < 0].tolist()))
+            raise KeyError(f"shards {missing} are not open")
+        out: dict[str, Any] = {}
+        for name in self.columns:
+            table = self.tables[name]
+            if isinstance(table, RaggedColumn):
+                out[name] = RaggedPlan(table.sources, table.src[index], table.start[index], table.length[index])
+            else:
+                out[name] = table[index]
+        return out
+
+
 def decode_strings(plan: RaggedPlan) -> list[str]:
     """UTF-8 rows of a string column as Python strings (one C call after one copy)."""
     ragged = plan.copy_into(np.empty(int(plan.length.sum()), np.uint8))
@@ -195,6 +291,7 @@ class ShardSource:
         self.local = storage.is_local(url)
         self._pid = os.getpid()
         self._pending: dict[int, Any] = {}
+        self._idle: collections.OrderedDict[tuple[int, tuple[str, ...]], OpenShard] = collections.OrderedDict()
         if not self.local:
             opts = storage.remote_options(url, storage_options, connect_timeout=options.connect_timeout,
                                           read_timeout=options.read_timeout)
@@ -248,25 +345,61 @@ class ShardSource:
         """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
         name = self.manifest.shards[shard].name
         if self.local:
-            return OpenShard(open_shard(storage.local_path(self._shard_url(shard)), name=name), columns)
+            path = storage.local_path(self._shard_url(shard))
+            identity = _identity(path)
+            kept = self._idle.pop((shard, tuple(columns)), None)
+            if kept is not None:
+                if identity and kept.identity == identity:
+                    return kept  # still mapped, tables built and checked: reopening costs more than it reads
+                kept.close()  # the file changed since: read (and check) the new one
+            return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
+                             self.manifest.vocab_size, identity=identity)  # issue 9: check vs manifest
         for attempt in range(2):
             future = self._pending.pop(shard, None)
             if future is None:
                 future = self._fetchers.submit(self._fetch, shard)
             path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
             try:
-                return OpenShard(open_shard(path, name=name), columns)
+                return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
+                                 self.manifest.vocab_size)  # issue 9: check vs manifest
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "
                                       "raise cache_limit") from None
+            except ShardError:
+                if attempt:  # issue 9: refetched and still unreadable: the stored shard itself is bad
+                    raise
+                self._cache.evict(os.path.basename(path), 2 * self.options.shard_timeout)  # damaged cache entry
         raise AssertionError("unreachable")
 
+    def release(self, shard: int, opened: OpenShard) -> None:
+        """Done with `opened` for now. Local shards stay mapped (the least recently used `IDLE_SHARDS` of them),
+        so that a persistent worker's next epoch, or a window that comes back to a shard, does not reopen it."""
+        if not self.local or not opened.identity:
+            opened.close()
+            return
+        key = (int(shard), tuple(opened.columns))
+        self._idle[key] = opened
+        self._idle.move_to_end(key)
+        while len(self._idle) > IDLE_SHARDS:
+            self._idle.popitem(last=False)[1].close()
+
     def close(self) -> None:
+        for opened in self._idle.values():
+            opened.close()
+        self._idle.clear()
         if not self.local and os.getpid() == self._pid:
             self._parts.close()
             self._fetchers.close()
         self._pending.clear()
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()  # opening it reports the error
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _readahead(path: str) -> None:

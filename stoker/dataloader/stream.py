@@ -24,7 +24,7 @@ from stoker import cache, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
 from stoker.dataloader.reader import (
-    OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, gather, to_samples,
+    Catalog, OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, to_samples,
 )
 from stoker.dataloader.state import make_state, read_state, stream_config
 from stoker.errors import ConfigError
@@ -129,6 +129,7 @@ class StreamingDataset(IterableDataset):
         self._block = 1
         self._collate: Callable[[list[Any]], Any] | None = None
         self._batched = False
+        self._bundle = 1  # batches per message from a worker (see `workers.Bundle`)
         self._persistent = False  # workers outlive the epoch: worth fetching the next epoch's first shards
         self._progress: Progress | None = None
         self._source: tuple[int, ShardSource, workers.SlabPool] | None = None
@@ -205,7 +206,7 @@ class StreamingDataset(IterableDataset):
         return self._source[1], self._source[2]
 
     def _as_batches(self, batch_size: int, drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None,
-                    topology: tuple[int, int], persistent: bool) -> StreamingDataset:
+                    topology: tuple[int, int], persistent: bool, bundle: int = 1) -> StreamingDataset:
         # A copy that yields whole batches (what stoker.DataLoader's workers iterate); it shares the epoch and resume
         # position with this dataset through the shared `_control` tensor.
         view = copy.copy(self)
@@ -213,6 +214,7 @@ class StreamingDataset(IterableDataset):
         view.drop_last = self.drop_last or drop_last
         view._topology = topology
         view._persistent = persistent
+        view._bundle = max(1, int(bundle))
         view._source = None
         view._progress = None
         return view
@@ -243,6 +245,7 @@ class _Slot:
         self.next = 0
         self.source = ds._per_process()[0]
         self.open: dict[int, OpenShard] = {}
+        self.catalog = Catalog(len(ds._rows), ds.columns)
         self.ends = self.order.shard_stream_end()
         self.epoch = epoch
 
@@ -255,14 +258,27 @@ class _Slot:
         positions = self.deal.positions(units)
         shards, rows = self.order.locate(positions)
         self._prepare(int(positions.min()), int(positions.max()), shards)
-        return gather(self.open, shards, rows, self.ds.columns), shards, rows
+        return self.catalog.gather(shards, rows), shards, rows
+
+    def run_length(self, count: int) -> int:
+        """How many of the next `count` units (at least one) lie in the shuffle window where the next one starts:
+        bundling those never makes a worker open or prefetch shards earlier than unit by unit would."""
+        units = self.units[self.next:self.next + count]
+        if len(units) <= 1:
+            return len(units)
+        deal = self.deal
+        firsts = deal.start + units * deal.block
+        lasts = np.minimum(firsts + deal.block, deal.total) - 1
+        window = self.order.window_of(int(firsts[0]))
+        beyond = np.flatnonzero(lasts // self.order.window != window)
+        return max(1, int(beyond[0]) if len(beyond) else len(units))
 
     def _prepare(self, first: int, last: int, needed: np.ndarray) -> None:
         window = self.order.window_of(first)
         stream_start = window * self.order.window  # shards that end before the current window are done with
         done = [s for s in self.open if self.ends[s] <= stream_start]
         for shard in done:
-            self.open.pop(shard).close()
+            self.source.release(shard, self.open.pop(shard))
         self.source.forget(done)
         windows = range(window, self.order.window_of(last) + 1)
         ahead = [self.order.window_shards(k, self.ds.read.prefetch_shards) for k in windows]
@@ -270,11 +286,13 @@ class _Slot:
         for shard in np.unique(needed).tolist():
             if shard not in self.open:
                 self.open[shard] = self.source.open(shard, self.ds.columns)
+        self.catalog.update(self.open)
 
     def close(self, finished: bool) -> None:
-        for shard in self.open.values():
-            shard.close()
+        for shard, opened in self.open.items():
+            self.source.release(shard, opened)
         self.open.clear()
+        self.catalog.update(self.open)
         if finished and (self.source.local or self.ds._persistent):
             # The next epoch's first shards, read while this worker waits for it (an exiting one would waste them).
             ds = self.ds
@@ -306,7 +324,7 @@ class _Iterator:
         if self.slot is None:
             self.slot = _Slot(self.ds, self.epoch, self.start, self.rank, self.world)
         if self.ds._batched:
-            return self._next_batch()
+            return self._next_bundle() if self.in_worker and self.ds._bundle > 1 else self._next_batch()
         while not self.samples:
             got = self.slot.take(SAMPLE_GROUP)
             if got is None:
@@ -348,6 +366,52 @@ class _Iterator:
         self.progress.delivered += 1
         return batch
 
+    def _next_bundle(self) -> workers.Bundle | workers.WireBundle:
+        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`)."""
+        assert self.slot is not None
+        info = get_worker_info()
+        first = self.slot.next
+        ds = self.ds
+        count = self.slot.run_length(ds._bundle)
+        if ds._collate is None and ds.transform is None:
+            try:  # columnar: gather the batches' rows at once, copy them into one slab
+                got = self.slot.take(count)
+                if got is None:
+                    self._finish()
+                bundle = self._columnar_bundle(info.id, first, got[0], self.slot.next - first)
+                self.progress.delivered += len(bundle.parts)
+                return bundle
+            except StopIteration:
+                raise
+            except Exception:
+                self.slot.next = first  # again batch by batch: the batches before the failing one still arrive
+        items: list[Any] = []
+        for _ in range(max(1, count)):
+            if self.slot.next >= len(self.slot.units):
+                break
+            item = self._next_batch()
+            items.append(item)
+            if isinstance(item, workers.WorkerError):
+                break
+        if not items:
+            self._finish()
+        return workers.Bundle(info.id, first, items)
+
+    def _columnar_bundle(self, worker: int, first: int, columns: dict[str, Any], units: int) -> workers.WireBundle:
+        # Rows of unit i are [i * block, (i + 1) * block); only the epoch's last unit can be short.
+        block = self.ds._block
+        column = next(iter(columns.values()))
+        total = len(column.length) if isinstance(column, RaggedPlan) else len(column)
+        pieces = []
+        for i in range(units):
+            part = slice(i * block, min((i + 1) * block, total))
+            pieces.append({name: (RaggedPlan(c.sources, c.src[part], c.start[part], c.length[part])
+                                  if isinstance(c, RaggedPlan) else c[part]) for name, c in columns.items()})
+        key, slab, parts = self._columnar(pieces)
+        fresh, replaced = (slab.first, slab.replaced) if slab is not None else (False, None)
+        tensor = slab.tensor if slab is not None else None
+        return workers.WireBundle(worker, first, key, tensor if fresh or key is None else None, replaced, parts)
+
     def _collate(self, columns: dict[str, Any], shards: np.ndarray, rows: np.ndarray) -> Any:
         ds = self.ds
         if ds._collate is not None or ds.transform is not None:
@@ -357,42 +421,64 @@ class _Iterator:
                 samples = [_apply(ds.transform, s, n) for s, n in zip(samples, names)]
             collate = ds._collate or torch.utils.data.default_collate
             return collate(samples)
-        return self._columnar(columns)
+        key, slab, parts = self._columnar([columns])
+        (layout, fixed), = parts
+        if not self.in_worker:
+            return workers.build(slab.tensor if slab is not None else None, layout, fixed)
+        if slab is None:  # nothing variable-width: no slab needed
+            return workers.WireBatch(None, None, None, (), fixed)
+        return workers.WireBatch(key, slab.tensor if slab.first else None, slab.replaced, layout, fixed)
 
-    def _columnar(self, columns: dict[str, Any]) -> Any:
-        """The default collate, column by column: one copy of the variable-width data, into a reusable slab."""
-        fixed: dict[str, Any] = {}
-        plans = []
+    def _columnar(self, batches: list[dict[str, Any]]) -> tuple[Any, _Slab | None, list[Part]]:
+        """The default collate, column by column: one copy of the variable-width data of `batches` into one reusable
+        slab (a plain tensor outside workers). Returns (slab key, slab, [(layout, small columns) per batch])."""
+        pending = []
         at = 0
-        for name in self.ds.columns:
-            column = columns[name]
-            kind = self.ds.kinds[name]
-            if kind == "fixed":
-                fixed[name] = column.astype(np.int64)  # what default_collate makes of Python ints
-            elif kind == "string":
-                fixed[name] = decode_strings(column)
-            else:
-                fixed[name] = None  # placeholder keeps the column order
-                nbytes = int(column.length.sum()) * column.dtype.itemsize
-                plans.append((name, kind, column, at))
-                at += workers.aligned(nbytes)
-        if not plans:  # nothing variable-width: no slab needed
-            return workers.WireBatch(None, None, None, (), fixed) if self.in_worker else workers.build(None, (), fixed)
+        for columns in batches:
+            fixed: dict[str, Any] = {}
+            plans = []
+            for name in self.ds.columns:
+                column = columns[name]
+                kind = self.ds.kinds[name]
+                if kind == "fixed":
+                    fixed[name] = column.astype(np.int64)  # what default_collate makes of Python ints
+                elif kind == "string":
+                    fixed[name] = decode_strings(column)
+                else:
+                    fixed[name] = None  # placeholder keeps the column order
+                    nbytes = int(column.length.sum()) * column.dtype.itemsize
+                    plans.append((name, kind, column, at))
+                    at += workers.aligned(nbytes)
+            pending.append((fixed, plans))
+        if not any(plans for _, plans in pending):
+            return None, None, [((), fixed) for fixed, _ in pending]
         if self.pool is not None:
-            key, slab, first, replaced = self.pool.take(at)
-            data = slab.numpy()[workers.HEADER:]
+            key, tensor, first, replaced = self.pool.take(at)
+            data = tensor.numpy()[workers.HEADER:]
         else:
-            slab = None
+            key, first, replaced = None, True, None
             data = np.empty(at, np.uint8)
-        layout = []
-        for name, kind, plan, offset in plans:
-            nbytes = int(plan.length.sum()) * plan.dtype.itemsize
-            out = data[offset:offset + nbytes].view(plan.dtype)
-            ragged = plan.copy_into(out)
-            layout.append((name, kind, plan.dtype.str, offset, ragged.offsets))
-        if slab is None:
-            return workers.build(torch.from_numpy(data), tuple(layout), fixed)
-        return workers.WireBatch(key, slab if first else None, replaced, tuple(layout), fixed)
+            tensor = torch.from_numpy(data)
+        parts = []
+        for fixed, plans in pending:
+            layout = []
+            for name, kind, plan, offset in plans:
+                nbytes = int(plan.length.sum()) * plan.dtype.itemsize
+                out = data[offset:offset + nbytes].view(plan.dtype)
+                ragged = plan.copy_into(out)
+                layout.append((name, kind, plan.dtype.str, offset, ragged.offsets))
+            parts.append((tuple(layout), fixed))
+        return key, _Slab(tensor, first, replaced), parts
+
+
+@dataclass
+class _Slab:
+    tensor: torch.Tensor
+    first: bool  # its first trip to the main process: the tensor travels, later only its key
+    replaced: Any
+
+
+Part = tuple[tuple[Any, ...], dict[str, Any]]  # (layout, small columns) of one batch
 
 
 def _apply(transform: Callable[[dict[str, Any]], Any], sample: dict[str, Any], shard: str) -> Any:

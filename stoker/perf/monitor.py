@@ -253,6 +253,7 @@ class Monitor:
             "starving": starving,
             "bottleneck": "input pipeline" if starving else "compute",
             "local": local,
+            "tuning": _tuning(self.loader),
         }
         self.last_report = result
         if log and (not everyone or self._rank == 0):  # an all-ranks report is logged once, by rank 0
@@ -403,7 +404,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report["starving"]:
         advice = local["advice"] or list(_INPUT_ADVICE)
         lines.extend(f"  advice       {line}" for line in advice)
+    if report.get("tuning") is not None:  # an autotuned stoker.DataLoader: what it chose and why
+        lines.extend("  " + line for line in str(report["tuning"]).splitlines())
     return "\n".join(lines)
+
+
+def _tuning(loader: Any) -> Any:
+    """The loader's `tuning_report()` when it has one (stoker.DataLoader with num_workers="auto"), else None."""
+    tuning_report = getattr(loader, "tuning_report", None)
+    return tuning_report() if callable(tuning_report) else None
 
 
 def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:

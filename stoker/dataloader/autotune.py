@@ -1,0 +1,529 @@
+"""Online tuning of `num_workers` and `prefetch_factor` for stoker.DataLoader (see docs/autotune.md).
+
+The tuner only observes and decides; the loader acts. Per batch it is told how long the training loop waited in
+`next()` and how long it spent on the previous batch (its step). Workers add the time they spend producing
+batches to a shared-memory clock (`WorkerClock`), and the tuner reads the workers' CPU time and private memory
+from /proc. From these it models the pipeline:
+
+    p  worker wall time per batch (one worker), s  worker CPU time per batch, c  consumer step time
+    rate with n workers  = min(n / p, free cores / s)         need  n = ceil(headroom * p / c)
+
+and proposes a new setting when the model says the current one starves the consumer (or wastes workers), the
+expected time saved outweighs twice the measured cost of restarting the workers, and the memory budget allows it.
+A change is applied by the loader at a batch boundary by re-dealing the rest of the epoch to the new worker count,
+exactly as a resume from a checkpoint would (`order.py`): the batches delivered do not change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from stoker.dataloader import workers
+from stoker.errors import ConfigError
+
+AUTO = "auto"
+DEFAULT_BUDGET = "4GB"
+MAX_CLOCK_SLOTS = 256  # worker ids the shared clock has room for
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_WORKER_MEMORY_GUESS = 64 << 20  # private memory of a worker before one was measured
+
+
+def parse_bytes(value: str | int) -> int:
+    """`4GB`, `512MB`, `1.5 GiB`, `1048576` -> bytes (binary units: 1 GB = 2**30 bytes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"memory_budget must be bytes (int) or a string such as '4GB', got {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"memory_budget {value!r} is not a size such as '4GB', '512MB' or 1048576")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    nbytes = int(number * _UNITS[unit])
+    if nbytes <= 0:
+        raise ConfigError(f"memory_budget must be positive, got {value!r}")
+    return nbytes
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where there is no /proc."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_budget(value: str | int = DEFAULT_BUDGET) -> int:
+    """The bytes the loader's workers may use: `value`, but never more than half of the memory available now."""
+    budget = parse_bytes(value)
+    free = available_memory()
+    return budget if free is None else max(1, min(budget, free // 2))
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class AutotuneConfig:
+    """How the tuner decides; the defaults suit training steps of milliseconds to seconds."""
+
+    start_workers: int = 1  # "start small"
+    # Prefetch depths count *messages* in flight per worker; a message carries `bundle` batches (small batches
+    # travel in bundles, docs/dataloader.md), so the prefetch_factor set is depth x bundle. Two messages are the
+    # least that lets a worker build its next bundle while the previous one waits to be used.
+    start_prefetch: int = 2
+    min_workers: int = 1
+    max_workers: int | None = None  # None: 4 x the usable cores (I/O-bound stages can use more workers than cores)
+    prefetch_choices: tuple[int, ...] = (2, 4, 8)
+    headroom: float = 1.15  # aim to produce this much faster than the consumer eats
+    starve_threshold: float = 0.05  # wait fraction above which the consumer counts as starved
+    interval_s: float = 0.5  # seconds between decisions
+    min_batches: int = 8  # batches a measurement needs (after the first batch of a segment)
+    cooldown_s: float = 1.0  # seconds after a restart before the next decision
+    shrink_surplus: float = 0.75  # shrink only when the need is below this fraction of the workers running
+
+    def check(self) -> None:
+        if self.min_workers < 0 or self.start_workers < max(self.min_workers, 1):
+            raise ConfigError(f"need 0 <= min_workers and 1 <= start_workers >= min_workers, got {self}")
+        if self.max_workers is not None and self.max_workers < max(self.start_workers, self.min_workers):
+            raise ConfigError(f"max_workers {self.max_workers} is below start_workers/min_workers")
+        if not self.prefetch_choices or min(self.prefetch_choices) < 1 or self.start_prefetch < 1:
+            raise ConfigError(f"prefetch choices must be >= 1, got {self.prefetch_choices}, {self.start_prefetch}")
+        if self.headroom < 1 or self.interval_s <= 0 or self.min_batches < 1:
+            raise ConfigError(f"need headroom >= 1, interval_s > 0, min_batches >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    workers: int
+    prefetch: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One decision: at `batch` (delivered in `epoch`), from `old` to `new`, because `reason`."""
+
+    epoch: int
+    batch: int
+    seconds: float  # since the loader's first batch
+    old: Setting
+    new: Setting
+    reason: str
+
+    def __str__(self) -> str:
+        return (f"epoch {self.epoch} batch {self.batch} (+{self.seconds:.1f} s): workers {self.old.workers}->"
+                f"{self.new.workers}, prefetch {self.old.prefetch}->{self.new.prefetch}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    """What the tuner chose, why, and what it measured (over its last measurement window)."""
+
+    workers: int
+    prefetch: int
+    tuned: tuple[str, ...]  # "num_workers", "prefetch_factor"
+    history: tuple[Change, ...]
+    batches_per_s: float | None  # delivered to the training loop
+    produced_per_s: float | None  # what the workers could produce (n / p, capped by free CPU)
+    step_ms: float | None  # the consumer's step time (median)
+    wait_fraction: float | None  # share of the loop's time spent waiting for batches
+    keeps_up: bool | None  # wait fraction at or below the threshold
+    worker_ms_per_batch: float | None  # p: one worker's wall time per batch
+    worker_cpu_ms_per_batch: float | None  # s: one worker's CPU time per batch
+    restart_s: float | None  # measured cost of (re)starting the workers
+    cores: int
+    memory_budget: int
+    memory_estimate: int | None  # bytes the current setting is estimated to use
+    limit: str  # what bounds the worker count now: "consumer", "cpu", "memory", "max_workers", ...
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["history"] = [dict(asdict(c), old=asdict(c.old), new=asdict(c.new)) for c in self.history]
+        return out
+
+    def __str__(self) -> str:
+        def num(value: float | None, fmt: str) -> str:
+            return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+        state = {True: "keeps up", False: "STARVING", None: "not measured yet"}[self.keeps_up]
+        lines = [
+            f"autotune: workers {self.workers}, prefetch {self.prefetch} ({', '.join(self.tuned)} tuned; "
+            f"bounded by {self.limit}); input {state}",
+            f"  measured  {num(self.batches_per_s, '.1f')} batches/s delivered, workers can make "
+            f"{num(self.produced_per_s, '.1f')}/s; step {num(self.step_ms, '.1f')} ms; waiting "
+            f"{num(None if self.wait_fraction is None else 100 * self.wait_fraction, '.1f')}% of the time",
+            f"  workers   {num(self.worker_ms_per_batch, '.1f')} ms wall, {num(self.worker_cpu_ms_per_batch, '.1f')} "
+            f"ms CPU per batch each; restart {num(self.restart_s, '.2f')} s; {self.cores} cores; memory "
+            f"{num(None if self.memory_estimate is None else self.memory_estimate / 2**20, ',.0f')} of "
+            f"{self.memory_budget / 2**20:,.0f} MB",
+        ]
+        lines += [f"  change    {c}" for c in self.history] or ["  change    none"]
+        return "\n".join(lines)
+
+
+class WorkerClock:
+    """Busy seconds and batches per worker, in shared memory: each worker adds to its own row."""
+
+    def __init__(self) -> None:
+        self.tensor = torch.zeros((MAX_CLOCK_SLOTS, 2), dtype=torch.float64).share_memory_()
+
+    def totals(self) -> tuple[float, float]:
+        busy, batches = self.tensor.numpy().sum(axis=0)
+        return float(busy), float(batches)
+
+    def reset(self) -> None:
+        self.tensor.zero_()
+
+
+class Timed(IterableDataset):
+    """Wraps the loader's dataset view so that each worker times the production of its batches."""
+
+    def __init__(self, view: Any, clock: WorkerClock) -> None:
+        self.view, self.clock = view, clock
+
+    def __iter__(self) -> _TimedIterator:
+        return _TimedIterator(iter(self.view), self.clock)
+
+
+class _TimedIterator:
+    def __init__(self, inner: Any, clock: WorkerClock) -> None:
+        info = get_worker_info()
+        self.inner = inner
+        self.row = clock.tensor.numpy()[(info.id if info is not None else 0) % MAX_CLOCK_SLOTS]
+
+    def __iter__(self) -> _TimedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        item = next(self.inner)
+        self.row[0] += time.perf_counter() - start
+        if isinstance(item, workers.Bundle):
+            self.row[1] += len(item.items)
+        elif isinstance(item, workers.WireBundle):
+            self.row[1] += len(item.parts)
+        else:
+            self.row[1] += 1
+        return item
+
+
+def batch_bytes(batch: Any) -> int:
+    """Bytes of tensors, arrays and buffers in a batch (nested dicts, lists, tuples)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.nelement() * batch.element_size()
+    if isinstance(batch, (np.ndarray, memoryview, bytes, bytearray)):
+        return batch.nbytes if not isinstance(batch, (bytes, bytearray)) else len(batch)
+    if isinstance(batch, dict):
+        return sum(batch_bytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(batch_bytes(v) for v in batch)
+    return 0
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_private(pid: int) -> int | None:
+    """Private dirty memory plus swap of a process (what it really owns), from /proc; None if unknown."""
+    total, found = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(("Private_Dirty:", "Swap:")):
+                    total += int(line.split()[1]) * 1024
+                    found = True
+    except (OSError, ValueError, IndexError):
+        return None
+    return total if found else None
+
+
+@dataclass
+class _Window:
+    """Measurements since the last decision (or restart)."""
+
+    start: float
+    busy: float
+    made: float
+    cpu: float
+    main_cpu: float
+    waits: list[float] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+
+
+class Tuner:
+    """Decides the loader's worker count and prefetch depth from what it measures; see the module docstring."""
+
+    def __init__(self, config: AutotuneConfig, budget: int, tune_workers: bool, tune_prefetch: bool,
+                 workers_given: int | None, prefetch_given: int | None, bundle: int = 1) -> None:
+        config.check()
+        self.config = config
+        self.budget = budget
+        self.cores = cpu_cores()
+        self.max_workers = config.max_workers or max(4, 4 * self.cores)
+        self.tune_workers, self.tune_prefetch = tune_workers, tune_prefetch
+        workers_now = config.start_workers if tune_workers else int(workers_given or 0)
+        self.bundle = max(1, bundle)
+        self.prefetch_choices = sorted({c * self.bundle for c in config.prefetch_choices})
+        prefetch_now = config.start_prefetch * self.bundle if tune_prefetch else int(prefetch_given or 2)
+        if not tune_workers and workers_now == 0:
+            raise ConfigError("prefetch_factor='auto' needs worker processes: pass num_workers > 0 or 'auto'")
+        self.setting = Setting(workers_now, prefetch_now)
+        self.clock = WorkerClock()
+        self.history: list[Change] = []
+        self.restart_s: float | None = None
+        self.limit = "not decided yet"
+        self._epoch, self._delivered = 0, 0
+        self._t0: float | None = None  # the loader's first batch
+        self._segment_start = 0.0
+        self._segment_batches = 0
+        self._pids: list[int] = []
+        self._cpu_seen: dict[int, float] = {}
+        self._window: _Window | None = None
+        self._t_out: float | None = None
+        self._worker_memory: int | None = None
+        self._batch_bytes = 0
+        self._last: dict[str, float | None] = {}
+        self._fresh = True
+
+    # -- what the loader tells it ------------------------------------------------------------------------------
+
+    def segment_started(self, epoch: int, delivered: int, pids: list[int], fresh: bool) -> None:
+        """New workers (or a new epoch on persistent ones) start delivering from batch `delivered`."""
+        now = time.perf_counter()
+        self._epoch, self._delivered = epoch, delivered
+        self._segment_start, self._segment_batches = now, 0
+        self._pids = pids
+        self._fresh = fresh
+        if fresh:
+            self.clock.reset()
+            self._cpu_seen = {}
+        self._window = None
+        self._t_out = None
+
+    def before_next(self) -> float:
+        """The loop asks for a batch: its previous step ends now. Returns the time."""
+        now = time.perf_counter()
+        if self._t_out is not None and self._window is not None:
+            self._window.steps.append(now - self._t_out)
+        return now
+
+    def delivered(self, batch: Any, asked: float) -> None:
+        """A batch was handed to the loop after it asked at `asked`."""
+        now = time.perf_counter()
+        self._segment_batches += 1
+        self._delivered += 1
+        if self._t0 is None:
+            self._t0 = asked
+        if self._segment_batches == 1:
+            # The first batch of a segment pays the workers' start-up: that is the restart cost, not a wait to model.
+            if self._fresh:
+                self.restart_s = now - asked if self.restart_s is None else 0.5 * (self.restart_s + now - asked)
+            self._batch_bytes = max(self._batch_bytes, batch_bytes(batch))
+            self._window = self._open_window(now)
+        elif self._window is not None:
+            self._window.waits.append(now - asked)
+        self._t_out = now
+
+    def due(self, now: float) -> bool:
+        w = self._window
+        return (w is not None and (self.tune_workers or self.tune_prefetch) and len(w.steps) >= self.config.min_batches
+                and now - w.start >= self.config.interval_s
+                and now - self._segment_start >= self.config.cooldown_s)
+
+    # -- deciding ------------------------------------------------------------------------------------------------
+
+    def decide(self, now: float, remaining: int) -> Setting | None:
+        """A new setting for the rest of the epoch, or None to keep the current one. Call only when `due`."""
+        w = self._window
+        assert w is not None
+        busy, made = self.clock.totals()
+        cpu, main_cpu = self._cpu_total(), time.process_time()
+        elapsed = max(now - w.start, 1e-9)
+        produced = made - w.made
+        n, k = self.setting.workers, self.setting.prefetch
+        steps, waits = np.asarray(w.steps), np.asarray(w.waits[-len(w.steps):] or [0.0])
+        step = float(np.median(steps))
+        # A long step now and then (validation, checkpointing) must not read as a slow consumer.
+        loop = float(np.minimum(steps, 5 * step).sum() + waits.sum())
+        wait_fraction = float(waits.sum()) / loop if loop > 0 else 0.0
+        delivered_rate = len(steps) / elapsed
+        if n == 0:  # the main process produces: its wait is the production time
+            p = s = float(np.median(waits))
+        elif produced >= 1:
+            p = (busy - w.busy) / produced
+            s = (cpu - w.cpu) / produced if cpu >= 0 and w.cpu >= 0 else p
+        else:  # no batch finished in a worker in the whole window: production is at least this slow
+            p = s = elapsed * n
+        p, s = max(p, 1e-6), max(min(s, p), 1e-6)
+        main_cores = max(0.0, (main_cpu - w.main_cpu) / elapsed - (n == 0) * s * delivered_rate)
+        free_cores = max(0.5, self.cores - main_cores)
+        cpu_rate = free_cores / s
+        worker_memory = self._measure_memory()
+        self._last = {"batches_per_s": delivered_rate, "produced_per_s": min(n / p, cpu_rate) if n else 1 / p,
+                      "step_ms": 1e3 * step, "wait_fraction": wait_fraction, "p": p, "s": s}
+        self._window = self._open_window(now)
+        if os.environ.get("STOKER_TUNE_DEBUG"):
+            print("decide", self.setting, {k: round(v, 4) for k, v in self._last.items()}, len(steps), produced)
+
+        new_n, why = self._workers_needed(p, s, step, cpu_rate, worker_memory)
+        new_k = self._prefetch_needed(new_n, p, step, wait_fraction, worker_memory)
+        proposal = Setting(new_n, new_k)
+        rate_now = min(n / p if n else 1 / (p + step), cpu_rate, 1 / step)
+        if wait_fraction > self.config.starve_threshold:
+            rate_now = min(rate_now, delivered_rate)  # starving: what arrives is what the workers really make
+        if new_n == n and new_k == k and self.tune_workers and wait_fraction > self.config.starve_threshold \
+                and delivered_rate < 0.9 * min(n / p, 1 / step) and n < self._caps(worker_memory):
+            # The model says n workers suffice, yet the loop waits: trust the measurement, try one more.
+            new_n, why = n + 1, (f"waiting {wait_fraction:.0%} of the time at {delivered_rate:.1f} batches/s although "
+                                 f"{n} workers should make {n / p:.1f}/s: one more worker")
+            proposal = Setting(new_n, new_k)
+        if proposal == self.setting:
+            return None
+        rate_new = min(new_n / p if new_n else 1 / (p + step), cpu_rate, 1 / step)
+        restart = self.restart_s if self.restart_s is not None else 1.0
+        horizon = max(remaining, self._delivered)  # settings carry over to the following epochs
+        saved = horizon / max(rate_now, 1e-9) - horizon / max(rate_new, 1e-9)
+        over_budget = self.memory_estimate(self.setting) > self.budget
+        starving = wait_fraction > self.config.starve_threshold
+        shrinking = new_n < n and new_n <= self.config.shrink_surplus * n and not starving
+        if new_n > n and saved < 2 * restart and not over_budget:
+            return None  # not worth a restart
+        if new_n < n and not (shrinking or over_budget):
+            return None  # hysteresis: a small surplus of workers costs little
+        if new_n == n and not (new_k != k and starving) and not over_budget:
+            return None
+        reason = why
+        if new_k != k:
+            reason += f"; prefetch {new_k}" + (" to absorb jitter (waiting although workers keep up)"
+                                                if new_k > k else " to fit the memory budget")
+        self._record(proposal, reason, now)
+        return proposal
+
+    def _workers_needed(self, p: float, s: float, step: float, cpu_rate: float,
+                        worker_memory: int) -> tuple[int, str]:
+        n = self.setting.workers
+        if not self.tune_workers:
+            self.limit = "fixed num_workers"
+            return n, "num_workers is fixed"
+        want = self.config.headroom / max(step, 1e-6)  # batches/s to produce
+        goal = min(want, cpu_rate)
+        need = max(1, math.ceil(goal * p - 1e-9))
+        cap_memory = self._memory_cap(self.setting.prefetch, worker_memory)
+        caps = {"consumer": need, "max_workers": self.max_workers, "memory": cap_memory}
+        self._last["need"] = need
+        self.limit = min(caps, key=lambda name: (caps[name], name != "consumer"))
+        if self.limit == "consumer" and want > cpu_rate:
+            self.limit = "cpu"
+        chosen = max(self.config.min_workers if cap_memory >= self.config.min_workers else 0,
+                     min(caps.values()))
+        text = (f"workers take {1e3 * p:.1f} ms per batch ({1e3 * s:.1f} ms CPU), the step {1e3 * step:.1f} ms: "
+                f"{chosen} workers make {min(chosen / p, cpu_rate):.1f} batches/s for a need of {want:.1f}")
+        if self.limit == "cpu":
+            text += f" (CPU-bound: {self.cores} cores make at most {cpu_rate:.1f}/s)"
+        elif self.limit == "memory":
+            text += f" (memory budget {self.budget / 2**20:,.0f} MB allows {cap_memory})"
+        elif self.limit == "max_workers":
+            text += f" (max_workers {self.max_workers})"
+        return chosen, text
+
+    def _prefetch_needed(self, workers_new: int, p: float, step: float, wait_fraction: float,
+                         worker_memory: int) -> int:
+        k = self.setting.prefetch
+        if not self.tune_prefetch or workers_new == 0:
+            return k
+        choices = self.prefetch_choices
+        fits = [c for c in choices if self.memory_estimate(Setting(workers_new, c), worker_memory) <= self.budget]
+        if not fits:
+            return choices[0]
+        keeping_up = workers_new / p >= self.config.headroom / max(step, 1e-6)
+        if workers_new == self.setting.workers and keeping_up and wait_fraction > self.config.starve_threshold:
+            bigger = [c for c in fits if c > k]  # enough production on average, yet waits: bursts, so deepen
+            return bigger[0] if bigger else k
+        return k if k in fits else max(fits)
+
+    # -- memory --------------------------------------------------------------------------------------------------
+
+    def memory_estimate(self, setting: Setting, worker_memory: int | None = None) -> int:
+        """Bytes a setting is expected to use: each worker's private memory plus the batches it holds in flight
+        (prefetched ones, the one it builds, one held by the training loop)."""
+        if setting.workers == 0:
+            return 0
+        own = worker_memory if worker_memory is not None else (self._worker_memory or _WORKER_MEMORY_GUESS)
+        return setting.workers * (own + (setting.prefetch + 2 * self.bundle) * self._batch_bytes)
+
+    def _caps(self, worker_memory: int) -> int:
+        return min(self.max_workers, self._memory_cap(self.setting.prefetch, worker_memory))
+
+    def _memory_cap(self, prefetch: int, worker_memory: int) -> int:
+        one = self.memory_estimate(Setting(1, prefetch), worker_memory)
+        return int(self.budget // max(one, 1))
+
+    def _measure_memory(self) -> int:
+        sizes = [m for m in (_proc_private(pid) for pid in self._pids) if m is not None]
+        if sizes:
+            self._worker_memory = max(max(sizes), self._worker_memory or 0)
+        return self._worker_memory or _WORKER_MEMORY_GUESS
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _cpu_total(self) -> float:
+        """Worker CPU seconds of this segment (-1 when /proc cannot tell)."""
+        for pid in self._pids:
+            seen = _proc_cpu(pid)
+            if seen is not None:
+                self._cpu_seen[pid] = seen
+        return sum(self._cpu_seen.values()) if self._cpu_seen or not self._pids else -1.0
+
+    def _open_window(self, now: float) -> _Window:
+        busy, made = self.clock.totals()
+        return _Window(now, busy, made, self._cpu_total(), time.process_time())
+
+    def _record(self, new: Setting, reason: str, now: float) -> None:
+        since = now - self._t0 if self._t0 is not None else 0.0
+        self.history.append(Change(self._epoch, self._delivered, since, self.setting, new, reason))
+        self.setting = new
+
+    def report(self) -> TuningReport:
+        last = self._last
+        wait = last.get("wait_fraction")
+        return TuningReport(
+            workers=self.setting.workers, prefetch=self.setting.prefetch,
+            tuned=tuple(name for name, on in (("num_workers", self.tune_workers),
+                                              ("prefetch_factor", self.tune_prefetch)) if on),
+            history=tuple(self.history), batches_per_s=last.get("batches_per_s"),
+            produced_per_s=last.get("produced_per_s"), step_ms=last.get("step_ms"), wait_fraction=wait,
+            keeps_up=None if wait is None else wait <= self.config.starve_threshold,
+            worker_ms_per_batch=None if "p" not in last else 1e3 * last["p"],
+            worker_cpu_ms_per_batch=None if "s" not in last else 1e3 * last["s"],
+            restart_s=self.restart_s, cores=self.cores, memory_budget=self.budget,
+            memory_estimate=self.memory_estimate(self.setting) if self._window is not None else None,
+            limit=self.limit,
+        )
+
+
+def worker_pids(iterator: Any) -> list[int]:
+    """Pids of the worker processes of a torch DataLoader iterator (none for num_workers=0)."""
+    return [w.pid for w in getattr(iterator, "_workers", []) if w.pid is not None]
