@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing as mp
 import os
 import sys
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=16)
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--part-mb", type=float, default=None, help="ReadOptions.part_size (default: stoker's)")
+    parser.add_argument("--prefetch-shards", type=int, default=None, help="ReadOptions.prefetch_shards")
     args = parser.parse_args()
 
     import stoker
@@ -118,12 +121,17 @@ def main() -> None:
             delayed["client_kwargs"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
             rows = stoker.Manifest.load(local).shards[0].rows
             window = 2 * rows  # a shuffle window of two shards, so the stream starts after two downloads
+            read_options = ReadOptions()
+            if args.part_mb:
+                read_options = dataclasses.replace(read_options, part_size=int(args.part_mb * (1 << 20)))
+            if args.prefetch_shards is not None:
+                read_options = dataclasses.replace(read_options, prefetch_shards=args.prefetch_shards)
             kwargs = dict(batch_size=64, num_workers=args.workers, prefetch_factor=4)
 
             local_rate, nbytes = epoch_rate(stoker.DataLoader(stoker.StreamingDataset(local, shuffle_buffer=window), **kwargs))
             s3_ds = stoker.StreamingDataset("s3://bench/ds", shuffle_buffer=window, storage_options=delayed,
                                             cache_dir=os.path.join(tmp, "cache"), cache_limit=4 << 30,
-                                            read=ReadOptions())
+                                            read=read_options)
             s3_rate, s3_bytes = epoch_rate(stoker.DataLoader(s3_ds, **kwargs))
             assert s3_bytes == nbytes
 

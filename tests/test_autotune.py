@@ -129,3 +129,19 @@ def test_memory_budget_caps_the_workers(shards):
     tuner = loader._tuner
     assert report.workers == 0 or tuner.memory_estimate(Setting(report.workers, report.prefetch)) <= budget
     assert keys == fixed_order(shards)[:len(keys)]
+
+
+def test_the_monitor_report_shows_the_tuning_as_plain_data(shards):
+    import json
+
+    from stoker import monitor
+
+    loader = loader_for(shards, cost=0.002)
+    lines: list[str] = []
+    with monitor(loader, log=lines.append, log_every=0) as batches:
+        for _ in batches:
+            time.sleep(0.004)
+    tuning = batches.last_report["tuning"]
+    assert tuning["workers"] >= 1 and "autotune: workers" in tuning["summary"]
+    json.dumps(batches.last_report)  # plain data: it can go to CSV, TensorBoard or another rank
+    assert "autotune: workers" in "\n".join(lines)

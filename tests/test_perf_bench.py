@@ -209,3 +209,27 @@ def test_example_train_images(packed_images: Path) -> None:
 def test_example_train_text(packed_text: Path) -> None:
     out = _run_example("train_text.py", str(packed_text), "--epochs", "1", "--max-tokens", "2048", "--workers", "1")
     assert "stoker.monitor report" in out and "padding" in out
+
+
+# ---- bench --tune ----
+
+
+def test_tune_recommends_the_cheapest_setting_that_feeds_a_slow_step(packed_images: Path, capsys) -> None:
+    code = main(["bench", str(packed_images), "--tune", "--json", "--seconds", "0.2", "--batch-size", "8",
+                 "--step-time", "100"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    tried = [(t["workers"], t["prefetch"]) for t in data["trials"]]
+    assert tried[0] == (0, None) and (1, 2) in tried and len(tried) == len(set(tried))
+    assert all(t["rate"] > 0 for t in data["trials"]), data["trials"]
+    # 8 images per 100 s: every setting feeds it, so the cheapest one (no workers) is recommended.
+    assert (data["recommended"]["workers"], data["recommended"]["prefetch"]) == (0, None)
+    assert "cheapest setting that feeds" in data["why"]
+
+
+def test_tune_without_a_rate_picks_near_the_fastest_and_prints_a_table(packed_text: Path, capsys) -> None:
+    assert main(["bench", str(packed_text), "--tune", "--seconds", "0.1", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) >= 4  # 0 workers, then 1.. workers at several prefetch depths
+    assert "recommended: num_workers=" in out and "within 5% of the fastest" in out

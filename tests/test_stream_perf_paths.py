@@ -12,7 +12,7 @@ import torch
 from _datasets import keys_of, make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import workers
-from stoker.dataloader.loader import bundle_size
+from stoker.dataloader.loader import bundle_size, inner_prefetch
 from stoker.dataloader.reader import Catalog, OpenShard, ShardSource, gather
 from stoker.formats.shard import open_shard
 
@@ -22,6 +22,11 @@ ALL = [f"{i:06d}" for i in range(150)]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("img"), rows=(40, 30, 50, 30))
+
+
+def test_bundled_workers_always_have_two_messages_in_flight():
+    assert inner_prefetch(2, 8) == 2 and inner_prefetch(32, 8) == 4  # never one bundle per worker at a time
+    assert inner_prefetch(1, 1) == 1 and inner_prefetch(3, 1) == 3  # unbundled: exactly what the user asked
 
 
 def test_bundle_size_counts_samples_and_bytes():

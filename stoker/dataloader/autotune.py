@@ -9,7 +9,7 @@ from /proc. From these it models the pipeline:
     rate with n workers  = min(n / p, free cores / s)         need  n = ceil(headroom * p / c)
 
 and proposes a new setting when the model says the current one starves the consumer (or wastes workers), the
-expected time saved outweighs twice the measured cost of restarting the workers, and the memory budget allows it.
+expected time saved outweighs the measured cost of restarting the workers, and the memory budget allows it.
 A change is applied by the loader at a batch boundary by re-dealing the rest of the epoch to the new worker count,
 exactly as a resume from a checkpoint would (`order.py`): the batches delivered do not change.
 """
@@ -36,6 +36,8 @@ MAX_CLOCK_SLOTS = 256  # worker ids the shared clock has room for
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 _WORKER_MEMORY_GUESS = 64 << 20  # private memory of a worker before one was measured
+CPU_USABLE = 0.9  # share of the free cores the workers can use in practice
+SATURATED = 0.85  # workers busy, or cores used, above this fraction: production is at its limit
 
 
 def parse_bytes(value: str | int) -> int:
@@ -236,28 +238,27 @@ def batch_bytes(batch: Any) -> int:
     return 0
 
 
-def _proc_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) of a process, from /proc; None if it is gone."""
+def _proc_cpu(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds, seconds spent runnable but waiting for a core) of a process's main thread, from
+    /proc/<pid>/schedstat; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            ran, queued = f.read().split()[:2]
+        return int(ran) / 1e9, int(queued) / 1e9
+    except (OSError, ValueError):
         return None
 
 
 def _proc_private(pid: int) -> int | None:
-    """Private dirty memory plus swap of a process (what it really owns), from /proc; None if unknown."""
-    total, found = 0, False
+    """Resident memory of a process that is not shared with others (resident minus file-backed and shared pages),
+    from /proc/<pid>/statm; None if unknown. statm is O(1); smaps_rollup walks the page tables (16 ms per call for a
+    worker with mapped shards, while holding its memory lock)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(("Private_Dirty:", "Swap:")):
-                    total += int(line.split()[1]) * 1024
-                    found = True
-    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            resident, shared = (int(v) for v in f.read().split()[1:3])
+    except (OSError, ValueError):
         return None
-    return total if found else None
+    return max(0, resident - shared) * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -268,6 +269,7 @@ class _Window:
     busy: float
     made: float
     cpu: float
+    queued: float
     main_cpu: float
     waits: list[float] = field(default_factory=list)
     steps: list[float] = field(default_factory=list)
@@ -293,15 +295,23 @@ class Tuner:
         self.setting = Setting(workers_now, prefetch_now)
         self.clock = WorkerClock()
         self.history: list[Change] = []
-        self.restart_s: float | None = None
+        self.restart_s: float | None = None  # the last estimate of what a restart costs (see `decide`)
+        self.overhead_s: float | None = None  # measured: stopping the old workers and starting new ones
         self.limit = "not decided yet"
         self._epoch, self._delivered = 0, 0
+        self._total = 0  # batches delivered since the loader started, all epochs
+        self._carried = 0  # batches of the old workers delivered at the start of this segment
+        self._model_need = 0  # workers the model asked for at the last decision
+        self._experiments = True  # may try a setting the model does not ask for (off once one did not pay)
+        self._floor = 0  # workers an experiment showed to deliver more than the model said
+        self._trial: float | None = None  # delivered batches/s before the experiment now running
         self._t0: float | None = None  # the loader's first batch
         self._segment_start = 0.0
         self._segment_batches = 0
         self._pids: list[int] = []
-        self._cpu_seen: dict[int, float] = {}
+        self._cpu_seen: dict[int, tuple[float, float]] = {}
         self._window: _Window | None = None
+        self._segment: _Window | None = None
         self._t_out: float | None = None
         self._worker_memory: int | None = None
         self._batch_bytes = 0
@@ -310,9 +320,15 @@ class Tuner:
 
     # -- what the loader tells it ------------------------------------------------------------------------------
 
-    def segment_started(self, epoch: int, delivered: int, pids: list[int], fresh: bool) -> None:
-        """New workers (or a new epoch on persistent ones) start delivering from batch `delivered`."""
+    def segment_started(self, epoch: int, delivered: int, pids: list[int], fresh: bool,
+                        overhead_s: float = 0.0, carried: int = 0) -> None:
+        """New workers (or a new epoch on persistent ones) start delivering from batch `delivered`, after `carried`
+        batches the old workers had already sent; stopping the old workers and starting the new ones took
+        `overhead_s`."""
+        self._carried = carried
         now = time.perf_counter()
+        if fresh:
+            self.overhead_s = overhead_s if self.overhead_s is None else 0.5 * (self.overhead_s + overhead_s)
         self._epoch, self._delivered = epoch, delivered
         self._segment_start, self._segment_batches = now, 0
         self._pids = pids
@@ -320,6 +336,8 @@ class Tuner:
         if fresh:
             self.clock.reset()
             self._cpu_seen = {}
+        # Worker costs count from the segment's start, so that the first bundles already measure them.
+        self._segment = self._open_window(now)
         self._window = None
         self._t_out = None
 
@@ -335,12 +353,11 @@ class Tuner:
         now = time.perf_counter()
         self._segment_batches += 1
         self._delivered += 1
+        self._total += 1
         if self._t0 is None:
             self._t0 = asked
-        if self._segment_batches == 1:
-            # The first batch of a segment pays the workers' start-up: that is the restart cost, not a wait to model.
-            if self._fresh:
-                self.restart_s = now - asked if self.restart_s is None else 0.5 * (self.restart_s + now - asked)
+        if self._segment_batches == 1 + self._carried:
+            # The first batch of a segment pays the workers' start-up and their first bundle: not a wait to model.
             self._batch_bytes = max(self._batch_bytes, batch_bytes(batch))
             self._window = self._open_window(now)
         elif self._window is not None:
@@ -348,21 +365,29 @@ class Tuner:
         self._t_out = now
 
     def due(self, now: float) -> bool:
-        w = self._window
-        return (w is not None and (self.tune_workers or self.tune_prefetch) and len(w.steps) >= self.config.min_batches
-                and now - w.start >= self.config.interval_s
-                and now - self._segment_start >= self.config.cooldown_s)
+        w, seg = self._window, self._segment
+        if w is None or seg is None or not (self.tune_workers or self.tune_prefetch):
+            return False
+        if len(w.steps) < self.config.min_batches or now - w.start < self.config.interval_s:
+            return False
+        if now - self._segment_start < self.config.cooldown_s:
+            return False
+        # A bundle from every worker, so that their costs mean something (bundles arrive in lumps).
+        return self.setting.workers == 0 or self.clock.totals()[1] - seg.made >= self.setting.workers * self.bundle
 
     # -- deciding ------------------------------------------------------------------------------------------------
 
-    def decide(self, now: float, remaining: int) -> Setting | None:
-        """A new setting for the rest of the epoch, or None to keep the current one. Call only when `due`."""
+    def decide(self, now: float, remaining: int, epoch_length: int = 0) -> Setting | None:
+        """A new setting for the rest of the epoch (`remaining` of `epoch_length` batches), or None to keep the
+        current one. Call only when `due`."""
         w = self._window
         assert w is not None
         busy, made = self.clock.totals()
-        cpu, main_cpu = self._cpu_total(), time.process_time()
+        (cpu, queued), main_cpu = self._cpu_total(), time.process_time()
         elapsed = max(now - w.start, 1e-9)
         produced = made - w.made
+        seg = self._segment  # worker costs over the whole segment: bundles complete in lumps, windows alias
+        assert seg is not None
         n, k = self.setting.workers, self.setting.prefetch
         steps, waits = np.asarray(w.steps), np.asarray(w.waits[-len(w.steps):] or [0.0])
         step = float(np.median(steps))
@@ -372,44 +397,72 @@ class Tuner:
         delivered_rate = len(steps) / elapsed
         if n == 0:  # the main process produces: its wait is the production time
             p = s = float(np.median(waits))
-        elif produced >= 1:
-            p = (busy - w.busy) / produced
-            s = (cpu - w.cpu) / produced if cpu >= 0 and w.cpu >= 0 else p
+        elif made - seg.made >= 1:
+            p = (busy - seg.busy) / (made - seg.made)
+            s = (cpu - seg.cpu) / (made - seg.made) if cpu >= 0 and seg.cpu >= 0 else p
+            # Time runnable but waiting for a core is contention, not the work: without it, p is what a worker
+            # would take with a core of its own.
+            p = max(s, p - max(0.0, queued - seg.queued) / (made - seg.made)) if cpu >= 0 else p
         else:  # no batch finished in a worker in the whole window: production is at least this slow
             p = s = elapsed * n
         p, s = max(p, 1e-6), max(min(s, p), 1e-6)
         main_cores = max(0.0, (main_cpu - w.main_cpu) / elapsed - (n == 0) * s * delivered_rate)
-        free_cores = max(0.5, self.cores - main_cores)
+        # Workers cannot have every cycle: the kernel, the training process receiving batches and the workers'
+        # own threads need some, and a core run at 100% makes everything on it wait.
+        free_cores = max(0.5, CPU_USABLE * (self.cores - main_cores))
         cpu_rate = free_cores / s
+        # Are the workers the limit? Busy all the time, or the cores all used: then neither a deeper prefetch nor
+        # one more worker can help, only a cheaper batch (and a restart would cost a second of nothing).
+        seg_elapsed = max(now - seg.start, 1e-9)
+        busy_fraction = (busy - seg.busy) / (n * seg_elapsed) if n else 1.0
+        cores_used = ((cpu - seg.cpu) / seg_elapsed if cpu >= 0 and seg.cpu >= 0 else n * busy_fraction) + main_cores
+        saturated = busy_fraction >= SATURATED or cores_used >= SATURATED * self.cores
         worker_memory = self._measure_memory()
         self._last = {"batches_per_s": delivered_rate, "produced_per_s": min(n / p, cpu_rate) if n else 1 / p,
                       "step_ms": 1e3 * step, "wait_fraction": wait_fraction, "p": p, "s": s}
         self._window = self._open_window(now)
-        if os.environ.get("STOKER_TUNE_DEBUG"):
-            print("decide", self.setting, {k: round(v, 4) for k, v in self._last.items()}, len(steps), produced)
+        self._window.steps, self._window.waits = [], []
 
+        if self._trial is not None:  # the first measurement since an experiment: did it pay?
+            if delivered_rate < 1.03 * self._trial:
+                self._experiments = False  # no: stop experimenting (the model may still move the setting)
+            else:
+                self._floor = n  # yes: the measurement beat the model, which must not take these workers back
+            self._trial = None
         new_n, why = self._workers_needed(p, s, step, cpu_rate, worker_memory)
-        new_k = self._prefetch_needed(new_n, p, step, wait_fraction, worker_memory)
+        if new_n < self._floor <= self._caps(worker_memory):
+            new_n, why = self._floor, f"{self._floor} workers delivered more than the model expected; keeping them"
+        # Waits while production is saturated are a throughput deficit, not bursts a deeper prefetch would absorb.
+        jitter = 0.0 if saturated or not self._experiments else wait_fraction
+        new_k = self._prefetch_needed(new_n, p, step, jitter, worker_memory)
         proposal = Setting(new_n, new_k)
         rate_now = min(n / p if n else 1 / (p + step), cpu_rate, 1 / step)
         if wait_fraction > self.config.starve_threshold:
             rate_now = min(rate_now, delivered_rate)  # starving: what arrives is what the workers really make
         if new_n == n and new_k == k and self.tune_workers and wait_fraction > self.config.starve_threshold \
-                and delivered_rate < 0.9 * min(n / p, 1 / step) and n < self._caps(worker_memory):
+                and not saturated and self._experiments and delivered_rate < 0.9 * min(n / p, cpu_rate, 1 / step) and n < self._caps(worker_memory):
             # The model says n workers suffice, yet the loop waits: trust the measurement, try one more.
             new_n, why = n + 1, (f"waiting {wait_fraction:.0%} of the time at {delivered_rate:.1f} batches/s although "
                                  f"{n} workers should make {n / p:.1f}/s: one more worker")
             proposal = Setting(new_n, new_k)
         if proposal == self.setting:
             return None
+        # An experiment: the model says the workers suffice, the measurement says the loop waits.
+        experiment = new_n == n + 1 and new_n > self._model_need or (new_n == n and new_k > k)
         rate_new = min(new_n / p if new_n else 1 / (p + step), cpu_rate, 1 / step)
-        restart = self.restart_s if self.restart_s is not None else 1.0
-        horizon = max(remaining, self._delivered)  # settings carry over to the following epochs
+        if experiment:
+            rate_now, rate_new = delivered_rate, min(rate_new, 1 / step)
+        # A restart costs the stop and start measured, plus the wait for the new workers' first bundles (a worker
+        # sends a bundle when all its batches are built); what the old workers had prefetched is made again.
+        restart = self.restart_s = (self.overhead_s or 0.0) + self.bundle * p
+        # A setting carries over to the following epochs, and a run is expected to go on at least as long as it
+        # has gone so far: the gain counts over the longest of the epoch's rest, an epoch, and the run so far.
+        horizon = max(remaining, epoch_length, self._total)
         saved = horizon / max(rate_now, 1e-9) - horizon / max(rate_new, 1e-9)
         over_budget = self.memory_estimate(self.setting) > self.budget
         starving = wait_fraction > self.config.starve_threshold
         shrinking = new_n < n and new_n <= self.config.shrink_surplus * n and not starving
-        if new_n > n and saved < 2 * restart and not over_budget:
+        if (new_n > n or experiment) and saved < restart and not over_budget:
             return None  # not worth a restart
         if new_n < n and not (shrinking or over_budget):
             return None  # hysteresis: a small surplus of workers costs little
@@ -420,6 +473,7 @@ class Tuner:
             reason += f"; prefetch {new_k}" + (" to absorb jitter (waiting although workers keep up)"
                                                 if new_k > k else " to fit the memory budget")
         self._record(proposal, reason, now)
+        self._trial = delivered_rate if experiment else None
         return proposal
 
     def _workers_needed(self, p: float, s: float, step: float, cpu_rate: float,
@@ -433,7 +487,7 @@ class Tuner:
         need = max(1, math.ceil(goal * p - 1e-9))
         cap_memory = self._memory_cap(self.setting.prefetch, worker_memory)
         caps = {"consumer": need, "max_workers": self.max_workers, "memory": cap_memory}
-        self._last["need"] = need
+        self._last["need"] = self._model_need = need
         self.limit = min(caps, key=lambda name: (caps[name], name != "consumer"))
         if self.limit == "consumer" and want > cpu_rate:
             self.limit = "cpu"
@@ -489,17 +543,20 @@ class Tuner:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _cpu_total(self) -> float:
-        """Worker CPU seconds of this segment (-1 when /proc cannot tell)."""
+    def _cpu_total(self) -> tuple[float, float]:
+        """(CPU seconds, runqueue seconds) of this segment's workers; (-1, 0) when /proc cannot tell."""
         for pid in self._pids:
             seen = _proc_cpu(pid)
             if seen is not None:
                 self._cpu_seen[pid] = seen
-        return sum(self._cpu_seen.values()) if self._cpu_seen or not self._pids else -1.0
+        if not self._cpu_seen and self._pids:
+            return -1.0, 0.0
+        return sum(c for c, _ in self._cpu_seen.values()), sum(q for _, q in self._cpu_seen.values())
 
     def _open_window(self, now: float) -> _Window:
         busy, made = self.clock.totals()
-        return _Window(now, busy, made, self._cpu_total(), time.process_time())
+        cpu, queued = self._cpu_total()
+        return _Window(now, busy, made, cpu, queued, time.process_time())
 
     def _record(self, new: Setting, reason: str, now: float) -> None:
         since = now - self._t0 if self._t0 is not None else 0.0

@@ -405,14 +405,16 @@ def format_report(report: Mapping[str, Any]) -> str:
         advice = local["advice"] or list(_INPUT_ADVICE)
         lines.extend(f"  advice       {line}" for line in advice)
     if report.get("tuning") is not None:  # an autotuned stoker.DataLoader: what it chose and why
-        lines.extend("  " + line for line in str(report["tuning"]).splitlines())
+        lines.extend("  " + line for line in report["tuning"]["summary"].splitlines())
     return "\n".join(lines)
 
 
-def _tuning(loader: Any) -> Any:
-    """The loader's `tuning_report()` when it has one (stoker.DataLoader with num_workers="auto"), else None."""
+def _tuning(loader: Any) -> dict[str, Any] | None:
+    """The loader's `tuning_report()` as a dict with its text under "summary" (stoker.DataLoader with
+    num_workers="auto"), else None; a dict, so that the report stays plain data (JSON, CSV, all-ranks)."""
     tuning_report = getattr(loader, "tuning_report", None)
-    return tuning_report() if callable(tuning_report) else None
+    report = tuning_report() if callable(tuning_report) else None
+    return None if report is None else {"summary": str(report), **report.to_dict()}
 
 
 def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
