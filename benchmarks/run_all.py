@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-TIMEOUT_S = {"peers.py": 540}  # seconds per script (default 300): one runaway must not eat the whole run
+TIMEOUT_S = {"peers.py": 540, "autotune.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
 
 # Reduced sizes for the default run; scripts not listed run with their defaults.
 QUICK: dict[str, list[str]] = {
@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "stream_local.py": ["--mb", "256", "--epochs", "2"],
     "worker_memory.py": ["--samples", "100000", "--epochs", "4"],
     "peers.py": ["--per-class", "100", "--rounds", "2"],
+    "autotune.py": ["--epochs", "6", "--rounds", "2"],
 }
 
 # "...: 1.07x (goal >= 0.85x)": the figure stands right before its goal, with at most a unit between them.

@@ -301,6 +301,7 @@ class Tuner:
         self._epoch, self._delivered = 0, 0
         self._total = 0  # batches delivered since the loader started, all epochs
         self._carried = 0  # batches of the old workers delivered at the start of this segment
+        self._decisions = 0  # calls of `decide`
         self._model_need = 0  # workers the model asked for at the last decision
         self._experiments = True  # may try a setting the model does not ask for (off once one did not pay)
         self._floor = 0  # workers an experiment showed to deliver more than the model said
@@ -368,9 +369,13 @@ class Tuner:
         w, seg = self._window, self._segment
         if w is None or seg is None or not (self.tune_workers or self.tune_prefetch):
             return False
-        if len(w.steps) < self.config.min_batches or now - w.start < self.config.interval_s:
-            return False
-        if now - self._segment_start < self.config.cooldown_s:
+        if self._decisions == 0:
+            # The start is deliberately small: judge it as soon as a few steps of the first bundle have been timed,
+            # while the rest of that bundle can still be carried over a change.
+            if len(w.steps) < max(2, min(self.config.min_batches, self.bundle // 2)):
+                return False
+        elif len(w.steps) < self.config.min_batches or now - w.start < self.config.interval_s \
+                or now - self._segment_start < self.config.cooldown_s:
             return False
         # A bundle from every worker, so that their costs mean something (bundles arrive in lumps).
         return self.setting.workers == 0 or self.clock.totals()[1] - seg.made >= self.setting.workers * self.bundle
@@ -382,6 +387,7 @@ class Tuner:
         current one. Call only when `due`."""
         w = self._window
         assert w is not None
+        self._decisions += 1
         busy, made = self.clock.totals()
         (cpu, queued), main_cpu = self._cpu_total(), time.process_time()
         elapsed = max(now - w.start, 1e-9)
