@@ -141,7 +141,7 @@ class TuningReport:
     prefetch: int
     tuned: tuple[str, ...]  # "num_workers", "prefetch_factor"
     history: tuple[Change, ...]
-    batches_per_s: float | None  # delivered to the training loop
+    batches_per_s: float | None  # delivered to the training loop, on average since its first batch
     produced_per_s: float | None  # what the workers could produce (n / p, capped by free CPU)
     step_ms: float | None  # the consumer's step time (median)
     wait_fraction: float | None  # share of the loop's time spent waiting for batches
@@ -307,6 +307,7 @@ class Tuner:
         self._floor = 0  # workers an experiment showed to deliver more than the model said
         self._trial: float | None = None  # delivered batches/s before the experiment now running
         self._t0: float | None = None  # the loader's first batch
+        self._t_last: float | None = None  # the last batch delivered
         self._segment_start = 0.0
         self._segment_batches = 0
         self._pids: list[int] = []
@@ -355,6 +356,7 @@ class Tuner:
         self._segment_batches += 1
         self._delivered += 1
         self._total += 1
+        self._t_last = now
         if self._t0 is None:
             self._t0 = asked
         if self._segment_batches == 1 + self._carried:
@@ -569,6 +571,12 @@ class Tuner:
         self.history.append(Change(self._epoch, self._delivered, since, self.setting, new, reason))
         self.setting = new
 
+    def _run_rate(self) -> float | None:
+        # Over the whole run: a decision window can open on a lump of bundles and read twice the real rate.
+        if self._t0 is None or self._t_last is None or self._t_last <= self._t0:
+            return None
+        return self._total / (self._t_last - self._t0)
+
     def report(self) -> TuningReport:
         last = self._last
         wait = last.get("wait_fraction")
@@ -576,7 +584,7 @@ class Tuner:
             workers=self.setting.workers, prefetch=self.setting.prefetch,
             tuned=tuple(name for name, on in (("num_workers", self.tune_workers),
                                               ("prefetch_factor", self.tune_prefetch)) if on),
-            history=tuple(self.history), batches_per_s=last.get("batches_per_s"),
+            history=tuple(self.history), batches_per_s=self._run_rate(),
             produced_per_s=last.get("produced_per_s"), step_ms=last.get("step_ms"), wait_fraction=wait,
             keeps_up=None if wait is None else wait <= self.config.starve_threshold,
             worker_ms_per_batch=None if "p" not in last else 1e3 * last["p"],
