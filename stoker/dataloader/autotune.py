@@ -393,7 +393,6 @@ class Tuner:
         busy, made = self.clock.totals()
         (cpu, queued), main_cpu = self._cpu_total(), time.process_time()
         elapsed = max(now - w.start, 1e-9)
-        produced = made - w.made
         seg = self._segment  # worker costs over the whole segment: bundles complete in lumps, windows alias
         assert seg is not None
         n, k = self.setting.workers, self.setting.prefetch
@@ -402,6 +401,7 @@ class Tuner:
         # A long step now and then (validation, checkpointing) must not read as a slow consumer.
         loop = float(np.minimum(steps, 5 * step).sum() + waits.sum())
         wait_fraction = float(waits.sum()) / loop if loop > 0 else 0.0
+        starving = wait_fraction > self.config.starve_threshold
         delivered_rate = len(steps) / elapsed
         if n == 0:  # the main process produces: its wait is the production time
             p = s = float(np.median(waits))
@@ -445,10 +445,10 @@ class Tuner:
         new_k = self._prefetch_needed(new_n, p, step, jitter, worker_memory)
         proposal = Setting(new_n, new_k)
         rate_now = min(n / p if n else 1 / (p + step), cpu_rate, 1 / step)
-        if wait_fraction > self.config.starve_threshold:
-            rate_now = min(rate_now, delivered_rate)  # starving: what arrives is what the workers really make
-        if new_n == n and new_k == k and self.tune_workers and wait_fraction > self.config.starve_threshold \
-                and not saturated and self._experiments and delivered_rate < 0.9 * min(n / p, cpu_rate, 1 / step) and n < self._caps(worker_memory):
+        if starving:
+            rate_now = min(rate_now, delivered_rate)  # what arrives is what the workers really make
+        if new_n == n and new_k == k and self.tune_workers and starving and not saturated and self._experiments \
+                and delivered_rate < 0.9 * min(n / p, cpu_rate, 1 / step) and n < self._caps(worker_memory):
             # The model says n workers suffice, yet the loop waits: trust the measurement, try one more.
             new_n, why = n + 1, (f"waiting {wait_fraction:.0%} of the time at {delivered_rate:.1f} batches/s although "
                                  f"{n} workers should make {n / p:.1f}/s: one more worker")
@@ -459,16 +459,15 @@ class Tuner:
         experiment = new_n == n + 1 and new_n > self._model_need or (new_n == n and new_k > k)
         rate_new = min(new_n / p if new_n else 1 / (p + step), cpu_rate, 1 / step)
         if experiment:
-            rate_now, rate_new = delivered_rate, min(rate_new, 1 / step)
+            rate_now = delivered_rate  # the model already promised more than this: judge by what was measured
         # A restart costs the stop and start measured, plus the wait for the new workers' first bundles (a worker
-        # sends a bundle when all its batches are built); what the old workers had prefetched is made again.
+        # sends a bundle when all its batches are built); the batches the old workers were building are lost.
         restart = self.restart_s = (self.overhead_s or 0.0) + self.bundle * p
         # A setting carries over to the following epochs, and a run is expected to go on at least as long as it
         # has gone so far: the gain counts over the longest of the epoch's rest, an epoch, and the run so far.
         horizon = max(remaining, epoch_length, self._total)
         saved = horizon / max(rate_now, 1e-9) - horizon / max(rate_new, 1e-9)
         over_budget = self.memory_estimate(self.setting) > self.budget
-        starving = wait_fraction > self.config.starve_threshold
         shrinking = new_n < n and new_n <= self.config.shrink_surplus * n and not starving
         if (new_n > n or experiment) and saved < restart and not over_budget:
             return None  # not worth a restart

@@ -101,7 +101,7 @@ class DataLoader(torch.utils.data.DataLoader):
         self._inner_key: tuple[Any, ...] | None = None
         self._bundle = 1  # batches per message of the inner loader
         self._progress: Progress | None = None
-        self._redealt: tuple[int, int, int] | None = None  # (epoch, epoch's start, re-deal position) of the last re-deal
+        self._redealt: tuple[int, int, int] | None = None  # (epoch, its start, position) of the last re-deal
 
     def __iter__(self) -> Any:
         if not self._streaming:
@@ -227,8 +227,7 @@ class _StreamIterator:
             return self._carried.popleft()
         if not self._workers:
             return next(self._it)
-        i = self.progress.delivered - self._base
-        key = (i % self._workers, i // self._workers)
+        key = self._key(self.progress.delivered - self._base)
         while key not in self._bundled:
             bundle = next(self._it)
             if not isinstance(bundle, workers.Bundle):
@@ -292,10 +291,15 @@ class _StreamIterator:
         """Whether the next batch has arrived (always, when batches travel one by one). Re-dealing then, rather than
         while a worker is still building the bundle that holds it, carries the most batches over and throws away
         the least work."""
-        if self._carried or not self._workers or self._loader._bundle == 1:
-            return not self._carried
-        i = self.progress.delivered - self._base
-        return (i % self._workers, i // self._workers) in self._bundled
+        if self._carried:
+            return False  # still delivering what the last re-deal carried over
+        if not self._workers or self._loader._bundle == 1:
+            return True
+        return self._key(self.progress.delivered - self._base) in self._bundled
+
+    def _key(self, i: int) -> tuple[int, int]:
+        # The current workers' i-th batch is batch i // workers of worker i % workers (`order.Deal`).
+        return i % self._workers, i // self._workers
 
     def _redeal(self, setting: autotune.Setting) -> None:
         """Stop the workers and deal the rest of the epoch to `setting`, as a resume from a checkpoint taken now
@@ -305,8 +309,8 @@ class _StreamIterator:
         # Batches already received in bundles are kept and delivered first: the new workers start after them, so
         # no work is made twice and their start-up hides behind the training steps on these.
         i = progress.delivered - self._base + len(self._carried)
-        while self._workers and (i % self._workers, i // self._workers) in self._bundled:
-            self._carried.append(self._bundled.pop((i % self._workers, i // self._workers)))
+        while self._workers and self._key(i) in self._bundled:
+            self._carried.append(self._bundled.pop(self._key(i)))
             i += 1
         if storage.is_local(ds.source):
             # Their output is discarded: stopping them now saves waiting for the bundles they are building (up to
@@ -316,10 +320,8 @@ class _StreamIterator:
         self._shutdown()
         position = order.consumed(progress.start, progress.delivered + len(self._carried), progress.block,
                                   progress.world, ds.manifest.num_samples)
-        if loader._redealt is None:
-            loader._redealt = (progress.epoch, progress.start, position)
-        else:
-            loader._redealt = (progress.epoch, loader._redealt[1], position)
+        epoch_start = progress.start if loader._redealt is None else loader._redealt[1]
+        loader._redealt = (progress.epoch, epoch_start, position)
         ds._resume_at(progress.epoch, position)
         loader.num_workers = setting.workers
         loader.prefetch_factor = setting.prefetch if setting.workers else None
