@@ -7,9 +7,11 @@ delivery and order from the keys alone. Image payloads are random bytes whose fi
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from stoker.formats.manifest import Manifest, ShardInfo
@@ -66,3 +68,12 @@ def make_dataset(
 def keys_of(batches: Sequence[dict]) -> list[str]:
     """All keys of a list of collated batches, in order."""
     return [k for b in batches for k in b["key"]]
+
+
+def to_memory(local: str | os.PathLike[str]) -> str:
+    """Copy a dataset's files to a fresh fsspec memory:// prefix (a remote source without a server); return its URL."""
+    fs = fsspec.filesystem("memory")
+    url = f"memory://stoker-{uuid.uuid4().hex[:8]}/ds"
+    for path in Path(local).iterdir():
+        fs.pipe(url + "/" + path.name, path.read_bytes())
+    return url

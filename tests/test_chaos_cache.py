@@ -10,12 +10,10 @@ import errno
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
-import fsspec
 import pytest
-from _datasets import keys_of, make_dataset
+from _datasets import keys_of, make_dataset, to_memory
 
 from stoker import DataLoader, StreamingDataset, cache
 from stoker.dataloader import ReadOptions
@@ -26,18 +24,10 @@ pytestmark = pytest.mark.timeout(60)
 READ = ReadOptions(prefetch_shards=1, part_size=8192, parallel_reads=2, attempts=2, backoff=0.01, shard_timeout=20)
 
 
-def _to_memory(local: str) -> str:
-    fs = fsspec.filesystem("memory")
-    url = f"memory://chaos-{uuid.uuid4().hex[:8]}/ds"
-    for path in Path(local).iterdir():
-        fs.pipe(url + "/" + path.name, path.read_bytes())
-    return url
-
-
 @pytest.fixture
 def remote(tmp_path):
     local = make_dataset(tmp_path / "src", rows=(20,) * 8, payload=(4000, 8000), seed=3)
-    return _to_memory(local), max(s.bytes for s in Manifest.load(local).shards)
+    return to_memory(local), max(s.bytes for s in Manifest.load(local).shards)
 
 
 ALL = [f"{i:06d}" for i in range(160)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-import uuid
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from _datasets import make_dataset
+from _datasets import make_dataset, to_memory
 from stoker import StreamingDataset, cache
 from stoker.dataloader import ReadOptions
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError, StorageError
@@ -100,16 +99,8 @@ def test_retry_backs_off_then_names_what_failed():
                     deadline=time.monotonic() + 10, what="x")
 
 
-def _to_memory(local: str) -> str:
-    fs = fsspec.filesystem("memory")
-    url = f"memory://stoker-{uuid.uuid4().hex[:8]}/ds"
-    for path in Path(local).iterdir():
-        fs.pipe(url + "/" + path.name, path.read_bytes())
-    return url
-
-
 def test_remote_stream_fills_the_cache_with_parallel_ranged_reads(tmp_path):
-    url = _to_memory(make_dataset(tmp_path / "src", rows=(30, 30, 30), batch_bytes=2048))
+    url = to_memory(make_dataset(tmp_path / "src", rows=(30, 30, 30), batch_bytes=2048))
     ds = StreamingDataset(url, cache_dir=str(tmp_path / "cache"), shuffle_buffer=16,
                           read=ReadOptions(part_size=1000, parallel_reads=3))
     assert sorted(s["key"] for s in ds) == [f"{i:06d}" for i in range(90)]
@@ -120,7 +111,7 @@ def test_remote_stream_fills_the_cache_with_parallel_ranged_reads(tmp_path):
 
 
 def test_remote_corruption_and_missing_shards_name_the_shard(tmp_path):
-    url = _to_memory(make_dataset(tmp_path / "src", rows=(10, 10)))
+    url = to_memory(make_dataset(tmp_path / "src", rows=(10, 10)))
     fs = fsspec.filesystem("memory")
     body = bytearray(fs.cat(url + "/shard-00001.arrow"))
     body[100] ^= 0xFF
@@ -135,6 +126,6 @@ def test_remote_corruption_and_missing_shards_name_the_shard(tmp_path):
 
 
 def test_cache_limit_below_one_window_is_a_config_error(tmp_path):
-    url = _to_memory(make_dataset(tmp_path / "src", rows=(10, 10, 10, 10)))
+    url = to_memory(make_dataset(tmp_path / "src", rows=(10, 10, 10, 10)))
     with pytest.raises(ConfigError, match="cache_limit"):
         StreamingDataset(url, cache_dir=str(tmp_path / "c"), cache_limit=1000, shuffle_buffer=30)
