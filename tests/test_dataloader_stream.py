@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from _datasets import keys_of, make_dataset
 from stoker import DataLoader, ShardDataset, StreamingDataset
-from stoker.dataloader import workers
+from stoker.dataloader import reader, workers
 from stoker.errors import ConfigError, ShardError
 
 ALL = [f"{i:06d}" for i in range(150)]
@@ -102,8 +103,9 @@ def test_resume_with_another_batch_size_and_world_size(images, monkeypatch):
     assert sorted(heads + keys_of(run(resumed))) == ALL
 
 
-def test_held_batches_are_never_overwritten(images, monkeypatch):
-    ds = StreamingDataset(images, shuffle_buffer=40)
+def test_held_batches_are_never_overwritten(tmp_path, monkeypatch):
+    # msgpack shards are parsed, not mapped: their bytes travel in slabs (local Arrow bytes are mapped, see below).
+    ds = StreamingDataset(make_dataset(tmp_path, rows=(40, 30, 50, 30), fmt="msgpack"), shuffle_buffer=40)
     loader = DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True, prefetch_factor=2)
     epochs = [iter(loader)]  # the workers fork now, before the patch below: they pickle with the real `unpack`
     keys = []
@@ -128,6 +130,43 @@ def test_held_batches_are_never_overwritten(images, monkeypatch):
     assert not workers._held  # once the user drops every batch, every slab is handed back to its worker
     pooled = [k for k in keys if k is not None]
     assert len(keys) == 76 and len(set(pooled)) <= 16 < len(pooled)  # 2 workers x 8 slabs, reused
+
+
+def test_bytes_of_local_arrow_shards_are_mapped_not_copied(images):
+    workers._mapped.clear()
+    loader = DataLoader(StreamingDataset(images, shuffle_buffer=40), batch_size=16, num_workers=2)
+    batches = run(loader)
+    assert sorted(keys_of(batches)) == ALL and all(len(b["image"]) == len(b["key"]) for b in batches)
+    for batch in batches:
+        assert all(bytes(img[:6]).decode() == key for img, key in zip(batch["image"], batch["key"]))
+    image = batches[0]["image"][0]
+    assert image.readonly  # a view of the shard file's pages in this process
+    mapped = {identity[0] for identity, _ in workers._mapped}
+    assert mapped == {str(p) for p in Path(images).glob("*.arrow")} and not workers._held  # no slab was used
+    workers._mapped.clear()  # what the LRU does with old shards: views the user holds stay valid
+    assert bytes(image[:6]).decode() == batches[0]["key"][0]
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "msgpack"])  # mapped views, and views of a slab
+def test_pinning_a_batch_leaves_its_bytes_as_memoryviews(tmp_path, fmt):
+    from torch.utils.data._utils.pin_memory import pin_memory  # what torch's pin-memory thread calls
+
+    ds = StreamingDataset(make_dataset(tmp_path, rows=(20,), fmt=fmt))
+    for num_workers in (0, 1):
+        batch = next(iter(DataLoader(ds, batch_size=4, num_workers=num_workers)))
+        pinned = pin_memory({"image": batch["image"]})["image"]  # tensors need CUDA to pin; bytes never do
+        assert [bytes(v) for v in pinned] == [bytes(v) for v in batch["image"]]
+        assert all(isinstance(v, memoryview) for v in pinned)
+
+
+def test_a_shard_changed_after_its_rows_were_planned_is_an_error_naming_it(tmp_path):
+    root = make_dataset(tmp_path, rows=(20,))
+    path = str(next(Path(root).glob("*.arrow")))
+    identity = reader._identity(path)
+    assert len(reader.mapped_values(identity, "image")) >= 1
+    os.utime(path, ns=(0, 0))  # same bytes, but no longer the file the worker planned from
+    with pytest.raises(ShardError, match=r"shard-00000\.arrow.*changed on disk"):
+        reader.mapped_values(identity, "image")
 
 
 def test_slab_pool_reuses_a_slab_once_the_main_process_frees_it():

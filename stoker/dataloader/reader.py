@@ -27,6 +27,8 @@ from stoker.formats.shard import ShardReader, open_shard
 DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
 IDLE_SHARDS = 64  # local shards kept mapped after use, for the next window or epoch of a persistent worker
 
+Identity = tuple[Any, ...]  # (path, device, inode, size, mtime) of a local shard file; () when unknown
+
 
 @dataclass(frozen=True)
 class ReadOptions:
@@ -68,10 +70,11 @@ class OpenShard:
     """A shard opened for reading, with per-row tables of every column built once (numpy, no Python objects)."""
 
     def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
-                 vocab_size: int | None = None, *, identity: tuple[int, ...] = ()) -> None:
+                 vocab_size: int | None = None, *, identity: Identity = (), mapped: bool = False) -> None:
         self.reader = reader
         self.name = reader.name
-        self.identity = identity  # (device, inode, size, mtime) of a local file: reused only while it is unchanged
+        self.identity = identity  # of a local file: reused only while it is unchanged
+        self.mapped = mapped and bool(identity)  # its values are views of the file, which another process can map
         self.columns: dict[str, np.ndarray | RaggedColumn] = {}
         batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
         for name in columns:
@@ -147,6 +150,7 @@ class RaggedPlan:
     src: np.ndarray
     start: np.ndarray
     length: np.ndarray  # in values (bytes, or tokens)
+    origins: list[tuple[Identity, int]] | None = None  # per source: (file, record batch), when all are mapped files
 
     @property
     def dtype(self) -> np.dtype:
@@ -164,6 +168,36 @@ class RaggedPlan:
         if len(self.length):
             np.concatenate(self.views(), out=out[:offsets[-1]])
         return Ragged(out[:offsets[-1]], offsets)
+
+    def mapped(self) -> MappedRows | None:
+        """The rows as (file, record batch, start, length) references, when every source is a mapped file."""
+        if self.origins is None:
+            return None
+        used, ref = np.unique(self.src, return_inverse=True)
+        return MappedRows(tuple(self.origins[s] for s in used.tolist()), ref.astype(np.int32), self.start, self.length)
+
+
+class MappedRows(NamedTuple):
+    """Rows of a variable-width column named by where they lie in local Arrow files, for a process that maps the
+    same files: row i is values of record batch refs[ref[i]][1] of file refs[ref[i]][0], [start[i], +length[i])."""
+
+    refs: tuple[tuple[Identity, int], ...]
+    ref: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+
+def mapped_values(identity: Identity, column: str) -> list[np.ndarray]:
+    """The values buffers (one per record batch) of `column` in the local Arrow file `identity` names, mapped into
+    this process; a ShardError if the file is gone or changed since a worker planned rows from it."""
+    path = identity[0]
+    name = os.path.basename(path)
+    if _identity(path) != identity:
+        raise ShardError(name, f"changed on disk while being read ({path}); restart the epoch")
+    opened = OpenShard(open_shard(path, name=name), [column], identity=identity)
+    sources = opened.columns[column].sources
+    opened.close()  # the arrays keep the mapping alive (Arrow counts its users)
+    return sources
 
 
 def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndarray,
@@ -210,6 +244,7 @@ class Catalog:
         self.columns = tuple(columns)
         self.base = np.full(num_shards, -1, np.int64)
         self.tables: dict[str, np.ndarray | RaggedColumn] = {}
+        self.origins: list[tuple[Identity, int]] | None = None  # per source of a ragged table, when all are mapped
         self._members: tuple[int, ...] | None = None
 
     def update(self, shards: Mapping[int, OpenShard]) -> None:
@@ -224,6 +259,10 @@ class Catalog:
         counts = [shard.reader.num_rows for shard in opened]
         self.base[ids] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
         self.tables = {}
+        self.origins = None
+        if opened and all(shard.mapped for shard in opened):
+            # Sources are the same for every ragged column: one per record batch of each open shard, in order.
+            self.origins = [(shard.identity, k) for shard in opened for k in range(shard.reader.num_batches)]
         for name in self.columns:
             parts = [shard.columns[name] for shard in opened]
             if parts and isinstance(parts[0], RaggedColumn):
@@ -249,7 +288,8 @@ class Catalog:
         for name in self.columns:
             table = self.tables[name]
             if isinstance(table, RaggedColumn):
-                out[name] = RaggedPlan(table.sources, table.src[index], table.start[index], table.length[index])
+                out[name] = RaggedPlan(table.sources, table.src[index], table.start[index], table.length[index],
+                                       self.origins)
             else:
                 out[name] = table[index]
         return out
@@ -353,7 +393,8 @@ class ShardSource:
                     return kept  # still mapped, tables built and checked: reopening costs more than it reads
                 kept.close()  # the file changed since: read (and check) the new one
             return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                             self.manifest.vocab_size, identity=identity)  # issue 9: check vs manifest
+                             self.manifest.vocab_size, identity=identity,  # issue 9: check vs manifest
+                             mapped=self.manifest.format == "arrow")
         for attempt in range(2):
             future = self._pending.pop(shard, None)
             if future is None:
@@ -394,12 +435,12 @@ class ShardSource:
         self._pending.clear()
 
 
-def _identity(path: str) -> tuple[int, ...]:
+def _identity(path: str) -> Identity:
     try:
         st = os.stat(path)
     except OSError:
         return ()  # opening it reports the error
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _readahead(path: str) -> None:

@@ -24,7 +24,7 @@ from stoker import cache, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
 from stoker.dataloader.reader import (
-    Catalog, OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, to_samples,
+    Catalog, MappedRows, OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, to_samples,
 )
 from stoker.dataloader.state import make_state, read_state, stream_config
 from stoker.errors import ConfigError
@@ -405,7 +405,7 @@ class _Iterator:
         pieces = []
         for i in range(units):
             part = slice(i * block, min((i + 1) * block, total))
-            pieces.append({name: (RaggedPlan(c.sources, c.src[part], c.start[part], c.length[part])
+            pieces.append({name: (RaggedPlan(c.sources, c.src[part], c.start[part], c.length[part], c.origins)
                                   if isinstance(c, RaggedPlan) else c[part]) for name, c in columns.items()})
         key, slab, parts = self._columnar(pieces)
         fresh, replaced = (slab.first, slab.replaced) if slab is not None else (False, None)
@@ -444,6 +444,8 @@ class _Iterator:
                     fixed[name] = column.astype(np.int64)  # what default_collate makes of Python ints
                 elif kind == "string":
                     fixed[name] = decode_strings(column)
+                elif kind == "binary" and column.origins is not None:
+                    fixed[name] = self._mapped(column)
                 else:
                     fixed[name] = None  # placeholder keeps the column order
                     nbytes = int(column.length.sum()) * column.dtype.itemsize
@@ -469,6 +471,15 @@ class _Iterator:
                 layout.append((name, kind, plan.dtype.str, offset, ragged.offsets))
             parts.append((tuple(layout), fixed))
         return key, _Slab(tensor, first, replaced), parts
+
+
+    def _mapped(self, plan: RaggedPlan) -> workers.ByteViews | MappedRows:
+        """Bytes of local Arrow shards are not copied: the training process maps the same file pages and views the
+        rows there (see `workers.build`). Disk reads still happen ahead of time, in the kernel: the worker asked
+        for readahead of each shard when it prefetched it (`ShardSource.prefetch`)."""
+        if not self.in_worker:
+            return workers.ByteViews(memoryview(view) for view in plan.views())
+        return plan.mapped()
 
 
 @dataclass

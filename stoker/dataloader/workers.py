@@ -14,6 +14,7 @@ with the worker's traceback attached as a note.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import traceback
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stoker.dataloader.reader import MappedRows, mapped_values
 from stoker.errors import ConfigError
 
 HEADER = 64  # bytes before the data of a slab; the first int32 is its state
@@ -34,6 +36,9 @@ _slabs: dict[tuple[int, str, int], torch.Tensor] = {}
 _held: set[tuple[int, str, int]] = set()
 _retired: set[tuple[int, str, int]] = set()  # replaced by their worker, or their worker is gone
 _lock = threading.Lock()
+# Main process: values buffers of local Arrow shards that workers named rows in, by (file identity, column).
+_mapped: collections.OrderedDict[tuple[Any, str], list[np.ndarray]] = collections.OrderedDict()
+MAPPED_FILES = 64
 
 
 def topology() -> tuple[int, int]:
@@ -173,6 +178,9 @@ def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[st
     data = None
     ragged = {entry[0]: entry for entry in layout}
     for name, value in columns.items():
+        if isinstance(value, MappedRows):
+            batch[name] = _view_mapped(value, name)
+            continue
         if name not in ragged:
             batch[name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
             continue
@@ -181,12 +189,40 @@ def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[st
             if data is None:
                 data = memoryview(buffer.numpy())  # slicing a memoryview costs a tenth of slicing an array
             bounds = (offsets + at).tolist()
-            batch[name] = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            batch[name] = ByteViews(data[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
         else:
             itemsize = np.dtype(dtype).itemsize
             flat = buffer[at:at + int(offsets[-1]) * itemsize].view(_TORCH_DTYPES[np.dtype(dtype)])
             batch[name] = list(torch.split(flat, np.diff(offsets).tolist())) if len(offsets) > 1 else []
     return batch
+
+
+class ByteViews(list):
+    """The rows of a bytes column in a batch: a list of memoryviews. With pin_memory=True torch would turn each
+    memoryview into a list of ints (it is a Sequence); bytes are not pinned, so pinning leaves them as they are."""
+
+    def pin_memory(self, device: Any = None) -> ByteViews:
+        return self
+
+
+def _view_mapped(rows: MappedRows, column: str) -> ByteViews:
+    """Read-only views of rows that lie in local Arrow files, mapped in this process (kept for later batches)."""
+    views = []
+    for identity, batch in rows.refs:
+        key = (identity, column)
+        with _lock:
+            sources = _mapped.get(key)
+            if sources is not None:
+                _mapped.move_to_end(key)
+        if sources is None:
+            sources = mapped_values(identity, column)
+            with _lock:
+                _mapped[key] = sources
+                while len(_mapped) > MAPPED_FILES:
+                    _mapped.popitem(last=False)  # views the user still holds keep their mapping alive
+        views.append(memoryview(sources[batch]))
+    ends = (rows.start + rows.length).tolist()
+    return ByteViews(views[r][a:b] for r, a, b in zip(rows.ref.tolist(), rows.start.tolist(), ends))
 
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.uint16, np.dtype(np.uint32): torch.uint32,
