@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,gpu,tokenizers,ray,plot
+EXTRAS ?= dev,gpu,jpeg,tokenizers,ray,plot
 
 .PHONY: demo test bench clean
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
@@ -11,7 +12,8 @@ import PIL
 import pytest
 from PIL import Image, ImageOps
 
-from stoker.augment.decode import DecodeError, decode_for_box, decode_full, pil_backend_info, probe
+from stoker.augment import decode
+from stoker.augment.decode import DecodeError, decode_for_box, decode_full, pil_backend_info, probe, size_of
 from stoker.errors import ShardError, StokerError
 from test_augment_helpers import encode, exif_jpeg, jpeg, photo
 
@@ -33,12 +35,22 @@ FORMATS = {
 }
 
 
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def decoder(request, monkeypatch):
+    """Run a test with each JPEG decoder: simplejpeg (the `jpeg` extra) and Pillow alone."""
+    if request.param == "pillow":
+        monkeypatch.setattr(decode, "simplejpeg", None)
+    elif decode.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed (pip install 'stoker[jpeg]')")
+    return request.param
+
+
 def _reference(data: bytes) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_full_decode_equals_pillow(name):
+def test_full_decode_equals_pillow(name, decoder):
     data = FORMATS[name]()
     decoded = decode_full(data, max_pixels=10**8)
     assert decoded.mode == "RGB"
@@ -61,12 +73,13 @@ def test_exif_orientation_is_honoured(orientation):
     np.testing.assert_array_equal(np.asarray(decode_full(data, 10**8)), _reference(data))
 
 
-def test_jpeg_draft_decodes_at_reduced_size_but_keeps_enough_pixels():
+def test_jpeg_draft_decodes_at_reduced_size_but_keeps_enough_pixels(decoder):
     data = jpeg(9, 900, 1200)
     image, header = probe(data, 10**8)
     box = (100.0, 50.0, 1150.0, 850.0)  # 1050x800 source pixels onto 224x224: factor 3.6
     decoded, scaled = decode_for_box(image, header, box, (224, 224))
-    assert decoded.size == (600, 450)  # libjpeg's DCT scaling decoded at 1/2
+    assert size_of(decoded) == (600, 450)  # libjpeg's DCT scaling decoded at 1/2
+    decoded = decode.as_image(decoded)
     assert scaled[2] - scaled[0] >= 224 and scaled[3] - scaled[1] >= 224
     assert min(scaled[2] - scaled[0], scaled[3] - scaled[1]) < 2 * 224  # and no more than needed
     # The reduced decode still shows the same picture as a full decode resized the same way.
@@ -83,11 +96,31 @@ def test_small_outputs_of_non_jpeg_inputs_are_reduced_over_the_box_only():
     assert 64 <= scaled[2] - scaled[0] < 128
 
 
-def test_no_reduction_when_the_output_needs_full_resolution():
+def test_no_reduction_when_the_output_needs_full_resolution(decoder):
     data = jpeg(11, 300, 400)
     image, header = probe(data, 10**8)
     decoded, scaled = decode_for_box(image, header, (0.0, 0.0, 400.0, 300.0), (224, 224))
-    assert decoded.size == (400, 300) and scaled == (0.0, 0.0, 400.0, 300.0)
+    assert size_of(decoded) == (400, 300) and scaled == (0.0, 0.0, 400.0, 300.0)
+    assert isinstance(decoded, np.ndarray) == (decoder == "simplejpeg")
+
+
+@pytest.mark.parametrize("width, height, factor, scale", [
+    (1200, 900, 3.6, 2), (1200, 900, 1.9, 1), (1200, 900, 4.0, 4), (1200, 900, 40.0, 8), (601, 451, 2.0, 1),
+    (602, 452, 2.0, 2), (602, 452, 0.5, 1),
+])
+def test_dct_scale_is_the_one_pillow_draft_picks(width, height, factor, scale):
+    assert decode._dct_scale(width, height, factor) == scale
+    image = Image.open(io.BytesIO(jpeg(1, height, width)))
+    image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    assert image.size == (-(-width // scale), -(-height // scale))  # what draft() chose, for the same request
+
+
+def test_reduced_beyond_an_eighth_by_simplejpeg_then_pillow(decoder):
+    data = jpeg(13, 1800, 2400)
+    image, header = probe(data, 10**8)
+    decoded, scaled = decode_for_box(image, header, (0.0, 0.0, 2400.0, 1800.0), (32, 24))  # factor 75
+    assert isinstance(decoded, Image.Image) and size_of(decoded) == (34, 25)  # 1/8 decode, then reduce(9)
+    assert 32 <= scaled[2] - scaled[0] < 64
 
 
 def test_images_over_max_pixels_are_refused_from_the_header():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import numpy as np
@@ -165,3 +166,17 @@ def test_render_returns_chw_uint8():
     params = sample_params(spec, sample_rng(0, 0, SAMPLES[0]), header.width, header.height)
     pixels = pil_module.render(Planned(SAMPLES[0], image, header, params), (48, 32))
     assert pixels.shape == (3, 32, 48) and pixels.dtype == torch.uint8
+
+
+def _shared_in_worker(transform: PilTransform, samples: list[dict]) -> tuple[bool, torch.Tensor]:
+    return transform(samples)["image"].is_shared(), transform(samples)["image"]
+
+
+def test_a_worker_builds_its_batch_in_shared_memory():
+    # Sent to the training process as a file descriptor: no copy of the pixels into shared memory on the way.
+    transform = PilTransform(TransformSpec(size=64), seed=5)
+    assert not transform(SAMPLES)["image"].is_shared()  # outside a worker: plain memory
+    loader = DataLoader([SAMPLES], batch_size=None, num_workers=1,
+                        collate_fn=functools.partial(_shared_in_worker, transform))
+    (shared, image), = list(loader)
+    assert shared and torch.equal(image, transform(SAMPLES)["image"])

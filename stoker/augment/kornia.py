@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from stoker.augment.base import BatchTransform, Planned
-from stoker.augment.decode import decode_for_box
+from stoker.augment.decode import crop, decode_for_box, size_of
 
 
 @dataclass
@@ -122,8 +122,9 @@ def _decode_region(item: Planned, out_size: tuple[int, int]) -> tuple[np.ndarray
     """Decode one sample and cut out its crop box plus a one-pixel margin; return pixels and box in them."""
     image, box = decode_for_box(item.image, item.header, item.params.box, out_size)
     x0, y0 = max(0, math.floor(box[0]) - 1), max(0, math.floor(box[1]) - 1)
-    x1, y1 = min(image.width, math.ceil(box[2]) + 1), min(image.height, math.ceil(box[3]) + 1)
-    region = np.asarray(image.crop((x0, y0, x1, y1)))
+    width, height = size_of(image)
+    x1, y1 = min(width, math.ceil(box[2]) + 1), min(height, math.ceil(box[3]) + 1)
+    region = crop(image, (x0, y0, x1, y1))
     return region, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
 
 

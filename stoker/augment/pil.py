@@ -15,14 +15,16 @@ Pillow-SIMD itself is installed.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
+from torch.utils.data import get_worker_info
 
 from stoker.augment.base import BatchTransform, Planned
-from stoker.augment.decode import decode_for_box, pil_backend_info
+from stoker.augment.decode import Pixels, as_image, crop, decode_for_box, pil_backend_info
 from stoker.augment.spec import TransformSpec
 
 
@@ -35,7 +37,7 @@ class PilTransform(BatchTransform):
         spec = self.spec
         chw = spec.layout == "CHW"
         shape = (len(planned), 3, spec.height, spec.width) if chw else (len(planned), spec.height, spec.width, 3)
-        batch = torch.empty(shape, dtype=torch.uint8)
+        batch = _output(shape)
 
         def work(index: int) -> BaseException | None:
             try:
@@ -52,6 +54,15 @@ class PilTransform(BatchTransform):
         return _finish(batch, spec), failed
 
 
+def _output(shape: tuple[int, ...]) -> torch.Tensor:
+    """The uint8 batch to fill: in a DataLoader worker, straight in shared memory (as torch's default_collate
+    does), so sending it to the training process passes a file descriptor instead of copying the pixels."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def render(item: Planned, out_size: tuple[int, int]) -> torch.Tensor:
     """One sample's output pixels, uint8 [3, H, W]: reduced decode, one resample of the crop box, flip, jitter."""
     image, box = decode_for_box(item.image, item.header, item.params.box, out_size)
@@ -64,12 +75,12 @@ def render(item: Planned, out_size: tuple[int, int]) -> torch.Tensor:
     return pixels
 
 
-def resample(image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> torch.Tensor:
+def resample(image: Pixels, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> torch.Tensor:
     """Antialiased bilinear resize of `box` in an RGB image to `out_size` (w, h); returns uint8 [3, H, W]."""
     if _pillow_is_simd() or not all(float(v).is_integer() for v in box):
-        return torch.from_numpy(np.array(image.resize(out_size, Image.Resampling.BILINEAR, box=box))).permute(2, 0, 1)
-    # np.array, not asarray: Pillow's export is read-only and torch warns about read-only arrays.
-    region = torch.from_numpy(np.array(image.crop(tuple(int(v) for v in box))))
+        resized = as_image(image).resize(out_size, Image.Resampling.BILINEAR, box=box)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+    region = torch.from_numpy(crop(image, tuple(int(v) for v in box)))
     # HWC memory viewed as NCHW is channels-last, the layout PyTorch's fast uint8 kernel reads.
     resized = F.interpolate(
         region.permute(2, 0, 1).unsqueeze(0), size=(out_size[1], out_size[0]), mode="bilinear", antialias=True
