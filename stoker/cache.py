@@ -108,7 +108,9 @@ class ShardCache:
         os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
         lock = self._lock(key, timeout)
         try:
-            lock.acquire()
+            # Another worker is usually filling this very shard (workers of one epoch read the same shards): notice
+            # its end within milliseconds, not filelock's default 50 ms.
+            lock.acquire(poll_interval=0.005)
         except Timeout:
             raise StorageError(
                 f"waited {timeout:.0f}s for another process to fill {key} into the cache {self.directory}"

@@ -49,6 +49,26 @@ def test_bundled_batches_arrive_in_the_order_of_unbundled_ones(images, batch_siz
     assert sizes[0] == sizes[1] == sizes[2]
 
 
+def test_each_epoch_starts_with_small_bundles(images, monkeypatch):
+    # The first batch of an epoch costs one batch's work, not a whole bundle's; then bundles grow to full size.
+    loader = DataLoader(StreamingDataset(images, shuffle_buffer=150), batch_size=4, num_workers=1,
+                        persistent_workers=True)
+    epochs = [iter(loader)]  # the worker forks now, before the patch: it pickles with the real functions
+    sizes = []
+    unpack_bundle = workers.unpack_bundle
+
+    def recording(worker, first, key, slab, replaced, parts):  # what the main process runs per message
+        sizes.append(len(parts))
+        return unpack_bundle(worker, first, key, slab, replaced, parts)
+
+    monkeypatch.setattr(workers, "unpack_bundle", recording)
+    epochs.append(loader)
+    for epoch in epochs:
+        sizes.clear()
+        assert sorted(keys_of(list(epoch))) == ALL
+        assert sizes == [1, 2, 4, 8, 8, 8, 7]  # 38 batches of 4: full bundles are 8 batches (bundle_size)
+
+
 def test_bundled_batches_share_a_slab_and_stay_valid_while_held(images):
     loader = DataLoader(StreamingDataset(images, shuffle_buffer=1000), batch_size=4, num_workers=2,
                         persistent_workers=True)

@@ -371,16 +371,18 @@ class Tuner:
         w, seg = self._window, self._segment
         if w is None or seg is None or not (self.tune_workers or self.tune_prefetch):
             return False
+        lump = self.bundle
         if self._decisions == 0:
-            # The start is deliberately small: judge it as soon as a few steps of the first bundle have been timed,
-            # while the rest of that bundle can still be carried over a change.
-            if len(w.steps) < max(2, min(self.config.min_batches, self.bundle // 2)):
+            # The start is deliberately small: judge it as soon as two steps and every worker's first two bundles
+            # (1 and 2 batches: an epoch's bundles start small, `stream._Iterator._next_bundle`) have been timed.
+            if len(w.steps) < 2:
                 return False
+            lump = min(self.bundle, 3)
         elif len(w.steps) < self.config.min_batches or now - w.start < self.config.interval_s \
                 or now - self._segment_start < self.config.cooldown_s:
             return False
-        # A bundle from every worker, so that their costs mean something (bundles arrive in lumps).
-        return self.setting.workers == 0 or self.clock.totals()[1] - seg.made >= self.setting.workers * self.bundle
+        # Whole bundles from every worker, so that their costs mean something (bundles arrive in lumps).
+        return self.setting.workers == 0 or self.clock.totals()[1] - seg.made >= self.setting.workers * lump
 
     # -- deciding ------------------------------------------------------------------------------------------------
 
@@ -460,9 +462,9 @@ class Tuner:
         rate_new = min(new_n / p if new_n else 1 / (p + step), cpu_rate, 1 / step)
         if experiment:
             rate_now = delivered_rate  # the model already promised more than this: judge by what was measured
-        # A restart costs the stop and start measured, plus the wait for the new workers' first bundles (a worker
-        # sends a bundle when all its batches are built); the batches the old workers were building are lost.
-        restart = self.restart_s = (self.overhead_s or 0.0) + self.bundle * p
+        # A restart costs the stop and start measured, plus the wait for the new workers' first batch (their first
+        # bundle holds one, see `stream._Iterator._next_bundle`); the batches the old workers were building are lost.
+        restart = self.restart_s = (self.overhead_s or 0.0) + p
         # A setting carries over to the following epochs, and a run is expected to go on at least as long as it
         # has gone so far: the gain counts over the longest of the epoch's rest, an epoch, and the run so far.
         horizon = max(remaining, epoch_length, self._total)

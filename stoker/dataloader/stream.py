@@ -314,6 +314,7 @@ class _Iterator:
         self.pool = ds._per_process()[1] if self.in_worker else None
         self.progress = Progress(self.epoch, self.start, ds._block, self.world)
         self.checked = False  # whether a batch of the user's collate was shown to pickle
+        self.sent = 0  # bundles sent in this epoch (see `_next_bundle`)
         if not self.in_worker and not ds._batched:
             ds._progress = self.progress
 
@@ -367,12 +368,17 @@ class _Iterator:
         return batch
 
     def _next_bundle(self) -> workers.Bundle | workers.WireBundle:
-        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`)."""
+        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`).
+
+        The first bundles of an epoch hold 1, 2, 4... batches: the training process gets its first batch after
+        one batch's work instead of a whole bundle's (0.8 s at the start of every epoch and after every autotune
+        restart, with 8 batches of 100 ms), and the worker is busy all the same."""
         assert self.slot is not None
         info = get_worker_info()
         first = self.slot.next
         ds = self.ds
-        count = self.slot.run_length(ds._bundle)
+        count = self.slot.run_length(min(ds._bundle, 1 << min(self.sent, 16)))
+        self.sent += 1
         if ds._collate is None and ds.transform is None:
             try:  # columnar: gather the batches' rows at once, copy them into one slab
                 got = self.slot.take(count)
