@@ -26,6 +26,7 @@ from torch.utils.data import get_worker_info
 from stoker.augment.base import BatchTransform, Planned
 from stoker.augment.decode import Pixels, as_image, crop, decode_for_box, pil_backend_info
 from stoker.augment.spec import TransformSpec
+from stoker.dataloader.workers import shared_bytes
 
 
 class PilTransform(BatchTransform):
@@ -55,12 +56,11 @@ class PilTransform(BatchTransform):
 
 
 def _output(shape: tuple[int, ...]) -> torch.Tensor:
-    """The uint8 batch to fill: in a DataLoader worker, straight in shared memory (as torch's default_collate
-    does), so sending it to the training process passes a file descriptor instead of copying the pixels."""
+    """The uint8 batch to fill: in a DataLoader worker, straight in shared memory, so that sending it to the
+    training process does not copy the pixels."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return shared_bytes(math.prod(shape)).view(shape)
 
 
 def render(item: Planned, out_size: tuple[int, int]) -> torch.Tensor:

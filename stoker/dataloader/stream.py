@@ -478,7 +478,6 @@ class _Iterator:
             parts.append((tuple(layout), fixed))
         return key, _Slab(tensor, first, replaced), parts
 
-
     def _mapped(self, plan: RaggedPlan) -> workers.ByteViews | MappedRows:
         """Bytes of local Arrow shards are not copied: the training process maps the same file pages and views the
         rows there (see `workers.build`). Disk reads still happen ahead of time, in the kernel: the worker asked

@@ -61,8 +61,10 @@ def topology() -> tuple[int, int]:
     return rank, world
 
 
-def _new_slab(nbytes: int) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared(nbytes)  # allocated in shared memory directly, as default_collate does
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of `nbytes` allocated in shared memory directly, as default_collate does in workers: sending
+    it to another process passes its file descriptor instead of copying it into shared memory first."""
+    storage = torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
@@ -94,7 +96,7 @@ class SlabPool:
             if slab.numel() >= need:
                 _state(slab)[0] = IN_USE
                 return key, slab, False, None
-        slab = _new_slab(max(need + need // 4, 1 << 20))  # headroom, so slightly bigger batches fit next time
+        slab = shared_bytes(max(need + need // 4, 1 << 20))  # headroom, so slightly bigger batches fit next time
         if not free and len(self._slabs) >= self.max_slabs:
             _state(slab)[0] = ONE_OFF
             return None, slab, True, None
