@@ -81,6 +81,9 @@ def wait(future: cf.Future[Any], deadline: float, what: str) -> Any:
         raise StorageError(f"{what}: no answer before the deadline; is the storage endpoint reachable?") from None
 
 
+VANISH_RETRIES = 3  # fills of one entry started again after the cache directory was deleted under them
+
+
 class ShardCache:
     """A directory of shard files under a byte limit, shared safely by processes and jobs on one machine."""
 
@@ -119,7 +122,7 @@ class ShardCache:
             if _touch(path, size):  # another process filled it while we waited
                 return path
             _remove(path)  # a damaged entry (wrong size): filled again below
-            full = vanished = False
+            full, vanished = False, 0
             while True:
                 # After ENOSPC: evict every entry not in use (the disk filled before the byte limit was reached).
                 self._make_room(size, keep=key, timeout=timeout, limit=0 if full else self.limit)
@@ -138,9 +141,16 @@ class ShardCache:
                             f"no space left for {key} ({size} bytes) in the cache {self.directory}, even after "
                             "evicting every entry not in use: free disk space or lower cache_limit"
                         ) from None
-                    elif isinstance(exc, FileNotFoundError) and not vanished:
-                        vanished = True  # the directory was deleted while we filled: make it again, fill again
+                    elif isinstance(exc, FileNotFoundError) and vanished < VANISH_RETRIES:
+                        # The directory was deleted while we filled (a cleanup script; its `rm -rf` may still be
+                        # running and take the directory we make again with it): make it again, fill again.
+                        vanished += 1
                         os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
+                    elif isinstance(exc, FileNotFoundError):
+                        raise StorageError(
+                            f"the cache directory {self.directory} was deleted {vanished + 1} times while {key} was "
+                            "being filled into it; stop whatever keeps deleting it"
+                        ) from exc
                     else:
                         raise
                 finally:

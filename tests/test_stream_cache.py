@@ -129,3 +129,34 @@ def test_cache_limit_below_one_window_is_a_config_error(tmp_path):
     url = to_memory(make_dataset(tmp_path / "src", rows=(10, 10, 10, 10)))
     with pytest.raises(ConfigError, match="cache_limit"):
         StreamingDataset(url, cache_dir=str(tmp_path / "c"), cache_limit=1000, shuffle_buffer=30)
+
+
+def test_a_cache_directory_deleted_during_every_fill_is_a_clear_error(tmp_path):
+    import shutil
+
+    from stoker.errors import StorageError
+
+    store = cache.ShardCache(str(tmp_path / "cache"), 1 << 20)
+    fills = []
+
+    def fill(tmp: str) -> None:  # a cleanup script that deletes the cache under every fill
+        fills.append(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 10)
+        shutil.rmtree(tmp_path / "cache")
+
+    with pytest.raises(StorageError, match=r"cache directory .* was deleted 4 times while k was being filled"):
+        store.get("k", 10, fill, timeout=5)
+    assert len(fills) == 1 + cache.VANISH_RETRIES
+
+    calls = []
+
+    def fill_after_one_deletion(tmp: str) -> None:  # deleted once: filled again, and the entry is there
+        calls.append(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"y" * 10)
+        if len(calls) == 1:
+            shutil.rmtree(tmp_path / "cache")
+
+    path = store.get("k", 10, fill_after_one_deletion, timeout=5)
+    assert len(calls) == 2 and Path(path).read_bytes() == b"y" * 10
