@@ -15,6 +15,7 @@ from typing import IO, Any, Union
 import numpy as np
 import pyarrow as pa
 
+from stoker import storage
 from stoker.errors import ConfigError, ShardError
 
 ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
@@ -167,17 +168,18 @@ class ShardWriter(ABC):
     def flush(self) -> None:
         """Write pending samples as one record batch."""
         if self._pending:
+            start = self._file.tell()
             self._write_samples(self._pending)
+            self._file.flush()
+            storage.start_writeback(self._file.fileno(), start, self._file.tell() - start)
             self.rows += len(self._pending)
             self._pending, self._pending_bytes = [], 0
 
     def close(self) -> tuple[int, int, str]:
-        """Finish the file; return (rows, bytes, sha256 hex)."""
+        """Finish the file; return (rows, bytes, sha256 hex). Not fsynced: publishing does that (storage.publish_local)."""
         if not self._closed:
             self.flush()
             self._finish()
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             self._closed = True
         return self.rows, os.path.getsize(self.path), self._hash.hexdigest()

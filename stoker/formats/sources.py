@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stoker import storage
 from stoker.errors import ConfigError, MissingExtraError, SourceError
+from stoker.formats.image_header import image_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -39,36 +40,37 @@ def check_key(key: str) -> str:
     return key
 
 
-def _walk_files(root: str, folder: str, seen: set[tuple[int, int]], errors: list[tuple[str, str]]) -> Iterator[str]:
-    """Yield file paths below `folder` (relative to root), following symlinks but refusing loops."""
+def _walk_files(root: str, rel: str, seen: set[tuple[int, int]], errors: list[tuple[str, str]]) -> Iterator[tuple[str, int]]:
+    """Yield (key, size) of the files below root/rel, keys relative to root; follows symlinks but refuses loops."""
+    folder = os.path.join(root, rel)
     try:
         st = os.stat(folder)
     except OSError as exc:
-        errors.append((os.path.relpath(folder, root), f"unreadable directory: {exc.strerror}"))
+        errors.append((rel, f"unreadable directory: {exc.strerror}"))
         return
     ident = (st.st_dev, st.st_ino)
     if ident in seen:
-        errors.append((os.path.relpath(folder, root), "symlink loop: this directory is its own ancestor"))
+        errors.append((rel, "symlink loop: this directory is its own ancestor"))
         return
     seen = seen | {ident}
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        errors.append((os.path.relpath(folder, root), f"unreadable directory: {exc.strerror}"))
+        errors.append((rel, f"unreadable directory: {exc.strerror}"))
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        path = os.path.join(folder, entry.name)
+        key = f"{rel}/{entry.name}"
         try:
-            mode = os.stat(path).st_mode
+            info = entry.stat()  # follows symlinks, like open() will
         except OSError as exc:
-            errors.append((os.path.relpath(path, root), f"unreadable: {exc.strerror} (broken symlink?)"))
+            errors.append((key, f"unreadable: {exc.strerror} (broken symlink?)"))
             continue
-        if stat.S_ISDIR(mode):
-            yield from _walk_files(root, path, seen, errors)
+        if stat.S_ISDIR(info.st_mode):
+            yield from _walk_files(root, key, seen, errors)
         else:
-            yield os.path.relpath(path, root).replace(os.sep, "/")
+            yield key, info.st_size
 
 
 def _listed(src: str, files: list[str], name: str, problems: list[tuple[str, str]]) -> Iterator[str]:
@@ -135,8 +137,10 @@ def list_image_tree(
         if remote:
             keys: Iterator[tuple[str, int | None]] = iter(remote_keys[name])
         else:
-            walk = _walk_files(src, os.path.join(src, name), set(), problems) if files is None else _listed(src, files, name, problems)
-            keys = ((key, None) for key in walk)
+            if files is None:
+                keys = _walk_files(src, name, set(), problems)
+            else:
+                keys = ((key, None) for key in _listed(src, files, name, problems))
         for key, size in keys:
             if not key.lower().endswith(IMAGE_SUFFIXES):
                 problems.append((key, f"not an image file (suffix not one of {', '.join(IMAGE_SUFFIXES)})"))
@@ -193,6 +197,10 @@ def load_image(
     """
     path = os.path.join(src, item.key) if storage.is_local(src) else storage.join(src, item.key)
     data = read_file(path, storage_options)
+    if validate != "decode":
+        known = image_size(data)
+        if known is not None and (max_side is None or max(known[1], known[2]) <= max_side):
+            return {"key": item.key, "label": item.label, "image": data, "height": known[2], "width": known[1]}
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
