@@ -11,7 +11,7 @@ from stoker import storage
 from stoker.bucketing.metrics import length_histogram, render_histogram
 from stoker.errors import ShardError
 from stoker.formats.manifest import Manifest
-from stoker.formats.shard import open_shard
+from stoker.formats.shard import arrow_to_numpy, open_shard
 
 
 def inspect(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -40,8 +40,8 @@ def inspect(url: str, storage_options: dict[str, Any] | None = None) -> list[str
         try:
             with open_shard(storage.local_path(storage.join(url, info.name)), name=info.name) as reader:
                 for batch in reader.iter_batches(["height", "width", "image"]):
-                    sides.append(np.maximum(batch.column("height").to_numpy(), batch.column("width").to_numpy()))
-                    nbytes.append(pc.binary_length(batch.column("image")).to_numpy())
+                    sides.append(np.maximum(arrow_to_numpy(batch.column("height")), arrow_to_numpy(batch.column("width"))))
+                    nbytes.append(arrow_to_numpy(pc.binary_length(batch.column("image"))))
         except (ShardError, OSError) as exc:
             lines.append(f"warning  {info.name}: {exc}")
     if sides:

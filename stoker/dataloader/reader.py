@@ -22,7 +22,7 @@ import pyarrow as pa
 from stoker import cache, storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats.manifest import Manifest, ShardInfo
-from stoker.formats.shard import ShardReader, open_shard
+from stoker.formats.shard import ShardReader, arrow_to_numpy, open_shard
 
 DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
 IDLE_SHARDS = 64  # local shards kept mapped after use, for the next window or epoch of a persistent worker
@@ -133,13 +133,13 @@ def check_against_manifest(shard: OpenShard, info: ShardInfo, vocab_size: int | 
 
 def _column_view(column: pa.Array) -> Any:
     if pa.types.is_list(column.type):
-        return column.offsets.to_numpy().astype(np.int64), column.values.to_numpy()
+        return arrow_to_numpy(column.offsets).astype(np.int64), arrow_to_numpy(column.values)
     if pa.types.is_binary(column.type) or pa.types.is_string(column.type):
         offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
         data = column.buffers()[2]
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         return offsets.astype(np.int64), values
-    return column.to_numpy(zero_copy_only=False)
+    return arrow_to_numpy(column)
 
 
 @dataclass

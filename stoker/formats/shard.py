@@ -57,11 +57,11 @@ class ShardReader(ABC):
         for b in np.unique(which):
             batch = self.read_batch(int(b), columns)
             mask = which == b
-            pieces.append((np.flatnonzero(mask), batch.take(pa.array(rows[mask] - self.batch_offsets[b]))))
+            pieces.append((np.flatnonzero(mask), batch.take(numpy_to_arrow(rows[mask] - self.batch_offsets[b]))))
         if not pieces:
             return self.schema_table(columns)
         order = np.argsort(np.concatenate([p[0] for p in pieces]), kind="stable")
-        return pa.Table.from_batches([p[1] for p in pieces]).take(pa.array(order))
+        return pa.Table.from_batches([p[1] for p in pieces]).take(numpy_to_arrow(order))
 
     def row(self, index: int) -> dict[str, Any]:
         """One row as a sample dict (see `batch_to_samples`)."""
@@ -135,8 +135,8 @@ def batch_to_samples(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 
 def list_column_to_numpy(column: pa.ListArray) -> list[np.ndarray]:
     """Split a list<int> column into per-row numpy views of one shared values buffer."""
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)
+    offsets = arrow_to_numpy(column.offsets)
+    values = arrow_to_numpy(column.values)
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
 
 
@@ -211,20 +211,56 @@ def sample_nbytes(sample: dict[str, Any]) -> int:
     return size
 
 
+def numpy_to_arrow(values: np.ndarray) -> pa.Array:
+    """A 1-d numpy array as an Arrow array sharing its memory.
+
+    Not `pa.array`: its first call in a process imports pandas when pandas is installed (0.7 s here), in every
+    pack worker and loader worker.
+    """
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def arrow_to_numpy(array: pa.Array) -> np.ndarray:
+    """The values of a fixed-width Arrow array as a read-only numpy view (copied only if it has nulls).
+
+    Not `Array.to_numpy`: it imports pandas on first use when pandas is installed (see numpy_to_arrow).
+    """
+    if array.null_count or not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        return array.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype)[array.offset : array.offset + len(array)]
+
+
+def _binary_array(values: list[bytes], type_: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, values), np.int64, len(values)), out=offsets[1:])
+    if offsets[-1] >= 1 << 31:
+        raise ConfigError(f"a record batch of {offsets[-1]:,} bytes exceeds Arrow's 2 GB binary column; lower batch_bytes")
+    data = b"".join(values)
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    if pa.types.is_binary(type_):
+        return _binary_array(values, type_)
+    if pa.types.is_string(type_):
+        try:
+            return _binary_array([v.encode() for v in values], type_)
+        except (UnicodeEncodeError, AttributeError):
+            return pa.array(values, type=type_)  # the error Arrow gives for a value that is not valid text
+    if pa.types.is_list(type_):
+        dtype = type_.value_type.to_pandas_dtype()
+        lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.zeros(0, dtype)
+        return pa.ListArray.from_arrays(numpy_to_arrow(offsets), numpy_to_arrow(flat))
+    return numpy_to_arrow(np.asarray(values, dtype=type_.to_pandas_dtype()))
+
+
 def samples_to_batch(samples: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
-    """Build a record batch from sample dicts; token lists become one flat values buffer plus offsets."""
-    arrays = []
-    for field in schema:
-        values = [s[field.name] for s in samples]
-        if pa.types.is_list(field.type):
-            dtype = field.type.value_type.to_pandas_dtype()
-            lengths = np.fromiter((len(v) for v in values), np.int32, len(values))
-            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-            flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.zeros(0, dtype)
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type)))
-        else:
-            arrays.append(pa.array(values, type=field.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+    """Build a record batch from sample dicts: one buffer per column, token lists as offsets plus flat values."""
+    return pa.RecordBatch.from_arrays([_column([s[f.name] for s in samples], f.type) for f in schema], schema=schema)
 
 
 def create_writer(fmt: str, path: str, schema: pa.Schema, *, batch_bytes: int = 4 << 20) -> ShardWriter:
