@@ -34,7 +34,7 @@ def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                     "a path or fsspec URL (s3://bucket/prefix)")
     parser.add_argument("dst", help="output directory or fsspec URL (s3://bucket/prefix)")
     parser.add_argument("--format", choices=["arrow", "msgpack"], default="arrow")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="shards written in parallel: threads for images, processes for text (default: all cores)")
     parser.add_argument("--shard-size", type=parse_size, default=parse_size("256MB"), help="target shard size (default 256MB)")
     parser.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this, re-encoding as JPEG")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality when --max-side re-encodes (default 90)")
@@ -52,7 +52,7 @@ def _pack_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="file (path or URL) listing SRC-relative image paths, one per line, optionally `path<TAB>size`, "
                              "instead of listing SRC")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="run shard jobs on a local process pool (default) or as Ray tasks (needs stoker[ray])")
+                        help="run shard jobs on local workers (default) or as Ray tasks (needs stoker[ray])")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join ('auto', ray://host:10001); default: start a local Ray instance")
     parser.add_argument("--max-retries", type=int, default=3, help="Ray: reruns of a shard task that died (default 3)")

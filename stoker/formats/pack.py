@@ -2,11 +2,12 @@
 
 How it stays safe and resumable:
   * The input is listed in sorted order and cut into shards by a deterministic plan (bytes per shard).
-  * Each worker process writes one whole shard under a hidden temporary name, renames it into place, then
-    records it in `DST/.stoker-pack/<shard>.json`. A shard without that record is redone on the next run.
+  * Each worker writes one whole shard under a hidden temporary name; the driver's threads fsync it, rename it
+    into place, then record it in `DST/.stoker-pack/<shard>.json`. A shard without that record is redone on the
+    next run. Workers are threads for images and processes for text (see `_writers`).
   * The manifest is written last, atomically; then the `.stoker-pack` folder is removed. A rerun of the
     same command after a crash finishes only what is missing; the result is byte-identical.
-  * `--engine ray` runs the very same shard jobs as Ray tasks instead of on a local process pool
+  * `--engine ray` runs the very same shard jobs as Ray tasks instead of on local workers
     (stoker.formats.ray_engine); SRC and DST may be fsspec URLs (SRC is listed by stoker.formats.listing).
 """
 
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -42,7 +44,7 @@ class PackOptions:
 
     format: str = "arrow"
     shard_size: int = 256 << 20
-    workers: int | None = None  # processes; None = all cores
+    workers: int | None = None  # parallel shards (threads for images, processes for text); None = all cores
     max_side: int | None = None
     quality: int = 90
     on_error: str = "raise"  # or "skip"
@@ -56,7 +58,7 @@ class PackOptions:
     part: tuple[int, int] | None = None  # (index, count): pack only this deterministic slice, see stoker.formats.merge
     files_from: str | None = None  # a text file listing SRC-relative image paths, instead of walking SRC
     progress: bool = True
-    engine: str = "local"  # "local" (process pool) or "ray" (one Ray task per shard, see stoker.formats.ray_engine)
+    engine: str = "local"  # "local" (workers on this machine) or "ray" (one Ray task per shard, see stoker.formats.ray_engine)
     ray_address: str | None = None  # None: start a local Ray instance; "auto" or ray://host:port: join a cluster
     max_retries: int = 3  # Ray only: reruns of a shard task whose worker died or hit an I/O error
     storage_options: dict[str, Any] | None = field(default=None, compare=False)  # for DST (and SRC on the same store)
@@ -102,7 +104,7 @@ class PackResult:
 
 @dataclass(frozen=True)
 class _Job:
-    """One shard's work, sent to a worker process."""
+    """One shard's work, sent to a worker."""
 
     index: int
     name: str
@@ -213,14 +215,14 @@ def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -
 
 # ---- worker side -------------------------------------------------------------------------------------------
 
-_progress: Any = None  # (samples, bytes) shared counters, set per worker process by the pool initializer
-_unreported = [0, 0]  # counted here, not yet added to the shared counters
+_progress: Any = None  # (samples, bytes) shared counters, set per worker by the pool initializer
+_unreported = threading.local()  # per worker thread: [samples, bytes] counted, not yet added to the counters
 
 
 def _init_worker(counters: Any) -> None:
     global _progress
     _progress = counters
-    _unreported[:] = [0, 0]
+    _unreported.counts = [0, 0]
 
 
 def _init_pool_worker(counters: Any) -> None:
@@ -244,13 +246,16 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
 
 def _count(samples: int, nbytes: int, *, flush: bool = False) -> None:
     # The shared counters take a lock; the bar redraws every 0.25 s, so adding per 64 samples loses nothing.
-    _unreported[0] += samples
-    _unreported[1] += nbytes
-    if _progress is not None and (flush or _unreported[0] >= 64):
+    counts = getattr(_unreported, "counts", None)
+    if counts is None:
+        counts = _unreported.counts = [0, 0]
+    counts[0] += samples
+    counts[1] += nbytes
+    if _progress is not None and (flush or counts[0] >= 64):
         with _progress[0].get_lock():
-            _progress[0].value += _unreported[0]
-            _progress[1].value += _unreported[1]
-        _unreported[0] = _unreported[1] = 0
+            _progress[0].value += counts[0]
+            _progress[1].value += counts[1]
+        counts[0] = counts[1] = 0
 
 
 def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dict[str, str]]):
@@ -501,12 +506,24 @@ def _shard_intact(dst: str, record: dict[str, Any], opts: PackOptions) -> bool:
         return False
 
 
+def _writers(kind: str, workers: int, ctx: Any, counters: Any) -> cf.Executor:
+    """Threads for images, processes for text: the rule is whether the work holds the GIL.
+
+    An image shard is reading files, hashing and writing (all release the GIL) plus ~20 us of Python per image;
+    a forked worker cost 30-70 ms to start beside a loaded torch, more than a thread ever waits for the GIL on
+    the machines measured (benchmarks/peers.py). Tokenizing text is Python through and through: processes.
+    """
+    if kind == "image":
+        return cf.ThreadPoolExecutor(workers, thread_name_prefix="stoker-pack", initializer=_init_worker, initargs=(counters,))
+    # fork starts workers in milliseconds; the parent holds no locks or threads that workers use.
+    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(counters,))
+
+
 def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[int, dict[str, Any]]:
-    """Run shard jobs on a process pool (or inline for one worker), with a progress bar."""
+    """Run shard jobs on a worker pool (or inline for one worker), with a progress bar."""
     from tqdm import tqdm
 
     workers = min(opts.workers or os.cpu_count() or 1, max(1, len(jobs)))
-    # fork starts workers in milliseconds; the parent holds no locks or threads that workers use.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     results: dict[int, dict[str, Any]] = {}
@@ -532,7 +549,7 @@ def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[in
             return results
         # Workers only write; this process's threads wait for each shard's fsync and publish it, so a worker
         # packs its next shard while the disk takes the last one (it used to sit idle in fsync meanwhile).
-        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(counters,))
+        pool = _writers(jobs[0].kind, workers, ctx, counters)
         publishers = cf.ThreadPoolExecutor(workers, thread_name_prefix="stoker-publish")
         pending = {pool.submit(_write_shard, job): job for job in jobs}
         try:
@@ -554,6 +571,7 @@ def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[in
             raise
         finally:
             publishers.shutdown()
+            _init_worker(None)  # this process's own counters, when the workers were its threads
         # Every shard is published and the workers are idle: let them exit on their own. Tearing down a forked
         # copy of a process that imported torch takes ~15 ms that nothing here needs to wait for.
         pool.shutdown(wait=False)
