@@ -61,6 +61,7 @@ class Config:
     batch: int
     shard_bytes: int
     rounds: int
+    s3_delay_ms: int | None = 20  # None: no S3 leg
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Peer:
     package: str  # what pip installs
     pack: Callable[[Path, Path, Config], None] | None  # None: reads the raw files, nothing to pack
     dataset: Callable[[Path, Path, Config, Item], tuple[Any, Callable[..., Any]]]  # (dataset, loader class)
+    remote: Callable[[str, Path, Config, Item, dict[str, str]], tuple[Any, Callable[..., Any]]] | None = None
+    # ^ the same from s3://peers/<package> (its packed files, uploaded) through the S3 endpoint given, caching in
+    #   the folder given; None: the system has no S3 reader
 
 
 # ---- what every loader applies to a sample ----
@@ -158,6 +162,14 @@ def _stoker_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[A
     return stoker.StreamingDataset(str(packed), shuffle=True, seed=0, columns=["key", "label", "image"]), stoker.DataLoader
 
 
+def _stoker_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+    options = {"key": s3["key"], "secret": s3["secret"],
+               "client_kwargs": {"endpoint_url": s3["endpoint"], "region_name": s3["region"]}}
+    dataset = stoker.StreamingDataset(url, shuffle=True, seed=0, columns=["key", "label", "image"],
+                                      storage_options=options, cache_dir=str(cache))
+    return dataset, stoker.DataLoader
+
+
 def _sample_fn(item: Item) -> Callable[[dict[str, Any]], Any]:
     return functools.partial(_apply_dict, item)
 
@@ -192,6 +204,23 @@ def _wds_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any,
     return Mapped(dataset, functools.partial(_wds_item, item)), DataLoader
 
 
+def _wds_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+    import webdataset as wds
+
+    # WebDataset reads object stores through URLs it can stream: presigned HTTP URLs of the tar objects, which
+    # its gopen pipes through curl (the other documented way, `pipe:aws s3 cp`, needs the AWS CLI).
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["key"],
+                          aws_secret_access_key=s3["secret"], region_name=s3["region"])
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    names = sorted(name for name in s3["objects"].split(",") if name.endswith(".tar"))
+    urls = [client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": f"{prefix}/{name}"})
+            for name in names]
+    dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False).shuffle(1000)
+    return Mapped(dataset, functools.partial(_wds_item, item)), DataLoader
+
+
 def _wds_item(item: Item, sample: dict[str, Any]) -> Any:
     return item(sample["jpg"], int(sample["cls"]), sample["__key__"])
 
@@ -211,6 +240,17 @@ def _mosaic_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[A
 
     clean_stale_shared_memory()  # a previous run's shared memory would make the next one fail
     dataset = StreamingDataset(local=str(packed), shuffle=True, shuffle_seed=0, batch_size=cfg.batch)
+    return Mapped(dataset, _sample_fn(item)), DataLoader
+
+
+def _mosaic_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    os.environ.update(S3_ENDPOINT_URL=s3["endpoint"], AWS_ACCESS_KEY_ID=s3["key"], AWS_SECRET_ACCESS_KEY=s3["secret"],
+                      AWS_DEFAULT_REGION=s3["region"])  # how Streaming is pointed at an S3-compatible store
+    dataset = StreamingDataset(remote=url, local=str(cache), shuffle=True, shuffle_seed=0, batch_size=cfg.batch)
     return Mapped(dataset, _sample_fn(item)), DataLoader
 
 
@@ -234,6 +274,23 @@ def _litdata_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[
     return dataset, litdata.StreamingDataLoader
 
 
+def _litdata_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+    import litdata
+
+    options = {"endpoint_url": s3["endpoint"], "aws_access_key_id": s3["key"], "aws_secret_access_key": s3["secret"],
+               "region_name": s3["region"]}  # LitData hands these to its boto3 client
+    dataset = litdata.StreamingDataset(input_dir=url, cache_dir=str(cache), shuffle=True, seed=0,
+                                       transform=_sample_fn(item), storage_options=options)
+    return dataset, functools.partial(litdata.StreamingDataLoader, worker_init_fn=_litdata_allow_http)
+
+
+def _litdata_allow_http(worker_id: int) -> None:
+    """LitData's obstore downloads refuse a plain-HTTP endpoint (moto is not HTTPS) and take no option for it."""
+    from litdata.streaming import downloader
+
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True  # in each worker: its loader does not fork them
+
+
 def _hf_pack(src: Path, dst: Path, cfg: Config) -> None:
     from datasets import Dataset as HFDataset
     from datasets import Features, Value
@@ -255,17 +312,28 @@ def _hf_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, 
     return Indexed(len(table), table.__getitem__, functools.partial(_hf_item, item)), DataLoader
 
 
+def _hf_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+    from datasets import Image as HFImage
+    from datasets import load_from_disk
+
+    options = {"key": s3["key"], "secret": s3["secret"],
+               "client_kwargs": {"endpoint_url": s3["endpoint"], "region_name": s3["region"]}}
+    # load_from_disk downloads the whole saved dataset first, then maps it: its documented way to read from S3.
+    table = load_from_disk(url, storage_options=options).cast_column("image", HFImage(decode=False))
+    return Indexed(len(table), table.__getitem__, functools.partial(_hf_item, item)), DataLoader
+
+
 def _hf_item(item: Item, row: dict[str, Any]) -> Any:
     return item(row["image"]["bytes"], row["label"], row["key"])
 
 
 PEERS = (
-    Peer("stoker", "stoker", "stoker", _stoker_pack, _stoker_dataset),
+    Peer("stoker", "stoker", "stoker", _stoker_pack, _stoker_dataset, _stoker_remote),
     Peer("ImageFolder + DataLoader", "torch", "torch", None, _folder_dataset),
-    Peer("WebDataset", "webdataset", "webdataset", _wds_pack, _wds_dataset),
-    Peer("MosaicML Streaming", "streaming", "mosaicml-streaming", _mosaic_pack, _mosaic_dataset),
-    Peer("LitData", "litdata", "litdata", _litdata_pack, _litdata_dataset),
-    Peer("HF datasets", "datasets", "datasets", _hf_pack, _hf_dataset),
+    Peer("WebDataset", "webdataset", "webdataset", _wds_pack, _wds_dataset, _wds_remote),
+    Peer("MosaicML Streaming", "streaming", "mosaicml-streaming", _mosaic_pack, _mosaic_dataset, _mosaic_remote),
+    Peer("LitData", "litdata", "litdata", _litdata_pack, _litdata_dataset, _litdata_remote),
+    Peer("HF datasets", "datasets", "datasets", _hf_pack, _hf_dataset, _hf_remote),
 )
 
 
@@ -322,6 +390,25 @@ def load_rate(peer: Peer, src: Path, packed: Path, cfg: Config, same_transform: 
     return count / seconds, first or 0.0, count
 
 
+def s3_load_rate(peer: Peer, url: str, cache: Path, cfg: Config, s3: dict[str, str]) -> tuple[float, float, int]:
+    """(images/s, seconds to the first batch, images) of one epoch from S3 with an empty cache, each as documented.
+
+    Timed from building the dataset, so index downloads (and a download of everything first, where that is the
+    system's way) count; every shard crosses the delayed loopback connection once.
+    """
+    item: Item = _encoded_item if peer.name == "stoker" else _typical_item
+    collate = stoker.build_transform(stoker.TransformSpec(size=SIZE), backend="pil", seed=0) if item is _encoded_item else None
+    start = time.perf_counter()
+    dataset, loader_class = peer.remote(url, cache, cfg, item, s3)
+    options: dict[str, Any] = {"shuffle": True} if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) else {}
+    loader = loader_class(dataset, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate, **options)
+    first, count = None, 0
+    for batch in loader:
+        first = time.perf_counter() - start if first is None else first
+        count += _count(batch)
+    return count / (time.perf_counter() - start), first or 0.0, count
+
+
 def _count(batch: Any) -> int:
     return len(batch["label"]) if isinstance(batch, dict) else len(batch[1])
 
@@ -348,20 +435,65 @@ def run(cfg: Config, peers: tuple[Peer, ...], work: Path) -> dict[str, Any]:
             loads = _child(peer, "load", cfg, work)
             row["error"] = loads.pop("error", None)
             results["per_sample_transform"] = loads.pop("per_sample", results.get("per_sample_transform"))
-            for mode, (rate, first, count) in loads.items():
-                if rate > row.get(mode, 0):
-                    row[mode], row[f"{mode}_first_batch_s"], row[f"{mode}_images"] = rate, first, count
+            _keep_best(row, loads)
+    if cfg.s3_delay_ms is not None:
+        results["s3"] = _s3_rounds(cfg, peers, work, results["peers"])
     if "typical" in results["peers"].get("stoker", {}):  # stoker's typical path already is its own batch transform
         results["peers"]["stoker"]["same_transform"] = results["peers"]["stoker"]["typical"]
     return results
 
 
-def _child(peer: Peer, task: str, cfg: Config, work: Path) -> dict[str, Any]:
+def _keep_best(row: dict[str, Any], loads: dict[str, Any]) -> None:
+    for mode, (rate, first, count) in loads.items():
+        if rate > row.get(mode, 0):
+            row[mode], row[f"{mode}_first_batch_s"], row[f"{mode}_images"] = rate, first, count
+
+
+def _s3_rounds(cfg: Config, peers: tuple[Peer, ...], work: Path, rows: dict[str, Any]) -> str:
+    """Load every packed dataset from moto_server on 127.0.0.1 behind a delay proxy, `rounds` times each.
+
+    Returns what the S3 leg ran against, or why it could not run (then no S3 figures are recorded).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        from s3_server import KEY, REGION, SECRET, S3Server
+        from stream_s3 import DelayProxy
+        import boto3  # noqa: F401 - the uploads below
+    except ImportError as exc:
+        return f"not run: {exc} (needs moto[server], boto3 and s3fs in {sys.executable})"
+    with S3Server() as server:
+        proxy = DelayProxy(server.port, cfg.s3_delay_ms / 1000)
+        try:
+            server.create_bucket("peers")
+            client = server.client()
+            objects: dict[str, list[str]] = {}
+            for peer in peers:
+                packed = work / peer.package
+                if peer.remote is None or rows[peer.name]["error"] is not None or not packed.is_dir():
+                    continue
+                objects[peer.name] = [str(p.relative_to(packed)) for p in sorted(packed.rglob("*")) if p.is_file()]
+                for name in objects[peer.name]:
+                    client.upload_file(str(packed / name), "peers", f"{peer.package}/{name}")
+            s3 = {"endpoint": f"http://127.0.0.1:{proxy.port}", "key": KEY, "secret": SECRET, "region": REGION}
+            for _ in range(cfg.rounds):
+                for peer in peers:
+                    if peer.name in objects:
+                        env = {"PEERS_S3": json.dumps({**s3, "objects": ",".join(objects[peer.name])})}
+                        loads = _child(peer, "s3load", cfg, work, env)
+                        rows[peer.name].setdefault("s3_error", loads.pop("error", None))
+                        _keep_best(rows[peer.name], loads)
+        finally:
+            proxy.stop()
+    return f"moto_server on 127.0.0.1, {cfg.s3_delay_ms} ms added to every request, cold cache, one epoch"
+
+
+def _child(peer: Peer, task: str, cfg: Config, work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `task` for `peer` in a fresh interpreter and return its JSON result, or {"error": why it failed}."""
     command = [sys.executable, __file__, "--child", peer.package, task, str(work), json.dumps(asdict(cfg))]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"{task} took more than {CHILD_TIMEOUT_S} s"}
     finally:  # progress on stderr: which system is running, and for how long
@@ -393,6 +525,10 @@ def child_main(package: str, task: str, work: Path, cfg: Config) -> dict[str, An
         return row
     # Import torchvision once here: forked workers inherit it instead of each importing it again.
     transform = "PIL (torchvision missing)" if _augment() is _pil_augment else "torchvision.transforms.v2"
+    if task == "s3load":
+        s3 = json.loads(os.environ["PEERS_S3"])
+        with tempfile.TemporaryDirectory(prefix=f"cache-{package}-") as cache:
+            return {"s3": s3_load_rate(peer, f"s3://peers/{peer.package}", Path(cache), cfg, s3)}
     modes = ("typical",) if peer.name == "stoker" else ("typical", "same_transform")
     return {"per_sample": transform, **{mode: load_rate(peer, src, packed, cfg, mode != "typical") for mode in modes}}
 
@@ -403,10 +539,11 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
     lines = [f"input: {images} JPEGs ({mb:.1f} MB), {cfg.workers} workers, batch {cfg.batch}, "
              f"{cfg.shard_bytes >> 20} MB shards, best of {cfg.rounds}; torch {torch.__version__}; per-sample "
              f"transform of the typical peers: {results.get('per_sample_transform')}",
-             f"{'system':26s} {'pack s':>8s} {'pack img/s':>10s} {'load img/s':>11s} {'same xform':>11s}  notes"]
+             f"S3: {results.get('s3', 'not run (--no-s3)')}",
+             f"{'system':26s} {'pack s':>8s} {'pack img/s':>10s} {'load img/s':>11s} {'same xform':>11s} {'S3 img/s':>9s}  notes"]
     for name, row in results["peers"].items():
         if row["error"] and "typical" not in row:
-            lines.append(f"{name:26s} {'-':>8s} {'-':>10s} {'-':>11s} {'-':>11s}  {row['error']}")
+            lines.append(f"{name:26s} {'-':>8s} {'-':>10s} {'-':>11s} {'-':>11s} {'-':>9s}  {row['error']}")
             continue
         pack = row.get("pack_s")
         pack_text = (f"{pack:8.2f} {images / pack:10,.0f}") if pack else f"{'n/a':>8s} {'n/a':>10s}"
@@ -415,8 +552,12 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
             note += f"; pack --validate none {row['pack_unvalidated_s']:.2f} s"
         if row.get("typical_images", images) != images:  # some loaders pad or drop to split evenly over workers
             note += f"; {row['typical_images']} images per epoch"
+        if row.get("s3"):
+            note += f"; S3 first batch {row['s3_first_batch_s']:.2f} s"
         note += f"; {row['error']}" if row["error"] else ""
-        lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f}  {note}")
+        note += f"; S3: {row['s3_error']}" if row.get("s3_error") else ""
+        s3_text = f"{row['s3']:9,.0f}" if row.get("s3") else f"{'n/a':>9s}"
+        lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f} {s3_text}  {note}")
     lines += ratio_lines(results)
     return lines
 
@@ -429,6 +570,7 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for key, what, goal in (("typical", "loading (each as documented)", 1.3),
                             ("same_transform", "loading (same batch transform)", None),
+                            ("s3", "loading from S3 (each as documented, cold cache)", 1.3),
                             ("pack_s", "packing", 1.5),
                             ("pack_unvalidated_s", "packing without validation, as the peers do", None)):
         candidates = {n: r.get("pack_s" if key.startswith("pack") else key) for n, r in others.items()}
@@ -455,6 +597,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="repetitions of each measurement; the best is kept")
     parser.add_argument("--only", nargs="*", default=None, help="pip package names to run, e.g. webdataset")
+    parser.add_argument("--s3-delay-ms", type=int, default=20, help="latency the S3 proxy adds to every request")
+    parser.add_argument("--no-s3", action="store_true", help="skip loading from S3 (moto_server on 127.0.0.1)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)  # PACKAGE TASK WORK CONFIG
     args = parser.parse_args()
@@ -463,7 +607,8 @@ def main() -> None:
         package, task, work, config = args.child
         print(json.dumps(child_main(package, task, Path(work), Config(**json.loads(config)))))
         return
-    cfg = Config(args.per_class, args.workers, args.batch, args.shard_mb << 20, args.rounds)
+    cfg = Config(args.per_class, args.workers, args.batch, args.shard_mb << 20, args.rounds,
+                 None if args.no_s3 else args.s3_delay_ms)
     peers = tuple(p for p in PEERS if args.only is None or p.package in args.only or p.name == "stoker")
     _data.image_tree(per_class=cfg.per_class)  # generate once here, not in racing children
     with tempfile.TemporaryDirectory(prefix="stoker-peers-") as tmp:

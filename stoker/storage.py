@@ -9,11 +9,40 @@ import uuid
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.core import url_to_fs
 
 from stoker.errors import MissingExtraError
 
 _PROTOCOL_EXTRAS = {"s3": ("s3", "s3fs"), "gs": ("gcs", "gcsfs"), "gcs": ("gcs", "gcsfs")}
+
+
+# A forked DataLoader worker inherits the parent's fsspec filesystems and the record of their event loop, but not
+# the loop's thread. fsspec drops those instances in the child; s3fs's finalizer then asks the dead loop to close
+# the session and waits out fsspec's 1 s polling step: every worker's first S3 read came 1 s late. Marking the
+# inherited loop as stopped makes the finalizer close the sockets directly; the sessions it leaves behind belong to
+# the parent, so the dead loop's reports about them ("Unclosed client session") are dropped, not logged.
+_loop_at_fork: list[Any] = [None]
+
+
+def _remember_loop() -> None:
+    _loop_at_fork[0] = fsspec.asyn.loop[0]
+
+
+def _stop_inherited_loop() -> None:
+    loop = _loop_at_fork[0]
+    if loop is not None and hasattr(loop, "_thread_id"):
+        loop._thread_id = None  # what asyncio's is_running() reads; the thread that ran it is not in this process
+        loop.set_exception_handler(_ignore)
+    _loop_at_fork[0] = None
+
+
+def _ignore(loop: Any, context: dict[str, Any]) -> None:
+    pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_remember_loop, after_in_child=_stop_inherited_loop)
 
 
 def is_local(url: str) -> bool:

@@ -23,6 +23,10 @@ from PIL import Image
 
 from stoker.errors import ShardError
 
+# Image.open imports Pillow's format plugins on first use; doing it here, before DataLoader workers fork, saves
+# every worker that import (up to a second on a loaded 2-core machine, measured before each worker's first batch).
+Image.preinit()
+
 try:
     import simplejpeg
 except ImportError:  # optional: the `jpeg` extra
