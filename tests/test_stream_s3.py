@@ -88,3 +88,30 @@ def test_server_killed_mid_epoch_is_a_clear_error_and_the_run_resumes_after_rest
         resumed.load_state_dict(state)
         rest = keys_of(list(resumed))
     assert sorted(delivered + rest) == [f"{i:06d}" for i in range(160)]
+
+
+def _child_reads_again(loop, url, options, queue):
+    from stoker import storage
+
+    inherited_loop_runs = loop.is_running()
+    # fsspec drops the parent's s3fs instance on this first use, which runs its finalizer here.
+    queue.put((inherited_loop_runs, len(storage.read_bytes(url, options))))
+
+
+def test_forked_worker_drops_the_parents_s3_session_without_waiting_on_its_loop(s3, capfd):
+    import multiprocessing as mp
+
+    from stoker import storage
+
+    url, options = "s3://data/ds/manifest.json", s3.storage_options()
+    size = len(storage.read_bytes(url, options))  # a live s3fs instance and event loop in this process
+    fs, _ = storage.filesystem(url, options)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads_again, args=(fs.loop, url, options, queue))
+    child.start()
+    inherited_loop_runs, child_size = queue.get(timeout=60)
+    child.join(30)
+    # A loop that still "runs" in the child made s3fs's finalizer wait 1 s on a thread that is not there.
+    assert (inherited_loop_runs, child_size, child.exitcode) == (False, size, 0)
+    assert "Unclosed client session" not in capfd.readouterr().err
