@@ -269,3 +269,22 @@ def test_pinned_batches(images):
     batch = next(iter(DataLoader(StreamingDataset(images), batch_size=8, num_workers=2, pin_memory=True)))
     assert batch["label"].is_pinned() and batch["label"].to("cuda").sum() == batch["label"].sum()
     assert bytes(batch["image"][0][:6]).decode() == batch["key"][0]
+
+
+def _frozen_in_worker(samples):
+    import gc
+
+    return {"frozen": gc.get_freeze_count(), "n": len(samples)}
+
+
+def test_workers_fork_with_the_parents_objects_frozen(images):
+    import gc
+
+    # Frozen objects are never walked by a worker's collector, so they stay shared instead of copied on write.
+    streaming = DataLoader(StreamingDataset(images, seed=0), batch_size=16, num_workers=2, collate_fn=_frozen_in_worker)
+    mapped = DataLoader(ShardDataset(images), batch_size=16, num_workers=2, collate_fn=_frozen_in_worker)
+    for loader in (streaming, mapped):
+        batches = list(loader)
+        assert sum(b["n"] for b in batches) == 150
+        assert min(b["frozen"] for b in batches) > 1000  # torch, numpy, stoker... all inherited frozen
+    assert gc.get_freeze_count() == 0  # and this process collects them again

@@ -15,10 +15,12 @@ boundary, as a resume would, so the batches delivered stay exactly those of a fi
 from __future__ import annotations
 
 import collections
+import gc
 import math
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch.utils.data
@@ -105,7 +107,7 @@ class DataLoader(torch.utils.data.DataLoader):
 
     def __iter__(self) -> Any:
         if not self._streaming:
-            return super().__iter__()
+            return _forking(super().__iter__)
         return _StreamIterator(self)
 
     def __len__(self) -> int:
@@ -370,7 +372,22 @@ def _start(inner: torch.utils.data.DataLoader, tuned: bool) -> Any:
     """iter(inner); a tuned loader may run more workers than cores on purpose (workers that wait on I/O or sleep),
     so torch's warning about that is not shown for it."""
     if not tuned:
-        return iter(inner)
+        return _forking(inner.__iter__)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-        return iter(inner)
+        return _forking(inner.__iter__)
+
+
+def _forking(start: Callable[[], Any]) -> Any:
+    """start() (which starts a loader's workers) with the garbage collector's objects frozen while they fork.
+
+    A forked worker's first full collection otherwise walks every object inherited from the training process
+    (torch and all), writing to each page it visits: copy-on-write copies of hundreds of MB, measured as a
+    0.4 s stall inside a worker's first batch. Frozen objects are never collected in the workers; this process
+    unfreezes them at once (the recipe of the `gc.freeze` documentation).
+    """
+    gc.freeze()
+    try:
+        return start()
+    finally:
+        gc.unfreeze()

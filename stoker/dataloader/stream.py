@@ -241,6 +241,7 @@ class _Slot:
         self.order = order.EpochOrder(ds._rows, ds.seed, epoch, ds.shuffle, ds.shuffle_buffer)
         self.deal = order.Deal(ds.manifest.num_samples, start, ds._block, rank, world, worker, num_workers,
                                ds.drop_last)
+        self.turn = (rank * num_workers + worker, world * num_workers)  # this reader's place among all of them
         self.units = self.deal.units()
         self.next = 0
         self.source = ds._per_process()[0]
@@ -282,6 +283,11 @@ class _Slot:
         self.source.forget(done)
         windows = range(window, self.order.window_of(last) + 1)
         ahead = [self.order.window_shards(k, self.ds.read.prefetch_shards) for k in windows]
+        if not self.source.local:
+            # Every reader needs every shard of the window; each starts downloading at a different one, so they
+            # fetch different shards at once instead of queueing on each other's cache lock for the same one.
+            k, n = self.turn
+            ahead[0] = np.roll(ahead[0], -(len(ahead[0]) * k // n))
         self.source.prefetch(np.concatenate(ahead))
         for shard in np.unique(needed).tolist():
             if shard not in self.open:
