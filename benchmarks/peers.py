@@ -14,6 +14,11 @@ re-encoded), ~8 MB shards, `--workers` processes, batches of 64, shuffled, local
                  stoker with its own batch transform as collate_fn and stoker.DataLoader
     same xform   every system hands encoded samples to stoker's batch transform as collate_fn, so only the
                  storage format and the loader differ
+  S3       every packed dataset is uploaded to moto_server on 127.0.0.1 and read back through a proxy that adds
+           `--s3-delay-ms` (20) to every request: one epoch with an empty cache, each system as documented, timed
+           from building its dataset (index downloads count) to the last batch. WebDataset streams presigned
+           HTTP URLs through curl (its gopen); LitData gets `allow_http` for its obstore client (moto is not
+           HTTPS); HF datasets' load_from_disk downloads everything first, its documented way. `--no-s3` skips it.
 Every pack and every round of loads runs in a fresh child process (see `run`). A peer that does not import in this
 interpreter is listed with the reason, never dropped. Peers need their own venv (docs/bench.md): mosaicml-streaming
 imports torchvision, and no torchvision wheel here works with the project's torch 2.13 CPU build.

@@ -4,8 +4,9 @@
 
 Each script prints its ratios on its last lines ("ratio ...", often with "(goal >= X)"); they are collected, goals
 checked, and written with the machine's details. By default every script runs at reduced sizes (QUICK below) so
-that the whole run takes about 10 minutes on 2 cores; --full runs each with its own defaults. peers.py runs under
---peers-python (default .venv-bench/bin/python when it exists: the peers need their own venv, see docs/bench.md).
+that the whole run takes about 20 minutes on 2 cores, half of it peers.py with its S3 leg; --full runs each with
+its own defaults. peers.py runs under --peers-python (default .venv-bench/bin/python when it exists: the peers
+need their own venv, see docs/bench.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-TIMEOUT_S = {"peers.py": 540, "autotune.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
+TIMEOUT_S = {"peers.py": 900, "autotune.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
 
 # Reduced sizes for the default run; scripts not listed run with their defaults.
 QUICK: dict[str, list[str]] = {
