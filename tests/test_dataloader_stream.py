@@ -288,3 +288,15 @@ def test_workers_fork_with_the_parents_objects_frozen(images):
         assert sum(b["n"] for b in batches) == 150
         assert min(b["frozen"] for b in batches) > 1000  # torch, numpy, stoker... all inherited frozen
     assert gc.get_freeze_count() == 0  # and this process collects them again
+
+
+def test_a_callers_own_frozen_objects_stay_frozen(images):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert sum(len(b["label"]) for b in DataLoader(StreamingDataset(images, seed=0), batch_size=16, num_workers=1)) == 150
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
