@@ -14,7 +14,6 @@ How it stays safe and resumable:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import hashlib
 import json
 import multiprocessing as mp
@@ -223,25 +222,6 @@ def _init_worker(counters: Any) -> None:
     global _progress
     _progress = counters
     _unreported.counts = [0, 0]
-
-
-def _init_pool_worker(counters: Any) -> None:
-    """A pack worker process: counters, and a heap that keeps what it frees (see _keep_freed_memory)."""
-    _keep_freed_memory()
-    _init_worker(counters)
-
-
-def _keep_freed_memory() -> None:
-    # Each image is read into a new bytes object; glibc hands the heap's freed top back to the kernel past 128 KB,
-    # so every batch faulted its memory in again: 11,000 page faults per 50 MB, a third of the packing time on
-    # a VM. Keeping 64 MB lets batches reuse it. Only in worker processes: the user's process keeps its settings.
-    try:
-        ctypes.CDLL(None).mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
 
 
 def _count(samples: int, nbytes: int, *, flush: bool = False) -> None:
@@ -515,8 +495,9 @@ def _writers(kind: str, workers: int, ctx: Any, counters: Any) -> cf.Executor:
     """
     if kind == "image":
         return cf.ThreadPoolExecutor(workers, thread_name_prefix="stoker-pack", initializer=_init_worker, initargs=(counters,))
-    # fork starts workers in milliseconds; the parent holds no locks or threads that workers use.
-    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(counters,))
+    # fork starts workers without re-importing anything; they are forked at the first submit, before this process
+    # starts any thread of its own (the publishers start later).
+    return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counters,))
 
 
 def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[int, dict[str, Any]]:
