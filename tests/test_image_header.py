@@ -100,3 +100,10 @@ def test_pack_sample_is_the_same_with_or_without_pillow(tmp_path) -> None:
         decoded = load_image(str(tmp_path), item, max_side=None, quality=90, validate="decode")  # always Pillow
         assert fast == decoded
         assert (fast["width"], fast["height"]) == _pillow(ENCODINGS[name])[1:]
+
+
+def test_decompression_bombs_are_left_to_pillow() -> None:
+    data = bytearray(ENCODINGS["baseline"])
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2  # 30000 x 30000: past Image.MAX_IMAGE_PIXELS
+    assert image_size(bytes(data)) is None  # Pillow warns about it, or refuses it, as it always did
