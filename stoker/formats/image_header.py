@@ -27,14 +27,21 @@ def image_size(data: bytes) -> tuple[str, int, int] | None:
     zero padding allowed), a PNG with its IEND chunk.
     """
     if data[:2] == b"\xff\xd8":
-        size = _jpeg_size(data)
-        if size is not None and data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            return ("JPEG", *size)
+        fmt, size = "JPEG", _jpeg_size(data)
+    elif data[:8] == _PNG_SIGNATURE:
+        fmt, size = "PNG", _png_size(data)
+    else:
         return None
-    if data[:8] == _PNG_SIGNATURE and data.endswith(_PNG_END):
-        size = _png_size(data)
-        return None if size is None else ("PNG", *size)
-    return None
+    return (fmt, *size) if size is not None and ends_whole(fmt, data) else None
+
+
+def ends_whole(fmt: str, data: bytes) -> bool:
+    """False for a JPEG without its end-of-image marker (trailing zeros allowed) or a PNG without its IEND chunk."""
+    if fmt == "JPEG":
+        return data.rstrip(b"\0").endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return data.endswith(_PNG_END)
+    return True
 
 
 def _plausible(width: int, height: int) -> tuple[int, int] | None:

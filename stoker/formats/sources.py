@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stoker import storage
 from stoker.errors import ConfigError, MissingExtraError, SourceError
-from stoker.formats.image_header import image_size
+from stoker.formats.image_header import ends_whole, image_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -166,10 +166,9 @@ VALIDATE_LEVELS = ("none", "header", "decode")
 
 def _check_complete(data: bytes, image: Image.Image) -> None:
     """Cheap structural check: a JPEG must end with its EOI marker, a PNG with its IEND chunk."""
-    if image.format == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        raise OSError("JPEG ends without its end-of-image marker (truncated)")
-    if image.format == "PNG" and not data.endswith(b"IEND\xaeB`\x82"):
-        raise OSError("PNG ends without its IEND chunk (truncated)")
+    if not ends_whole(image.format or "", data):
+        ending = "end-of-image marker" if image.format == "JPEG" else "IEND chunk"
+        raise OSError(f"{image.format} ends without its {ending} (truncated)")
 
 
 def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -197,23 +196,23 @@ def load_image(
     """
     path = os.path.join(src, item.key) if storage.is_local(src) else storage.join(src, item.key)
     data = read_file(path, storage_options)
-    if validate != "decode":
-        known = image_size(data)
-        if known is not None and (max_side is None or max(known[1], known[2]) <= max_side):
-            return {"key": item.key, "label": item.label, "image": data, "height": known[2], "width": known[1]}
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if max_side is not None and max(width, height) > max_side:
-                data, width, height = _shrink(image, max_side, quality)
-            elif validate == "decode":
-                # A reduced-size (DCT-scaled) decode still reads every byte of the entropy-coded data.
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                image.load()
-            elif validate == "header":
-                _check_complete(data, image)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise SourceError(f"{storage.redact(path)}: unreadable image ({type(exc).__name__}: {exc})") from None
+    known = image_size(data) if validate != "decode" else None  # Pillow only for what the header walk leaves
+    if known is not None and (max_side is None or max(known[1:]) <= max_side):
+        _, width, height = known
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if max_side is not None and max(width, height) > max_side:
+                    data, width, height = _shrink(image, max_side, quality)
+                elif validate == "decode":
+                    # A reduced-size (DCT-scaled) decode still reads every byte of the entropy-coded data.
+                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+                elif validate == "header":
+                    _check_complete(data, image)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise SourceError(f"{storage.redact(path)}: unreadable image ({type(exc).__name__}: {exc})") from None
     return {"key": item.key, "label": item.label, "image": data, "height": height, "width": width}
 
 
