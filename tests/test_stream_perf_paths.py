@@ -57,9 +57,10 @@ def test_each_epoch_starts_with_small_bundles(images, monkeypatch):
     sizes = []
     unpack_bundle = workers.unpack_bundle
 
-    def recording(worker, first, key, slab, replaced, parts):  # what the main process runs per message
-        sizes.append(len(parts))
-        return unpack_bundle(worker, first, key, slab, replaced, parts)
+    def recording(*args):  # what the main process runs per message
+        bundle = unpack_bundle(*args)
+        sizes.append(len(bundle.items))
+        return bundle
 
     monkeypatch.setattr(workers, "unpack_bundle", recording)
     epochs.append(loader)

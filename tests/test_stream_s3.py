@@ -39,6 +39,7 @@ def test_stream_from_s3_with_workers_fills_the_cache_once(s3, tmp_path):
     loader = DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=True)
     first = keys_of(list(loader))
     assert sorted(first) == [f"{i:06d}" for i in range(160)]
+    assert {"fetch", "read", "collate", "handoff"} <= set(loader.stage_times())  # waits on downloads counted apart
     files = cached_shards(tmp_path)
     assert len(files) == 8
     stamps = {f: os.stat(tmp_path / f).st_ino for f in files}

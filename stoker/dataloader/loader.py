@@ -27,6 +27,7 @@ import torch.utils.data
 
 from stoker import storage
 from stoker.dataloader import autotune, order, workers
+from stoker.dataloader.clock import StageClock
 from stoker.dataloader.stream import Progress, StreamingDataset, progress_state
 from stoker.errors import ConfigError
 
@@ -104,6 +105,7 @@ class DataLoader(torch.utils.data.DataLoader):
         self._bundle = 1  # batches per message of the inner loader
         self._progress: Progress | None = None
         self._redealt: tuple[int, int, int] | None = None  # (epoch, its start, position) of the last re-deal
+        self._clock = StageClock()  # stage seconds of this loader, its workers' included
 
     def __iter__(self) -> Any:
         if not self._streaming:
@@ -127,6 +129,17 @@ class DataLoader(torch.utils.data.DataLoader):
         self._stream_dataset().load_state_dict(state)
         self._progress = None
         self._redealt = None
+
+    def stage_times(self) -> dict[str, float]:
+        """Busy seconds per pipeline stage since this loader was built, summed over its workers, in this process.
+
+        Keys (`stoker.dataloader.clock.STAGES`) appear once their stage ran. A StreamingDataset's stages are timed
+        in the workers; another dataset's only when it reports them itself (`stage_times()`) and runs without
+        workers, since torch's own workers have no way to send them."""
+        if self._streaming:
+            return self._clock.totals()
+        own = getattr(self.dataset, "stage_times", None)
+        return own() if own is not None and self.num_workers == 0 else {}
 
     def tuning_report(self) -> autotune.TuningReport | None:
         """What `num_workers="auto"`/`prefetch_factor="auto"` chose and why (None for fixed settings)."""
@@ -155,7 +168,7 @@ class DataLoader(torch.utils.data.DataLoader):
             bundle = self._bundle = bundle_size(self.batch_size, self.num_workers, _mean_sample_bytes(self.dataset))
             persistent = self.persistent_workers and self.num_workers > 0
             view = self.dataset._as_batches(self.batch_size, self.drop_last, self._user_collate, topology,
-                                            persistent, bundle)
+                                            persistent, bundle, self._clock)
             if self._tuner is not None:
                 view = autotune.Timed(view, self._tuner.clock)
             prefetch = None if self.num_workers == 0 else inner_prefetch(self.prefetch_factor or 2, bundle)
@@ -227,13 +240,12 @@ class _StreamIterator:
         and workers send theirs in bundles (`workers.Bundle`), round robin."""
         if self._carried:
             return self._carried.popleft()
-        if not self._workers:
-            return next(self._it)
         key = self._key(self.progress.delivered - self._base)
         while key not in self._bundled:
             bundle = next(self._it)
             if not isinstance(bundle, workers.Bundle):
                 return bundle  # sent on its own (an error outside a bundle)
+            self._loader._clock.merge(bundle.times)
             for n, item in enumerate(bundle.items):
                 self._bundled[(bundle.worker, bundle.first + n)] = item
         return self._bundled.pop(key)
@@ -300,7 +312,10 @@ class _StreamIterator:
         return self._key(self.progress.delivered - self._base) in self._bundled
 
     def _key(self, i: int) -> tuple[int, int]:
-        # The current workers' i-th batch is batch i // workers of worker i % workers (`order.Deal`).
+        # The current workers' i-th batch is batch i // workers of worker i % workers (`order.Deal`); without
+        # workers, this process makes them all.
+        if not self._workers:
+            return 0, i
         return i % self._workers, i // self._workers
 
     def _redeal(self, setting: autotune.Setting) -> None:

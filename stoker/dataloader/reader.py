@@ -330,6 +330,7 @@ class ShardSource:
         self.options = options
         self.local = storage.is_local(url)
         self._pid = os.getpid()
+        self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
         self._idle: collections.OrderedDict[tuple[int, tuple[str, ...]], OpenShard] = collections.OrderedDict()
         if not self.local:
@@ -399,7 +400,11 @@ class ShardSource:
             future = self._pending.pop(shard, None)
             if future is None:
                 future = self._fetchers.submit(self._fetch, shard)
-            path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
+            waited = time.perf_counter()
+            try:
+                path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
+            finally:
+                self.fetch_seconds += time.perf_counter() - waited
             try:
                 return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
                                  self.manifest.vocab_size)  # issue 9: check vs manifest

@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stoker import cache, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
+from stoker.dataloader.clock import StageClock
 from stoker.dataloader.reader import (
     Catalog, MappedRows, OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, to_samples,
 )
@@ -132,7 +133,8 @@ class StreamingDataset(IterableDataset):
         self._bundle = 1  # batches per message from a worker (see `workers.Bundle`)
         self._persistent = False  # workers outlive the epoch: worth fetching the next epoch's first shards
         self._progress: Progress | None = None
-        self._source: tuple[int, ShardSource, workers.SlabPool] | None = None
+        self._source: tuple[int, ShardSource, workers.SlabPool, StageClock] | None = None
+        self._clock = StageClock()  # iterations in this process (stoker.DataLoader's views count on its own)
 
     def _check_cache_limit(self) -> None:
         rows = [s.rows for s in self.manifest.shards if s.rows]
@@ -166,6 +168,10 @@ class StreamingDataset(IterableDataset):
         # What the sample order depends on; checkpoints must match it.
         return stream_config(self.manifest, seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
 
+    def stage_times(self) -> dict[str, float]:
+        """Busy seconds per stage (`clock.STAGES`) of iterating this dataset in this process, without workers."""
+        return self._clock.totals()
+
     def __len__(self) -> int:
         """Samples this rank gets in the current epoch (all of them when not distributed)."""
         rank, world = self._topology or workers.topology()
@@ -197,16 +203,18 @@ class StreamingDataset(IterableDataset):
             state["_topology"] = workers.topology()
         return state
 
-    def _per_process(self) -> tuple[ShardSource, workers.SlabPool]:
-        # Lives as long as the process (persistent workers keep their cache handles and slabs across epochs).
+    def _per_process(self) -> tuple[ShardSource, workers.SlabPool, StageClock]:
+        # Lives as long as the process (persistent workers keep their cache handles, slabs and the stage seconds
+        # not sent yet across epochs).
         if self._source is None or self._source[0] != os.getpid():
             source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
                                  self.read)
-            self._source = (os.getpid(), source, workers.SlabPool(max_slabs=8))
-        return self._source[1], self._source[2]
+            self._source = (os.getpid(), source, workers.SlabPool(max_slabs=8), StageClock())
+        return self._source[1], self._source[2], self._source[3]
 
     def _as_batches(self, batch_size: int, drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None,
-                    topology: tuple[int, int], persistent: bool, bundle: int = 1) -> StreamingDataset:
+                    topology: tuple[int, int], persistent: bool, bundle: int = 1,
+                    clock: StageClock | None = None) -> StreamingDataset:
         # A copy that yields whole batches (what stoker.DataLoader's workers iterate); it shares the epoch and resume
         # position with this dataset through the shared `_control` tensor.
         view = copy.copy(self)
@@ -217,6 +225,7 @@ class StreamingDataset(IterableDataset):
         view._bundle = max(1, int(bundle))
         view._source = None
         view._progress = None
+        view._clock = clock if clock is not None else StageClock()
         return view
 
 
@@ -234,7 +243,8 @@ def progress_state(config: dict[str, Any], progress: Progress | None, epoch: int
 class _Slot:
     """The reading side of one worker's share of one epoch: units in, gathered columns out."""
 
-    def __init__(self, ds: StreamingDataset, epoch: int, start: int, rank: int, world: int) -> None:
+    def __init__(self, ds: StreamingDataset, epoch: int, start: int, rank: int, world: int,
+                 clock: StageClock) -> None:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.ds = ds
@@ -249,17 +259,25 @@ class _Slot:
         self.catalog = Catalog(len(ds._rows), ds.columns)
         self.ends = self.order.shard_stream_end()
         self.epoch = epoch
+        self.clock = clock
 
     def take(self, count: int) -> tuple[dict[str, np.ndarray | RaggedPlan], np.ndarray, np.ndarray] | None:
         """Columns of the next `count` units, with their shard numbers and rows; None when the share is done."""
         units = self.units[self.next:self.next + count]
         if not len(units):
             return None
-        self.next += len(units)
-        positions = self.deal.positions(units)
-        shards, rows = self.order.locate(positions)
-        self._prepare(int(positions.min()), int(positions.max()), shards)
-        return self.catalog.gather(shards, rows), shards, rows
+        start, fetched = time.perf_counter(), self.source.fetch_seconds
+        try:
+            self.next += len(units)
+            positions = self.deal.positions(units)
+            shards, rows = self.order.locate(positions)
+            self._prepare(int(positions.min()), int(positions.max()), shards)
+            return self.catalog.gather(shards, rows), shards, rows
+        finally:
+            fetch = self.source.fetch_seconds - fetched
+            if fetch:
+                self.clock.add("fetch", fetch)
+            self.clock.add("read", time.perf_counter() - start - fetch)
 
     def run_length(self, count: int) -> int:
         """How many of the next `count` units (at least one) lie in the shuffle window where the next one starts:
@@ -318,6 +336,9 @@ class _Iterator:
         self.samples: collections.deque[Any] = collections.deque()
         self.shards: collections.deque[str] = collections.deque()
         self.pool = ds._per_process()[1] if self.in_worker else None
+        # A worker counts on its own clock and sends what it added with each message; this process counts on the
+        # dataset's (a loader view's is the loader's).
+        self.clock = ds._per_process()[2] if self.in_worker else ds._clock
         self.progress = Progress(self.epoch, self.start, ds._block, self.world)
         self.checked = False  # whether a batch of the user's collate was shown to pickle
         self.sent = 0  # bundles sent in this epoch (see `_next_bundle`)
@@ -329,20 +350,22 @@ class _Iterator:
 
     def __next__(self) -> Any:
         if self.slot is None:
-            self.slot = _Slot(self.ds, self.epoch, self.start, self.rank, self.world)
+            self.slot = _Slot(self.ds, self.epoch, self.start, self.rank, self.world, self.clock)
         if self.ds._batched:
-            return self._next_bundle() if self.in_worker and self.ds._bundle > 1 else self._next_batch()
+            return self._next_bundle()
         while not self.samples:
             got = self.slot.take(SAMPLE_GROUP)
             if got is None:
                 self._finish()
-            columns, shards, _ = got
-            names = [self.ds.manifest.shards[s].name for s in shards.tolist()]
-            self.samples.extend(to_samples(columns, self.ds.kinds))
-            self.shards.extend(names)
+            with self.clock.timing("read"):
+                columns, shards, _ = got
+                names = [self.ds.manifest.shards[s].name for s in shards.tolist()]
+                self.samples.extend(to_samples(columns, self.ds.kinds))
+                self.shards.extend(names)
         sample, shard = self.samples.popleft(), self.shards.popleft()
         if self.ds.transform is not None:
-            sample = _apply(self.ds.transform, sample, shard)
+            with self.clock.timing("transform"):  # per sample: the transform itself costs far more than this
+                sample = _apply(self.ds.transform, sample, shard)
         self.progress.delivered += 1
         return sample
 
@@ -361,7 +384,8 @@ class _Iterator:
             batch = self._collate(*got)
             if self.in_worker and not self.checked and not isinstance(batch, workers.WireBatch):
                 # The queue's feeder thread drops what it cannot pickle and the main process would wait forever.
-                workers.check_picklable(batch)
+                with self.clock.timing("handoff"):
+                    workers.check_picklable(batch)
                 self.checked = True
         except StopIteration:
             raise
@@ -374,23 +398,32 @@ class _Iterator:
         return batch
 
     def _next_bundle(self) -> workers.Bundle | workers.WireBundle:
-        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`).
+        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`), with the
+        worker's stage seconds since its last message. Outside workers, one batch at a time.
 
         The first bundles of an epoch hold 1, 2, 4... batches: the training process gets its first batch after
         one batch's work instead of a whole bundle's (0.8 s at the start of every epoch and after every autotune
         restart, with 8 batches of 100 ms), and the worker is busy all the same."""
+        bundle = self._make_bundle()
+        if self.in_worker:
+            bundle.times = self.clock.take()
+        return bundle
+
+    def _make_bundle(self) -> workers.Bundle | workers.WireBundle:
         assert self.slot is not None
         info = get_worker_info()
+        worker = 0 if info is None else info.id
         first = self.slot.next
         ds = self.ds
         count = self.slot.run_length(min(ds._bundle, 1 << min(self.sent, 16)))
         self.sent += 1
-        if ds._collate is None and ds.transform is None:
+        if ds._collate is None and ds.transform is None and self.in_worker:
             try:  # columnar: gather the batches' rows at once, copy them into one slab
                 got = self.slot.take(count)
                 if got is None:
                     self._finish()
-                bundle = self._columnar_bundle(info.id, first, got[0], self.slot.next - first)
+                with self.clock.timing("collate"):
+                    bundle = self._columnar_bundle(worker, first, got[0], self.slot.next - first)
                 self.progress.delivered += len(bundle.parts)
                 return bundle
             except StopIteration:
@@ -407,7 +440,7 @@ class _Iterator:
                 break
         if not items:
             self._finish()
-        return workers.Bundle(info.id, first, items)
+        return workers.Bundle(worker, first, items)
 
     def _columnar_bundle(self, worker: int, first: int, columns: dict[str, Any], units: int) -> workers.WireBundle:
         # Rows of unit i are [i * block, (i + 1) * block); only the epoch's last unit can be short.
@@ -427,12 +460,22 @@ class _Iterator:
     def _collate(self, columns: dict[str, Any], shards: np.ndarray, rows: np.ndarray) -> Any:
         ds = self.ds
         if ds._collate is not None or ds.transform is not None:
-            samples = to_samples(columns, ds.kinds)
+            clock = self.clock
+            with clock.timing("read"):
+                samples = to_samples(columns, ds.kinds)
             if ds.transform is not None:
-                names = [ds.manifest.shards[s].name for s in shards.tolist()]
-                samples = [_apply(ds.transform, s, n) for s, n in zip(samples, names)]
-            collate = ds._collate or torch.utils.data.default_collate
-            return collate(samples)
+                with clock.timing("transform"):
+                    names = [ds.manifest.shards[s].name for s in shards.tolist()]
+                    samples = [_apply(ds.transform, s, n) for s, n in zip(samples, names)]
+            if ds._collate is not None:
+                with clock.timing("transform"):  # the user's collate_fn
+                    return ds._collate(samples)
+            with clock.timing("collate"):
+                return torch.utils.data.default_collate(samples)
+        with self.clock.timing("collate"):
+            return self._columnar_batch(columns)
+
+    def _columnar_batch(self, columns: dict[str, Any]) -> Any:
         key, slab, parts = self._columnar([columns])
         (layout, fixed), = parts
         if not self.in_worker:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 import traceback
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -135,39 +136,78 @@ class Bundle:
 
     One message per batch costs the training process about a millisecond of CPU (queue, pickling, torch's
     bookkeeping), as much as copying a few MB; bundling small batches divides that. The last item may be a
-    `WorkerError`: the batches before it are delivered first.
+    `WorkerError`: the batches before it are delivered first. `times` are the worker's stage seconds since its
+    previous message (`clock.StageClock.take`); crossing processes adds "handoff", pinning adds "pin".
     """
 
-    def __init__(self, worker: int, first: int, items: list[Any]) -> None:
+    def __init__(self, worker: int, first: int, items: list[Any], times: dict[str, float] | None = None) -> None:
         self.worker, self.first, self.items = worker, first, items
+        self.times = {} if times is None else times
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_bundle_arrived, (_UnpickleStart(), self.worker, self.first, self.items, self.times,
+                                  _PickleSeconds(time.perf_counter())))
 
     def pin_memory(self) -> Bundle:
         """What torch's pin-memory thread calls: pin each batch as it would pin a lone one."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return Bundle(self.worker, self.first, [pin_memory(item) for item in self.items])
+        start = time.perf_counter()
+        items = [pin_memory(item) for item in self.items]
+        return Bundle(self.worker, self.first, items, _added(self.times, "pin", time.perf_counter() - start))
+
+
+class _UnpickleStart:
+    # Pickled first among a message's arguments: unpickling it reads the clock, so the function that rebuilds the
+    # message (unpickled last) knows how long unpickling its batches took.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (time.perf_counter, ())
+
+
+class _PickleSeconds:
+    # Pickled last among a message's arguments: it turns into the seconds the worker spent pickling the batches
+    # before it (moving tensors into shared memory included).
+    def __init__(self, start: float) -> None:
+        self.start = start
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (time.perf_counter() - self.start,))
+
+
+def _added(times: dict[str, float], stage: str, seconds: float) -> dict[str, float]:
+    out = dict(times)
+    out[stage] = out.get(stage, 0.0) + seconds
+    return out
+
+
+def _bundle_arrived(start: float, worker: int, first: int, items: list[Any], times: dict[str, float],
+                    pickled: float) -> Bundle:
+    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start))
 
 
 class WireBundle:
     """Columnar batches of one worker that share one slab; unpickles into a `Bundle` (each batch via `unpack`)."""
 
     def __init__(self, worker: int, first: int, key: Key | None, slab: torch.Tensor | None, replaced: Key | None,
-                 parts: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+                 parts: list[tuple[tuple[Any, ...], dict[str, Any]]], times: dict[str, float] | None = None) -> None:
         self.worker, self.first, self.key, self.slab, self.replaced, self.parts = worker, first, key, slab, replaced, parts
+        self.times = {} if times is None else times
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (unpack_bundle, (self.worker, self.first, self.key, self.slab, self.replaced, self.parts))
+        return (unpack_bundle, (_UnpickleStart(), self.worker, self.first, self.key, self.slab, self.replaced,
+                                self.parts, self.times, _PickleSeconds(time.perf_counter())))
 
 
-def unpack_bundle(worker: int, first: int, key: Key | None, slab: torch.Tensor | None, replaced: Key | None,
-                  parts: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Bundle:
+def unpack_bundle(start: float, worker: int, first: int, key: Key | None, slab: torch.Tensor | None,
+                  replaced: Key | None, parts: list[tuple[tuple[Any, ...], dict[str, Any]]], times: dict[str, float],
+                  pickled: float) -> Bundle:
     """Main-process side of `WireBundle`: each batch is built by `unpack`, the slab's descriptor crosses once."""
     items = []
     for i, (layout, columns) in enumerate(parts):
         # A pooled slab is registered by the first batch; a one-off slab is not, so every batch carries it.
         items.append(unpack(key, slab if i == 0 or key is None else None, replaced if i == 0 else None, layout,
                             columns))
-    return Bundle(worker, first, items)
+    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start))
 
 
 def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[str, Any]) -> dict[str, Any]:
