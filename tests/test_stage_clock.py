@@ -91,3 +91,17 @@ def test_dataset_iterated_in_this_process_has_its_own_clock(images):
     loader = DataLoader(ds, batch_size=50, num_workers=0)
     list(loader)
     assert ds.stage_times() == times and loader.stage_times()["transform"] >= 150 * SLEEP / 8
+
+
+def test_bucketed_stream_adds_its_bucketing_to_the_wrapped_datasets_stages(tmp_path):
+    from stoker.bucketing.stream import BucketedStream
+
+    text = make_dataset(tmp_path, rows=(60, 60), kind="text")
+    stream = BucketedStream(StreamingDataset(text, transform=slow_transform), max_tokens=256, buffer_size=32)
+    assert stream.stage_times() == {}
+    batches = list(stream)
+    assert sum(len(b) for b in batches) == 120
+    times = stream.stage_times()
+    assert {"read", "transform", "collate"} <= set(times)
+    assert times["transform"] >= 120 * SLEEP / 8 and max(times, key=times.get) == "transform"
+    assert times["collate"] > 0 and times["read"] == stream.dataset.stage_times()["read"]

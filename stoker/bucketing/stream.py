@@ -9,6 +9,7 @@ stretch of the stream; a small buffer keeps the stream's own order (locality) bu
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.bucketing import order as plans
+from stoker.dataloader.clock import StageClock, sum_times
 from stoker.errors import ConfigError
 
 
@@ -75,6 +77,13 @@ class BucketedStream(IterableDataset):
         self.max_batch_size = max_batch_size
         self.seed = seed
         self.epoch = 0
+        self._clock = StageClock()
+
+    def stage_times(self) -> dict[str, float]:
+        """Busy seconds per stage of iterating in this process: the wrapped dataset's (when it reports them) and
+        this stream's bucketing, counted as "collate"."""
+        inner = getattr(self.dataset, "stage_times", None)
+        return sum_times(inner() if inner is not None else {}, self._clock.totals())
 
     def set_epoch(self, epoch: int) -> None:
         """Change the batch order for a new epoch; forwarded to the wrapped dataset if it has set_epoch."""
@@ -114,6 +123,7 @@ class BucketedStream(IterableDataset):
         return length
 
     def _flush(self, buffer: list[Any], lengths: list[int], rng: np.random.Generator) -> Iterator[list[Any]]:
+        start = time.perf_counter()
         array = np.asarray(lengths, dtype=np.uint32)
         # Shuffle before the (stable) sort so equal lengths do not keep stream order.
         order = plans.sort_within_megabatches(rng.permutation(len(buffer)), plans.descending_keys(array), len(buffer))
@@ -122,5 +132,6 @@ class BucketedStream(IterableDataset):
             starts, ends = plans.token_budget_bounds(order, array, len(buffer), budget)
         else:
             starts, ends = plans.fixed_size_bounds(len(buffer), self.batch_size)
-        for b in rng.permutation(len(starts)).tolist():
-            yield [buffer[i] for i in order[starts[b] : ends[b]].tolist()]
+        batches = [[buffer[i] for i in order[starts[b] : ends[b]].tolist()] for b in rng.permutation(len(starts))]
+        self._clock.add("collate", time.perf_counter() - start)
+        yield from batches
