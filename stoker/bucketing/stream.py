@@ -8,6 +8,7 @@ stretch of the stream; a small buffer keeps the stream's own order (locality) bu
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,8 +18,9 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.bucketing import order as plans
+from stoker.dataloader.state import STATE_VERSION, check_config
 from stoker.dataloader.clock import StageClock, sum_times
-from stoker.errors import ConfigError
+from stoker.errors import ConfigError, StateError
 
 
 def _sample_length(sample: Any, position: int) -> int:
@@ -78,6 +80,8 @@ class BucketedStream(IterableDataset):
         self.seed = seed
         self.epoch = 0
         self._clock = StageClock()
+        self._pending: dict[str, Any] | None = None  # a loaded checkpoint, used by the next iteration
+        self._iterator: _BucketIterator | None = None  # the last iteration in this process
 
     def stage_times(self) -> dict[str, float]:
         """Busy seconds per stage of iterating in this process: the wrapped dataset's (when it reports them) and
@@ -88,28 +92,62 @@ class BucketedStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the batch order for a new epoch; forwarded to the wrapped dataset if it has set_epoch."""
         self.epoch = int(epoch)
+        self._pending = None
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
-    def _source(self) -> Iterator[Any]:
-        info = get_worker_info()
-        if info is None or isinstance(self.dataset, IterableDataset):
-            return iter(self.dataset)
-        return itertools.islice(iter(self.dataset), info.id, None, info.num_workers)
+    def _config(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "batch_size": self.batch_size, "buffer_size": self.buffer_size,
+                "pad_to_multiple_of": self.pad_to_multiple_of, "max_batch_size": self.max_batch_size,
+                "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint of what iterating this stream in this process delivered: the wrapped dataset's position at the
+        start of the current buffer, the generator's state there and the batches of that buffer already emitted.
+        (Under DataLoader workers each worker has its own copy: checkpoint in-process iteration.)"""
+        if self._iterator is not None:
+            return self._iterator.state_dict()
+        if self._pending is not None:
+            return self._pending
+        return {"version": STATE_VERSION, "config": self._config(), "epoch": self.epoch, "source": None,
+                "rng": None, "read": 0, "emitted": 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration emit exactly the batches the checkpointed one had not emitted yet."""
+        if not isinstance(state, dict) or not {"version", "config", "epoch", "source", "rng", "read",
+                                               "emitted"} <= set(state):
+            raise StateError(f"not a BucketedStream checkpoint: {state!r:.200}")
+        if state["version"] != STATE_VERSION:
+            raise StateError(f"BucketedStream checkpoint version {state['version']!r} is not supported "
+                             f"(this stoker writes {STATE_VERSION})")
+        check_config(state["config"], self._config(), "BucketedStream", "the bucketing settings")
+        if state["source"] is not None and not hasattr(self.dataset, "load_state_dict"):
+            raise StateError("this checkpoint holds the wrapped dataset's state, but the dataset has no "
+                             "load_state_dict")
+        self.epoch = int(state["epoch"])
+        self._pending = state
+        self._iterator = None
 
     def __iter__(self) -> Iterator[list[Any]]:
+        iterator = _BucketIterator(self, self._pending)
+        self._pending = None
+        if get_worker_info() is None:
+            self._iterator = iterator  # what `state_dict` reports
+        return iterator
+
+    def _source(self, skip: int) -> Iterator[Any]:
+        # The wrapped samples, after the first `skip` (a resume of a dataset that cannot checkpoint itself).
         info = get_worker_info()
-        rng = plans.epoch_rng(self.seed, self.epoch, 0 if info is None else info.id)
-        buffer: list[Any] = []
-        lengths: list[int] = []
-        for position, sample in enumerate(self._source()):
-            lengths.append(self._checked_length(sample, position))
-            buffer.append(sample)
-            if len(buffer) == self.buffer_size:
-                yield from self._flush(buffer, lengths, rng)
-                buffer, lengths = [], []
-        if buffer:
-            yield from self._flush(buffer, lengths, rng)
+        if info is None or isinstance(self.dataset, IterableDataset):
+            return itertools.islice(iter(self.dataset), skip, None)
+        return itertools.islice(iter(self.dataset), info.id, None, info.num_workers)
+
+    def _source_state(self) -> dict[str, Any] | None:
+        # The wrapped dataset's own checkpoint, where it has one that tracks iteration in this process.
+        dataset = self.dataset
+        if get_worker_info() is None and isinstance(dataset, IterableDataset) and hasattr(dataset, "state_dict"):
+            return dataset.state_dict()
+        return None
 
     def _checked_length(self, sample: Any, position: int) -> int:
         length = _sample_length(sample, position)
@@ -122,7 +160,8 @@ class BucketedStream(IterableDataset):
                 )
         return length
 
-    def _flush(self, buffer: list[Any], lengths: list[int], rng: np.random.Generator) -> Iterator[list[Any]]:
+    def _batches(self, buffer: list[Any], lengths: list[int], rng: np.random.Generator) -> list[list[Any]]:
+        """A full buffer cut into batches of similar lengths, in random order."""
         start = time.perf_counter()
         array = np.asarray(lengths, dtype=np.uint32)
         # Shuffle before the (stable) sort so equal lengths do not keep stream order.
@@ -134,4 +173,81 @@ class BucketedStream(IterableDataset):
             starts, ends = plans.fixed_size_bounds(len(buffer), self.batch_size)
         batches = [[buffer[i] for i in order[starts[b] : ends[b]].tolist()] for b in rng.permutation(len(starts))]
         self._clock.add("collate", time.perf_counter() - start)
-        yield from batches
+        return batches
+
+
+class _BucketIterator:
+    """One pass of a BucketedStream: fill a buffer, cut it into batches, emit them; remembers where its buffer
+    started (the wrapped dataset's state, the generator's state) so that a checkpoint can rebuild it."""
+
+    def __init__(self, stream: BucketedStream, resume: dict[str, Any] | None) -> None:
+        info = get_worker_info()
+        self.stream = stream
+        self.epoch = stream.epoch
+        self.rng = plans.epoch_rng(stream.seed, self.epoch, 0 if info is None else info.id)
+        self.source: Iterator[Any] | None = None
+        self.resume = resume
+        self.read = 0  # samples read from the wrapped dataset
+        self.ready: collections.deque[list[Any]] = collections.deque()
+        self.skip = 0  # batches of the first buffer emitted before the checkpoint
+        self.emitted = 0  # batches of the current buffer emitted
+        self.buffer_state: dict[str, Any] = dict(resume) if resume is not None else self._mark(None)
+        self.exhausted = False
+        self.first_fill = True
+
+    def __iter__(self) -> _BucketIterator:
+        return self
+
+    def __next__(self) -> list[Any]:
+        if self.source is None:
+            self._start()
+        while not self.ready:
+            if self.exhausted:
+                raise StopIteration
+            self._fill()
+        self.emitted += 1
+        return self.ready.popleft()
+
+    def state_dict(self) -> dict[str, Any]:
+        """{version, config, epoch, source, rng, read, emitted}: see `BucketedStream.state_dict`."""
+        return dict(self.buffer_state, emitted=self.emitted)
+
+    def _start(self) -> None:
+        resume, skip = self.resume, 0
+        if resume is not None:
+            self.read = int(resume["read"])
+            if resume["rng"] is not None:
+                self.rng.bit_generator.state = resume["rng"]
+            self.skip = int(resume["emitted"])
+            if resume["source"] is not None:
+                self.stream.dataset.load_state_dict(resume["source"])
+            else:
+                skip = self.read
+        self.buffer_state = self._mark(self.stream._source_state())
+        self.source = self.stream._source(skip)
+
+    def _mark(self, source: Any) -> dict[str, Any]:
+        # Where the buffer about to be filled starts.
+        stream = self.stream
+        return {"version": STATE_VERSION, "config": stream._config(), "epoch": self.epoch, "source": source,
+                "rng": self.rng.bit_generator.state, "read": self.read, "emitted": 0}
+
+    def _fill(self) -> None:
+        stream, source = self.stream, self.source
+        assert source is not None
+        if not self.first_fill:  # a new buffer starts here (`_start` marked the first one)
+            self.buffer_state = self._mark(stream._source_state())
+        self.first_fill = False
+        self.emitted = 0
+        buffer: list[Any] = []
+        lengths: list[int] = []
+        for sample in itertools.islice(source, stream.buffer_size):
+            lengths.append(stream._checked_length(sample, self.read))
+            buffer.append(sample)
+            self.read += 1
+        if len(buffer) < stream.buffer_size:
+            self.exhausted = True
+        if buffer:
+            batches = stream._batches(buffer, lengths, self.rng)
+            self.ready.extend(batches[self.skip:])
+            self.emitted, self.skip = self.skip, 0

@@ -374,7 +374,7 @@ class Tuner:
         lump = self.bundle
         if self._decisions == 0:
             # The start is deliberately small: judge it as soon as two steps and every worker's first two bundles
-            # (1 and 2 batches: an epoch's bundles start small, `stream._Iterator._next_bundle`) have been timed.
+            # (1 and 2 batches: an epoch's bundles start small, `stages.Bundler`) have been timed.
             if len(w.steps) < 2:
                 return False
             lump = min(self.bundle, 3)
@@ -463,7 +463,7 @@ class Tuner:
         if experiment:
             rate_now = delivered_rate  # the model already promised more than this: judge by what was measured
         # A restart costs the stop and start measured, plus the wait for the new workers' first batch (their first
-        # bundle holds one, see `stream._Iterator._next_bundle`); the batches the old workers were building are lost.
+        # bundle holds one, see `stages.Bundler`); the batches the old workers were building are lost.
         restart = self.restart_s = (self.overhead_s or 0.0) + p
         # A setting carries over to the following epochs, and a run is expected to go on at least as long as it
         # has gone so far: the gain counts over the longest of the epoch's rest, an epoch, and the run so far.

@@ -28,7 +28,8 @@ import torch.utils.data
 from stoker import storage
 from stoker.dataloader import autotune, order, workers
 from stoker.dataloader.clock import StageClock
-from stoker.dataloader.stream import Progress, StreamingDataset, progress_state
+from stoker.dataloader.stages import Progress, progress_state
+from stoker.dataloader.stream import BatchPlan, StreamingDataset
 from stoker.errors import ConfigError
 
 
@@ -102,33 +103,38 @@ class DataLoader(torch.utils.data.DataLoader):
         self._user_collate = collate_fn
         self._inner: torch.utils.data.DataLoader | None = None
         self._inner_key: tuple[Any, ...] | None = None
+        self._inner_started = False  # whether the inner loader's iterator (and its persistent workers) exists
         self._bundle = 1  # batches per message of the inner loader
         self._progress: Progress | None = None
-        self._redealt: tuple[int, int, int] | None = None  # (epoch, its start, position) of the last re-deal
         self._clock = StageClock()  # stage seconds of this loader, its workers' included
 
     def __iter__(self) -> Any:
         if not self._streaming:
             return _forking(super().__iter__)
-        return _StreamIterator(self)
+        # A pass abandoned after a re-deal left the dataset's start mid-epoch: start where the epoch started.
+        self.dataset.position.rewind()
+        iterator = _StreamIterator(self, workers.topology())  # the topology here, where the process group is visible
+        self._progress = iterator.progress
+        return iterator
 
     def __len__(self) -> int:
         if not self._streaming:
             return super().__len__()
         rank, world = workers.topology()
-        remaining = self.dataset.manifest.num_samples - self._epoch_start()
+        remaining = self.dataset.manifest.num_samples - self.dataset.position.epoch_start
         return order.rank_units(remaining, self.batch_size, rank, world, self.drop_last or self.dataset.drop_last)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint of this rank's progress: {version, config, epoch, consumed}; valid for any rank to load."""
         ds = self._stream_dataset()
-        return progress_state(ds._config(), self._progress, ds.epoch, int(ds._control[1]), ds.manifest.num_samples)
+        position = ds.position
+        return progress_state(ds.order_config(), self._progress, position.epoch, position.epoch_start,
+                              ds.manifest.num_samples)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration deliver exactly the samples the checkpointed run had not delivered yet."""
         self._stream_dataset().load_state_dict(state)
         self._progress = None
-        self._redealt = None
 
     def stage_times(self) -> dict[str, float]:
         """Busy seconds per pipeline stage since this loader was built, summed over its workers, in this process.
@@ -145,13 +151,6 @@ class DataLoader(torch.utils.data.DataLoader):
         """What `num_workers="auto"`/`prefetch_factor="auto"` chose and why (None for fixed settings)."""
         return None if self._tuner is None else self._tuner.report()
 
-    def _epoch_start(self) -> int:
-        """The resume position the current epoch started from (a re-deal moves the dataset's, not this)."""
-        ds, redealt = self.dataset, self._redealt
-        if redealt is not None and (ds.epoch, int(ds._control[1])) == (redealt[0], redealt[2]):
-            return redealt[1]
-        return int(ds._control[1])
-
     def _stream_dataset(self) -> StreamingDataset:
         if not self._streaming:
             raise ConfigError(
@@ -167,8 +166,8 @@ class DataLoader(torch.utils.data.DataLoader):
         if self._inner is None or self._inner_key != key:
             bundle = self._bundle = bundle_size(self.batch_size, self.num_workers, _mean_sample_bytes(self.dataset))
             persistent = self.persistent_workers and self.num_workers > 0
-            view = self.dataset._as_batches(self.batch_size, self.drop_last, self._user_collate, topology,
-                                            persistent, bundle, self._clock)
+            plan = BatchPlan(self.batch_size, self.drop_last, self._user_collate, topology, persistent, bundle)
+            view: Any = self.dataset.batches(plan, self._clock)
             if self._tuner is not None:
                 view = autotune.Timed(view, self._tuner.clock)
             prefetch = None if self.num_workers == 0 else inner_prefetch(self.prefetch_factor or 2, bundle)
@@ -181,7 +180,24 @@ class DataLoader(torch.utils.data.DataLoader):
                 in_order=True,  # checkpoints count batches in order; out-of-order delivery would break resume
             )
             self._inner_key = key
+            self._inner_started = False
         return self._inner
+
+    def _start_batches(self, topology: tuple[int, int]) -> tuple[Any, bool]:
+        """(iterator of the inner loader, whether its workers are new rather than persistent ones reused)."""
+        inner = self._batches(topology)
+        fresh = not (self._inner_started and inner.persistent_workers)
+        self._inner_started = True
+        return _start(inner, self._tuner is not None), fresh
+
+    def _workers_stopped(self) -> None:
+        """The inner loader's workers were shut down: the next pass starts new ones (persistent ones are gone)."""
+        self._inner = None
+
+    def _apply_setting(self, setting: autotune.Setting) -> None:
+        """The tuner's new setting, used by the next inner loader."""
+        self.num_workers = setting.workers
+        self.prefetch_factor = setting.prefetch if setting.workers else None
 
 
 def _mean_sample_bytes(dataset: StreamingDataset) -> float:
@@ -209,23 +225,17 @@ def _make_tuner(dataset: StreamingDataset | None, batch_size: int | None, num_wo
 class _StreamIterator:
     """One epoch of batches from the inner loader, counted for checkpoints."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader, topology: tuple[int, int]) -> None:
         ds: StreamingDataset = loader.dataset
-        topology = workers.topology()  # here, in the training process, where the process group is visible
-        if loader._redealt is not None:  # a pass abandoned after a re-deal: start the epoch where it started
-            ds._control[1] = loader._epoch_start()
-            loader._redealt = None
         self.dataset = ds
         self.topology = topology
-        self.progress = Progress(ds.epoch, int(ds._control[1]), loader.batch_size, topology[1])
-        loader._progress = self.progress
+        self.progress = Progress(ds.epoch, ds.position.start, loader.batch_size, topology[1])
         self.length = len(loader)
         self.finished = False
         self._loader = loader
-        inner = loader._batches(topology)
-        fresh = getattr(inner, "_iterator", None) is None
+        self._clock = loader._clock
         started = time.perf_counter()
-        self._it = _start(inner, loader._tuner is not None)
+        self._it, fresh = loader._start_batches(topology)
         self._workers = loader.num_workers
         self._base = 0  # batches delivered before the current inner iterator started (re-deals)
         self._bundled: dict[tuple[int, int], Any] = {}  # (worker, its batch number) -> batch, from bundles
@@ -245,7 +255,7 @@ class _StreamIterator:
             bundle = next(self._it)
             if not isinstance(bundle, workers.Bundle):
                 return bundle  # sent on its own (an error outside a bundle)
-            self._loader._clock.merge(bundle.times)
+            self._clock.merge(bundle.times)
             for n, item in enumerate(bundle.items):
                 self._bundled[(bundle.worker, bundle.first + n)] = item
         return self._bundled.pop(key)
@@ -337,12 +347,9 @@ class _StreamIterator:
         self._shutdown()
         position = order.consumed(progress.start, progress.delivered + len(self._carried), progress.block,
                                   progress.world, ds.manifest.num_samples)
-        epoch_start = progress.start if loader._redealt is None else loader._redealt[1]
-        loader._redealt = (progress.epoch, epoch_start, position)
-        ds._resume_at(progress.epoch, position)
-        loader.num_workers = setting.workers
-        loader.prefetch_factor = setting.prefetch if setting.workers else None
-        self._it = _start(loader._batches(self.topology), True)
+        ds.position.continue_at(position)
+        loader._apply_setting(setting)
+        self._it, _ = loader._start_batches(self.topology)
         self._workers, self._base = setting.workers, progress.delivered + len(self._carried)
         self._bundled.clear()
         self._tuner.segment_started(progress.epoch, progress.delivered, autotune.worker_pids(self._it), True,
@@ -355,8 +362,7 @@ class _StreamIterator:
                 shutdown()
             except Exception:  # e.g. a queued batch of the dead worker cannot be unpickled; report the first error
                 pass
-        if self._loader._inner is not None:
-            self._loader._inner._iterator = None  # persistent workers are gone: start fresh ones next time
+        self._loader._workers_stopped()
 
     def _dead_workers(self, wait: float) -> str:
         procs = getattr(self._it, "_workers", [])

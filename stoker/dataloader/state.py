@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
+
 from stoker.errors import StateError
 from stoker.formats.manifest import Manifest
 
@@ -41,6 +43,18 @@ def make_state(config: dict[str, Any], epoch: int, consumed: int) -> dict[str, A
     return {"version": STATE_VERSION, "config": dict(config), "epoch": int(epoch), "consumed": int(consumed)}
 
 
+def check_config(saved: Any, config: dict[str, Any], what: str, settings: str) -> None:
+    """Raise a StateError naming every key where a checkpoint's `saved` config differs from `config`."""
+    if not isinstance(saved, dict):
+        raise StateError(f"checkpoint config must be a dict, got {saved!r:.200}")
+    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differ:
+        details = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {config.get(k)!r})" for k in differ)
+        raise StateError(
+            f"checkpoint does not match this {what}: {details}; resume with {settings} the checkpoint was made with"
+        )
+
+
 def read_state(state: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
     """(epoch, consumed) of a checkpoint, after checking that it was made under `config`."""
     if not isinstance(state, dict) or not {"version", "config", "epoch", "consumed"} <= set(state):
@@ -51,15 +65,48 @@ def read_state(state: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]
         raise StateError(
             f"checkpoint version {state['version']!r} is not supported (this stoker writes {STATE_VERSION})"
         )
-    saved = state["config"]
-    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-    if differ:
-        details = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {config.get(k)!r})" for k in differ)
-        raise StateError(
-            f"checkpoint does not match this stream: {details}; resume with the dataset and shuffle settings "
-            "the checkpoint was made with"
-        )
+    check_config(state["config"], config, "stream", "the dataset and shuffle settings")
     epoch, consumed = int(state["epoch"]), int(state["consumed"])
     if epoch < 0 or not 0 <= consumed <= int(config["num_samples"]):
         raise StateError(f"checkpoint has epoch {epoch} and consumed {consumed}, outside this dataset's range")
     return epoch, consumed
+
+
+class StreamPosition:
+    """Where a stream's next pass starts: [epoch, start, epoch start] in shared memory, so that persistent workers
+    see `set_epoch` and resumes too. `start` moves past `epoch start` only when a loader re-deals the rest of an
+    epoch to new workers (`continue_at`); a later pass of that epoch starts over from `epoch start` (`rewind`)."""
+
+    def __init__(self) -> None:
+        self._values = torch.zeros(3, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._values[0])
+
+    @property
+    def start(self) -> int:
+        """The order position the next pass (or the re-dealt workers) start from."""
+        return int(self._values[1])
+
+    @property
+    def epoch_start(self) -> int:
+        """The order position the current epoch's pass started from (a resume's position, else 0)."""
+        return int(self._values[2])
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch starts from its beginning; the same epoch keeps a pending resume."""
+        if epoch != self.epoch:
+            self._values[0], self._values[1], self._values[2] = epoch, 0, 0
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        """The next pass delivers `epoch` from order position `consumed`."""
+        self._values[0], self._values[1], self._values[2] = epoch, consumed, consumed
+
+    def continue_at(self, consumed: int) -> None:
+        """Workers started now deliver the current epoch from `consumed` (a re-deal); its start stays."""
+        self._values[1] = consumed
+
+    def rewind(self) -> None:
+        """A new pass over the current epoch starts where the epoch started (undoing an abandoned re-deal)."""
+        self._values[1] = self._values[2]

@@ -1,14 +1,14 @@
 """StreamingDataset: the shards of a packed dataset as a torch IterableDataset, sharded over ranks and workers.
 
 Each worker computes its share of the epoch's order (`order.py`), reads the shards of the current shuffle window
-(prefetching the next ones), and gathers its rows straight from the mapped record batches. Epoch and resume
-position live in a tiny shared-memory tensor, so `set_epoch` and `load_state_dict` reach persistent workers too.
+(prefetching the next ones), and gathers its rows straight from the mapped record batches: the stages of
+`stages.py`, composed here. Epoch and resume position live in a tiny shared-memory tensor (`state.StreamPosition`),
+so `set_epoch` and `load_state_dict` reach persistent workers too. `batches(plan)` is the same dataset as whole
+batches, what stoker.DataLoader's workers iterate.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
 import math
 import os
 import time
@@ -17,22 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker import cache, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
 from stoker.dataloader.clock import StageClock
-from stoker.dataloader.reader import (
-    Catalog, MappedRows, OpenShard, RaggedPlan, ReadOptions, ShardSource, decode_strings, to_samples,
-)
-from stoker.dataloader.state import make_state, read_state, stream_config
+from stoker.dataloader.reader import ReadOptions, ShardSource
+from stoker.dataloader.stages import Batches, Bundler, Progress, RowReader, Samples, progress_state
+from stoker.dataloader.state import StreamPosition, read_state, stream_config
 from stoker.errors import ConfigError
 from stoker.formats.manifest import Manifest
 from stoker.formats.schema import schema_for
-
-SAMPLE_GROUP = 256  # samples gathered at once when yielding samples one by one
 
 
 def load_manifest(source: str, storage_options: dict[str, Any] | None, read: ReadOptions) -> Manifest:
@@ -71,18 +67,6 @@ def ordered_columns(manifest: Manifest, columns: Sequence[str] | None) -> tuple[
     schema = schema_for(manifest.kind, np.dtype(manifest.token_dtype or "uint32")).names
     wanted = list(columns) if columns is not None else list(kinds)
     return tuple(sorted(wanted, key=lambda c: (schema.index(c) if c in schema else len(schema), c)))
-
-
-@dataclass
-class Progress:
-    """What an iterator in this process has delivered: units of `block` samples since position `start`."""
-
-    epoch: int
-    start: int
-    block: int
-    world: int
-    delivered: int = 0
-    done: bool = False
 
 
 class StreamingDataset(IterableDataset):
@@ -124,16 +108,11 @@ class StreamingDataset(IterableDataset):
         self.cache_limit = int(cache_limit)
         if not storage.is_local(self.source):
             self._check_cache_limit()
-        self._rows = np.array([s.rows for s in self.manifest.shards], dtype=np.int64)
-        self._control = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, resume position]
-        self._topology: tuple[int, int] | None = None  # set by stoker.DataLoader, or captured when pickled
-        self._block = 1
-        self._collate: Callable[[list[Any]], Any] | None = None
-        self._batched = False
-        self._bundle = 1  # batches per message from a worker (see `workers.Bundle`)
-        self._persistent = False  # workers outlive the epoch: worth fetching the next epoch's first shards
+        self.shard_rows = np.array([s.rows for s in self.manifest.shards], dtype=np.int64)
+        self.position = StreamPosition()
+        self._topology: tuple[int, int] | None = None  # captured when pickled for spawned workers
         self._progress: Progress | None = None
-        self._source: tuple[int, ShardSource, workers.SlabPool, StageClock] | None = None
+        self._resources: ProcessResources | None = None
         self._clock = StageClock()  # iterations in this process (stoker.DataLoader's views count on its own)
 
     def _check_cache_limit(self) -> None:
@@ -153,19 +132,14 @@ class StreamingDataset(IterableDataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._control[0])
+        return self.position.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of `epoch`; a pending resume position is kept only if the epoch does not change."""
-        epoch = order.check_seed(epoch, "epoch")
-        if epoch != self.epoch:
-            self._control[0], self._control[1] = epoch, 0
+        self.position.set_epoch(order.check_seed(epoch, "epoch"))
 
-    def _resume_at(self, epoch: int, position: int) -> None:
-        self._control[0], self._control[1] = epoch, position
-
-    def _config(self) -> dict[str, Any]:
-        # What the sample order depends on; checkpoints must match it.
+    def order_config(self) -> dict[str, Any]:
+        """What the sample order depends on (saved in checkpoints, which must match it)."""
         return stream_config(self.manifest, seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
 
     def stage_times(self) -> dict[str, float]:
@@ -175,380 +149,139 @@ class StreamingDataset(IterableDataset):
     def __len__(self) -> int:
         """Samples this rank gets in the current epoch (all of them when not distributed)."""
         rank, world = self._topology or workers.topology()
-        remaining = self.manifest.num_samples - int(self._control[1])
+        remaining = self.manifest.num_samples - self.position.start
         return order.rank_samples(remaining, 1, rank, world, self.drop_last)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint of what iterating this dataset in this process delivered (with workers, checkpoint the loader)."""
         total = self.manifest.num_samples
-        return progress_state(self._config(), self._progress, self.epoch, int(self._control[1]), total)
+        return progress_state(self.order_config(), self._progress, self.epoch, self.position.start, total)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: the next iteration delivers exactly what it had not delivered."""
-        epoch, consumed = read_state(state, self._config())
-        self._resume_at(epoch, consumed)
+        epoch, consumed = read_state(state, self.order_config())
+        self.position.resume_at(epoch, consumed)
         self._progress = None
 
     # -- iteration -----------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
-        return _Iterator(self)
+        iterator = _SampleIterator(self)
+        if get_worker_info() is None:
+            self._progress = iterator.progress  # what `state_dict` reports
+        return iterator
+
+    def batches(self, plan: BatchPlan, clock: StageClock | None = None) -> BatchStream:
+        """This dataset as whole batches (what stoker.DataLoader's workers iterate), sharing its epoch and resume
+        position; stage seconds count on `clock` (in workers: on theirs, sent with each message)."""
+        return BatchStream(self, plan, clock if clock is not None else StageClock())
+
+    def process_resources(self) -> ProcessResources:
+        """This process's shard source, slab pool and worker clock, made on first use in each process (persistent
+        workers keep their cache handles, slabs and unsent stage seconds across epochs)."""
+        if self._resources is None or self._resources.pid != os.getpid():
+            source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
+                                 self.read)
+            self._resources = ProcessResources(os.getpid(), source, workers.SlabPool(max_slabs=8), StageClock())
+        return self._resources
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_source"] = None
+        state["_resources"] = None
         state["_progress"] = None
         if state["_topology"] is None and get_worker_info() is None:
             # Pickled for spawn/forkserver workers: they cannot see the process group, so take it along.
             state["_topology"] = workers.topology()
         return state
 
-    def _per_process(self) -> tuple[ShardSource, workers.SlabPool, StageClock]:
-        # Lives as long as the process (persistent workers keep their cache handles, slabs and the stage seconds
-        # not sent yet across epochs).
-        if self._source is None or self._source[0] != os.getpid():
-            source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
-                                 self.read)
-            self._source = (os.getpid(), source, workers.SlabPool(max_slabs=8), StageClock())
-        return self._source[1], self._source[2], self._source[3]
 
-    def _as_batches(self, batch_size: int, drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None,
-                    topology: tuple[int, int], persistent: bool, bundle: int = 1,
-                    clock: StageClock | None = None) -> StreamingDataset:
-        # A copy that yields whole batches (what stoker.DataLoader's workers iterate); it shares the epoch and resume
-        # position with this dataset through the shared `_control` tensor.
-        view = copy.copy(self)
-        view._block, view._collate, view._batched = int(batch_size), collate_fn, True
-        view.drop_last = self.drop_last or drop_last
-        view._topology = topology
-        view._persistent = persistent
-        view._bundle = max(1, int(bundle))
-        view._source = None
-        view._progress = None
-        view._clock = clock if clock is not None else StageClock()
-        return view
+@dataclass
+class ProcessResources:
+    """What one process needs to read a dataset: made there, never pickled."""
+
+    pid: int
+    source: ShardSource
+    pool: workers.SlabPool
+    clock: StageClock  # a worker's stage seconds not sent yet
 
 
-def progress_state(config: dict[str, Any], progress: Progress | None, epoch: int, start: int,
-                   total: int) -> dict[str, Any]:
-    """Checkpoint from what an iterator delivered (or from the pending position when nothing ran)."""
-    if progress is None:
-        return make_state(config, epoch, start)
-    if progress.done:
-        return make_state(config, progress.epoch + 1, 0)
-    return make_state(config, progress.epoch, order.consumed(progress.start, progress.delivered, progress.block,
-                                                               progress.world, total))
+@dataclass(frozen=True)
+class BatchPlan:
+    """How `StreamingDataset.batches` cuts and delivers batches."""
+
+    batch_size: int
+    drop_last: bool = False  # on top of the dataset's own drop_last
+    collate_fn: Callable[[list[Any]], Any] | None = None  # None: stoker's columnar collate (or default_collate)
+    topology: tuple[int, int] = (0, 1)  # (rank, world size) of the training process
+    persistent: bool = False  # workers outlive the epoch: worth fetching the next epoch's first shards
+    bundle: int = 1  # batches per message from a worker (see `workers.Bundle`)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bundle"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"BatchPlan.{name} must be a positive integer, got {value!r}")
 
 
-class _Slot:
-    """The reading side of one worker's share of one epoch: units in, gathered columns out."""
+class BatchStream(IterableDataset):
+    """A StreamingDataset as batches (`StreamingDataset.batches`): in a worker, `workers.Bundle` messages of them."""
 
-    def __init__(self, ds: StreamingDataset, epoch: int, start: int, rank: int, world: int,
-                 clock: StageClock) -> None:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        self.ds = ds
-        self.order = order.EpochOrder(ds._rows, ds.seed, epoch, ds.shuffle, ds.shuffle_buffer)
-        self.deal = order.Deal(ds.manifest.num_samples, start, ds._block, rank, world, worker, num_workers,
-                               ds.drop_last)
-        self.turn = (rank * num_workers + worker, world * num_workers)  # this reader's place among all of them
-        self.units = self.deal.units()
-        self.next = 0
-        self.source = ds._per_process()[0]
-        self.open: dict[int, OpenShard] = {}
-        self.catalog = Catalog(len(ds._rows), ds.columns)
-        self.ends = self.order.shard_stream_end()
-        self.epoch = epoch
-        self.clock = clock
+    def __init__(self, dataset: StreamingDataset, plan: BatchPlan, clock: StageClock) -> None:
+        self.dataset, self.plan, self.clock = dataset, plan, clock
 
-    def take(self, count: int) -> tuple[dict[str, np.ndarray | RaggedPlan], np.ndarray, np.ndarray] | None:
-        """Columns of the next `count` units, with their shard numbers and rows; None when the share is done."""
-        units = self.units[self.next:self.next + count]
-        if not len(units):
-            return None
-        start, fetched = time.perf_counter(), self.source.fetch_seconds
-        try:
-            self.next += len(units)
-            positions = self.deal.positions(units)
-            shards, rows = self.order.locate(positions)
-            self._prepare(int(positions.min()), int(positions.max()), shards)
-            return self.catalog.gather(shards, rows), shards, rows
-        finally:
-            fetch = self.source.fetch_seconds - fetched
-            if fetch:
-                self.clock.add("fetch", fetch)
-            self.clock.add("read", time.perf_counter() - start - fetch)
-
-    def run_length(self, count: int) -> int:
-        """How many of the next `count` units (at least one) lie in the shuffle window where the next one starts:
-        bundling those never makes a worker open or prefetch shards earlier than unit by unit would."""
-        units = self.units[self.next:self.next + count]
-        if len(units) <= 1:
-            return len(units)
-        deal = self.deal
-        firsts = deal.start + units * deal.block
-        lasts = np.minimum(firsts + deal.block, deal.total) - 1
-        window = self.order.window_of(int(firsts[0]))
-        beyond = np.flatnonzero(lasts // self.order.window != window)
-        return max(1, int(beyond[0]) if len(beyond) else len(units))
-
-    def _prepare(self, first: int, last: int, needed: np.ndarray) -> None:
-        window = self.order.window_of(first)
-        stream_start = window * self.order.window  # shards that end before the current window are done with
-        done = [s for s in self.open if self.ends[s] <= stream_start]
-        for shard in done:
-            self.source.release(shard, self.open.pop(shard))
-        self.source.forget(done)
-        windows = range(window, self.order.window_of(last) + 1)
-        ahead = [self.order.window_shards(k, self.ds.read.prefetch_shards) for k in windows]
-        if not self.source.local:
-            # Every reader needs every shard of the window; each starts downloading at a different one, so they
-            # fetch different shards at once instead of queueing on each other's cache lock for the same one.
-            k, n = self.turn
-            ahead[0] = np.roll(ahead[0], -(len(ahead[0]) * k // n))
-        self.source.prefetch(np.concatenate(ahead))
-        for shard in np.unique(needed).tolist():
-            if shard not in self.open:
-                self.open[shard] = self.source.open(shard, self.ds.columns)
-        self.catalog.update(self.open)
-
-    def close(self, finished: bool) -> None:
-        for shard, opened in self.open.items():
-            self.source.release(shard, opened)
-        self.open.clear()
-        self.catalog.update(self.open)
-        if finished and (self.source.local or self.ds._persistent):
-            # The next epoch's first shards, read while this worker waits for it (an exiting one would waste them).
-            ds = self.ds
-            following = order.EpochOrder(ds._rows, ds.seed, self.epoch + 1, ds.shuffle, ds.shuffle_buffer)
-            self.source.prefetch(following.window_shards(0, self.ds.read.prefetch_shards))
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(self)
 
 
-class _Iterator:
-    """Iterator over one epoch of a StreamingDataset in this process: samples, or batches when batched."""
+class _SampleIterator:
+    """One epoch of a StreamingDataset's samples in this process: RowReader -> Samples, built on the first next()."""
 
     def __init__(self, ds: StreamingDataset) -> None:
         self.ds = ds
-        self.epoch, self.start = int(ds._control[0]), int(ds._control[1])
-        self.rank, self.world = ds._topology or workers.topology()
+        self.epoch, self.start = ds.epoch, ds.position.start
+        self.topology = ds._topology or workers.topology()
+        self.progress = Progress(self.epoch, self.start, 1, self.topology[1])
         self.in_worker = get_worker_info() is not None
-        self.slot: _Slot | None = None
-        self.samples: collections.deque[Any] = collections.deque()
-        self.shards: collections.deque[str] = collections.deque()
-        self.pool = ds._per_process()[1] if self.in_worker else None
-        # A worker counts on its own clock and sends what it added with each message; this process counts on the
-        # dataset's (a loader view's is the loader's).
-        self.clock = ds._per_process()[2] if self.in_worker else ds._clock
-        self.progress = Progress(self.epoch, self.start, ds._block, self.world)
-        self.checked = False  # whether a batch of the user's collate was shown to pickle
-        self.sent = 0  # bundles sent in this epoch (see `_next_bundle`)
-        if not self.in_worker and not ds._batched:
-            ds._progress = self.progress
+        self.samples: Samples | None = None
 
-    def __iter__(self) -> _Iterator:
+    def __iter__(self) -> _SampleIterator:
         return self
 
     def __next__(self) -> Any:
-        if self.slot is None:
-            self.slot = _Slot(self.ds, self.epoch, self.start, self.rank, self.world, self.clock)
-        if self.ds._batched:
-            return self._next_bundle()
-        while not self.samples:
-            got = self.slot.take(SAMPLE_GROUP)
-            if got is None:
-                self._finish()
-            with self.clock.timing("read"):
-                columns, shards, _ = got
-                names = [self.ds.manifest.shards[s].name for s in shards.tolist()]
-                self.samples.extend(to_samples(columns, self.ds.kinds))
-                self.shards.extend(names)
-        sample, shard = self.samples.popleft(), self.shards.popleft()
-        if self.ds.transform is not None:
-            with self.clock.timing("transform"):  # per sample: the transform itself costs far more than this
-                sample = _apply(self.ds.transform, sample, shard)
+        if self.samples is None:
+            ds = self.ds
+            clock = ds.process_resources().clock if self.in_worker else ds._clock
+            reader = RowReader(ds, self.epoch, self.start, 1, ds.drop_last, self.topology, clock)
+            self.samples = Samples(reader, ds.transform, clock)
+        try:
+            sample = next(self.samples)
+        except StopIteration:
+            self.progress.done = True
+            raise
         self.progress.delivered += 1
         return sample
 
-    def _finish(self) -> None:
-        assert self.slot is not None
-        self.slot.close(finished=True)
-        self.progress.done = True
-        raise StopIteration
 
-    def _next_batch(self) -> Any:
-        assert self.slot is not None
-        try:
-            got = self.slot.take(1)
-            if got is None:
-                self._finish()
-            batch = self._collate(*got)
-            if self.in_worker and not self.checked and not isinstance(batch, workers.WireBatch):
-                # The queue's feeder thread drops what it cannot pickle and the main process would wait forever.
-                with self.clock.timing("handoff"):
-                    workers.check_picklable(batch)
-                self.checked = True
-        except StopIteration:
-            raise
-        except Exception as exc:
-            if not self.in_worker:
-                raise
-            info = get_worker_info()
-            return workers.WorkerError(exc, f"DataLoader worker {info.id} (pid {os.getpid()})")
-        self.progress.delivered += 1
-        return batch
+class _BatchIterator:
+    """One epoch of a BatchStream: RowReader -> Batches -> Bundler, built on the first next()."""
 
-    def _next_bundle(self) -> workers.Bundle | workers.WireBundle:
-        """Up to `_bundle` consecutive batches of this worker, as one message (see `workers.Bundle`), with the
-        worker's stage seconds since its last message. Outside workers, one batch at a time.
+    def __init__(self, stream: BatchStream) -> None:
+        ds = stream.dataset
+        self.stream = stream
+        self.epoch, self.start = ds.epoch, ds.position.start
+        self.bundler: Bundler | None = None
 
-        The first bundles of an epoch hold 1, 2, 4... batches: the training process gets its first batch after
-        one batch's work instead of a whole bundle's (0.8 s at the start of every epoch and after every autotune
-        restart, with 8 batches of 100 ms), and the worker is busy all the same."""
-        bundle = self._make_bundle()
-        if self.in_worker:
-            bundle.times = self.clock.take()
-        return bundle
+    def __iter__(self) -> _BatchIterator:
+        return self
 
-    def _make_bundle(self) -> workers.Bundle | workers.WireBundle:
-        assert self.slot is not None
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        first = self.slot.next
-        ds = self.ds
-        count = self.slot.run_length(min(ds._bundle, 1 << min(self.sent, 16)))
-        self.sent += 1
-        if ds._collate is None and ds.transform is None and self.in_worker:
-            try:  # columnar: gather the batches' rows at once, copy them into one slab
-                got = self.slot.take(count)
-                if got is None:
-                    self._finish()
-                with self.clock.timing("collate"):
-                    bundle = self._columnar_bundle(worker, first, got[0], self.slot.next - first)
-                self.progress.delivered += len(bundle.parts)
-                return bundle
-            except StopIteration:
-                raise
-            except Exception:
-                self.slot.next = first  # again batch by batch: the batches before the failing one still arrive
-        items: list[Any] = []
-        for _ in range(max(1, count)):
-            if self.slot.next >= len(self.slot.units):
-                break
-            item = self._next_batch()
-            items.append(item)
-            if isinstance(item, workers.WorkerError):
-                break
-        if not items:
-            self._finish()
-        return workers.Bundle(worker, first, items)
-
-    def _columnar_bundle(self, worker: int, first: int, columns: dict[str, Any], units: int) -> workers.WireBundle:
-        # Rows of unit i are [i * block, (i + 1) * block); only the epoch's last unit can be short.
-        block = self.ds._block
-        column = next(iter(columns.values()))
-        total = len(column.length) if isinstance(column, RaggedPlan) else len(column)
-        pieces = []
-        for i in range(units):
-            part = slice(i * block, min((i + 1) * block, total))
-            pieces.append({name: (RaggedPlan(c.sources, c.src[part], c.start[part], c.length[part], c.origins)
-                                  if isinstance(c, RaggedPlan) else c[part]) for name, c in columns.items()})
-        key, slab, parts = self._columnar(pieces)
-        fresh, replaced = (slab.first, slab.replaced) if slab is not None else (False, None)
-        tensor = slab.tensor if slab is not None else None
-        return workers.WireBundle(worker, first, key, tensor if fresh or key is None else None, replaced, parts)
-
-    def _collate(self, columns: dict[str, Any], shards: np.ndarray, rows: np.ndarray) -> Any:
-        ds = self.ds
-        if ds._collate is not None or ds.transform is not None:
-            clock = self.clock
-            with clock.timing("read"):
-                samples = to_samples(columns, ds.kinds)
-            if ds.transform is not None:
-                with clock.timing("transform"):
-                    names = [ds.manifest.shards[s].name for s in shards.tolist()]
-                    samples = [_apply(ds.transform, s, n) for s, n in zip(samples, names)]
-            if ds._collate is not None:
-                with clock.timing("transform"):  # the user's collate_fn
-                    return ds._collate(samples)
-            with clock.timing("collate"):
-                return torch.utils.data.default_collate(samples)
-        with self.clock.timing("collate"):
-            return self._columnar_batch(columns)
-
-    def _columnar_batch(self, columns: dict[str, Any]) -> Any:
-        key, slab, parts = self._columnar([columns])
-        (layout, fixed), = parts
-        if not self.in_worker:
-            return workers.build(slab.tensor if slab is not None else None, layout, fixed)
-        if slab is None:  # nothing variable-width: no slab needed
-            return workers.WireBatch(None, None, None, (), fixed)
-        return workers.WireBatch(key, slab.tensor if slab.first else None, slab.replaced, layout, fixed)
-
-    def _columnar(self, batches: list[dict[str, Any]]) -> tuple[Any, _Slab | None, list[Part]]:
-        """The default collate, column by column: one copy of the variable-width data of `batches` into one reusable
-        slab (a plain tensor outside workers). Returns (slab key, slab, [(layout, small columns) per batch])."""
-        pending = []
-        at = 0
-        for columns in batches:
-            fixed: dict[str, Any] = {}
-            plans = []
-            for name in self.ds.columns:
-                column = columns[name]
-                kind = self.ds.kinds[name]
-                if kind == "fixed":
-                    fixed[name] = column.astype(np.int64)  # what default_collate makes of Python ints
-                elif kind == "string":
-                    fixed[name] = decode_strings(column)
-                elif kind == "binary" and column.origins is not None:
-                    fixed[name] = self._mapped(column)
-                else:
-                    fixed[name] = None  # placeholder keeps the column order
-                    nbytes = int(column.length.sum()) * column.dtype.itemsize
-                    plans.append((name, kind, column, at))
-                    at += workers.aligned(nbytes)
-            pending.append((fixed, plans))
-        if not any(plans for _, plans in pending):
-            return None, None, [((), fixed) for fixed, _ in pending]
-        if self.pool is not None:
-            key, tensor, first, replaced = self.pool.take(at)
-            data = tensor.numpy()[workers.HEADER:]
-        else:
-            key, first, replaced = None, True, None
-            data = np.empty(at, np.uint8)
-            tensor = torch.from_numpy(data)
-        parts = []
-        for fixed, plans in pending:
-            layout = []
-            for name, kind, plan, offset in plans:
-                nbytes = int(plan.length.sum()) * plan.dtype.itemsize
-                out = data[offset:offset + nbytes].view(plan.dtype)
-                ragged = plan.copy_into(out)
-                layout.append((name, kind, plan.dtype.str, offset, ragged.offsets))
-            parts.append((tuple(layout), fixed))
-        return key, _Slab(tensor, first, replaced), parts
-
-    def _mapped(self, plan: RaggedPlan) -> workers.ByteViews | MappedRows:
-        """Bytes of local Arrow shards are not copied: the training process maps the same file pages and views the
-        rows there (see `workers.build`). Disk reads still happen ahead of time, in the kernel: the worker asked
-        for readahead of each shard when it prefetched it (`ShardSource.prefetch`)."""
-        if not self.in_worker:
-            return workers.ByteViews(memoryview(view) for view in plan.views())
-        return plan.mapped()
-
-
-@dataclass
-class _Slab:
-    tensor: torch.Tensor
-    first: bool  # its first trip to the main process: the tensor travels, later only its key
-    replaced: Any
-
-
-Part = tuple[tuple[Any, ...], dict[str, Any]]  # (layout, small columns) of one batch
-
-
-def _apply(transform: Callable[[dict[str, Any]], Any], sample: dict[str, Any], shard: str) -> Any:
-    try:
-        return transform(sample)
-    except Exception as exc:
-        exc.add_note(f"while transforming sample {sample.get('key')!r} from shard {shard}")
-        raise
+    def __next__(self) -> Any:
+        if self.bundler is None:
+            ds, plan = self.stream.dataset, self.stream.plan
+            in_worker = get_worker_info() is not None
+            # A worker counts on its own clock and sends what it added with each message; this process counts on
+            # the stream's.
+            clock = ds.process_resources().clock if in_worker else self.stream.clock
+            reader = RowReader(ds, self.epoch, self.start, plan.batch_size, ds.drop_last or plan.drop_last,
+                               plan.topology, clock, plan.persistent)
+            self.bundler = Bundler(Batches(reader, plan, clock, in_worker), clock)
+        return next(self.bundler)
