@@ -76,7 +76,7 @@ def test_local_parts_and_ray_runs_hold_the_same_samples_each_once(ray_local, ima
 def _crash_once(marker: str, shard: str, after: int):
     """A Ray task body that, on its first try at `shard`, SIGKILLs its own worker after `after` images."""
 
-    def task(job):
+    def task(job, pack_shard):
         if job.name == shard:
             try:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first try crashes
@@ -95,7 +95,7 @@ def _crash_once(marker: str, shard: str, after: int):
                     return real(*args, **kwargs)
 
                 sources.load_image = load_then_die
-        return ray_engine.pack_shard_task(job)
+        return ray_engine.pack_shard_task(job, pack_shard)
 
     return task
 

@@ -12,7 +12,7 @@ import torch
 
 from _datasets import keys_of, make_dataset
 from stoker import DataLoader, StreamingDataset
-from stoker.dataloader.clock import STAGES, StageClock
+from stoker.clock import STAGES, StageClock
 
 SLEEP = 0.02
 

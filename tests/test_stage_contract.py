@@ -13,7 +13,7 @@ import pytest
 from _datasets import make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.bucketing.stream import BucketedStream
-from stoker.dataloader.clock import StageClock
+from stoker.clock import StageClock
 from stoker.dataloader.reader import decode_strings
 from stoker.dataloader.stages import Batches, Bundler, RowReader, Samples
 from stoker.dataloader.stream import BatchPlan

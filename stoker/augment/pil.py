@@ -26,7 +26,7 @@ from torch.utils.data import get_worker_info
 from stoker.augment.base import BatchTransform, Planned
 from stoker.augment.decode import Pixels, as_image, crop, decode_for_box, pil_backend_info
 from stoker.augment.spec import TransformSpec
-from stoker.dataloader.workers import shared_bytes
+from stoker.shm import shared_bytes
 
 
 class PilTransform(BatchTransform):

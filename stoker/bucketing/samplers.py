@@ -20,6 +20,7 @@ from torch.utils.data import Sampler
 
 from stoker.bucketing import order as plans
 from stoker.bucketing.metrics import PaddingStats, padding_stats
+from stoker.checkpoint import check_checkpoint
 from stoker.errors import ConfigError, StateError
 
 STATE_VERSION = 1
@@ -175,17 +176,8 @@ class _LengthBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: the next iteration yields the rest of that epoch, exactly."""
-        missing = {"version", "config", "epoch", "batches_consumed"} - set(state)
-        if missing:
-            raise StateError(f"sampler state lacks keys {sorted(missing)}")
-        if state["version"] != STATE_VERSION:
-            version = state["version"]
-            raise StateError(f"sampler state key 'version' differs: checkpoint {version!r}, now {STATE_VERSION}")
-        ours, theirs = self._config(), state["config"]
-        differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if differing:
-            details = ", ".join(f"{k} (checkpoint {theirs.get(k)!r}, now {ours.get(k)!r})" for k in differing)
-            raise StateError(f"sampler state was saved under a different configuration; differing keys: {details}")
+        check_checkpoint(state, what="sampler", keys={"version", "config", "epoch", "batches_consumed"},
+                         version=STATE_VERSION, config=self._config(), settings="the lengths and sampler settings")
         self.set_epoch(int(state["epoch"]))
         consumed = int(state["batches_consumed"])
         available = len(self)

@@ -18,9 +18,12 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.bucketing import order as plans
-from stoker.dataloader.state import STATE_VERSION, check_config
-from stoker.dataloader.clock import StageClock, sum_times
+from stoker.checkpoint import check_checkpoint
+from stoker.clock import StageClock, sum_times
 from stoker.errors import ConfigError, StateError
+
+
+STATE_VERSION = 1  # of BucketedStream checkpoints
 
 
 def _sample_length(sample: Any, position: int) -> int:
@@ -114,13 +117,9 @@ class BucketedStream(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration emit exactly the batches the checkpointed one had not emitted yet."""
-        if not isinstance(state, dict) or not {"version", "config", "epoch", "source", "rng", "read",
-                                               "emitted"} <= set(state):
-            raise StateError(f"not a BucketedStream checkpoint: {state!r:.200}")
-        if state["version"] != STATE_VERSION:
-            raise StateError(f"BucketedStream checkpoint version {state['version']!r} is not supported "
-                             f"(this stoker writes {STATE_VERSION})")
-        check_config(state["config"], self._config(), "BucketedStream", "the bucketing settings")
+        check_checkpoint(state, what="BucketedStream", keys={"version", "config", "epoch", "source", "rng", "read",
+                                                            "emitted"},
+                         version=STATE_VERSION, config=self._config(), settings="the bucketing settings")
         if state["source"] is not None and not hasattr(self.dataset, "load_state_dict"):
             raise StateError("this checkpoint holds the wrapped dataset's state, but the dataset has no "
                              "load_state_dict")

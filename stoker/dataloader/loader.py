@@ -27,7 +27,7 @@ import torch.utils.data
 
 from stoker import storage
 from stoker.dataloader import autotune, order, workers
-from stoker.dataloader.clock import StageClock
+from stoker.clock import StageClock
 from stoker.dataloader.stages import Progress, progress_state
 from stoker.dataloader.stream import BatchPlan, StreamingDataset
 from stoker.errors import ConfigError
@@ -139,7 +139,7 @@ class DataLoader(torch.utils.data.DataLoader):
     def stage_times(self) -> dict[str, float]:
         """Busy seconds per pipeline stage since this loader was built, summed over its workers, in this process.
 
-        Keys (`stoker.dataloader.clock.STAGES`) appear once their stage ran. A StreamingDataset's stages are timed
+        Keys (`stoker.clock.STAGES`) appear once their stage ran. A StreamingDataset's stages are timed
         in the workers; another dataset's only when it reports them itself (`stage_times()`) and runs without
         workers, since torch's own workers have no way to send them."""
         if self._streaming:

@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import get_worker_info
 
 from stoker.dataloader import order, workers
-from stoker.dataloader.clock import StageClock
+from stoker.clock import StageClock
 from stoker.dataloader.reader import MappedRows, OpenShard, RaggedPlan, Catalog, decode_strings, to_samples
+from stoker.checkpoint import check_checkpoint
 from stoker.dataloader.state import make_state
 from stoker.errors import StateError
 
@@ -61,8 +62,7 @@ def progress_state(config: dict[str, Any], progress: Progress | None, epoch: int
 
 
 def _check_stage_state(state: dict[str, Any], keys: set[str], stage: str) -> None:
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise StateError(f"not a {stage} state (expected keys {sorted(keys)}): {state!r:.200}")
+    check_checkpoint(state, what=stage, keys=keys)
 
 
 class RowReader:

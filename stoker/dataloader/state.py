@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from stoker.checkpoint import check_checkpoint
 from stoker.errors import StateError
 from stoker.formats.manifest import Manifest
 
@@ -43,29 +44,10 @@ def make_state(config: dict[str, Any], epoch: int, consumed: int) -> dict[str, A
     return {"version": STATE_VERSION, "config": dict(config), "epoch": int(epoch), "consumed": int(consumed)}
 
 
-def check_config(saved: Any, config: dict[str, Any], what: str, settings: str) -> None:
-    """Raise a StateError naming every key where a checkpoint's `saved` config differs from `config`."""
-    if not isinstance(saved, dict):
-        raise StateError(f"checkpoint config must be a dict, got {saved!r:.200}")
-    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-    if differ:
-        details = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {config.get(k)!r})" for k in differ)
-        raise StateError(
-            f"checkpoint does not match this {what}: {details}; resume with {settings} the checkpoint was made with"
-        )
-
-
 def read_state(state: dict[str, Any], config: dict[str, Any]) -> tuple[int, int]:
     """(epoch, consumed) of a checkpoint, after checking that it was made under `config`."""
-    if not isinstance(state, dict) or not {"version", "config", "epoch", "consumed"} <= set(state):
-        raise StateError(
-            f"not a stoker stream checkpoint (expected keys version, config, epoch, consumed): {state!r:.200}"
-        )
-    if state["version"] != STATE_VERSION:
-        raise StateError(
-            f"checkpoint version {state['version']!r} is not supported (this stoker writes {STATE_VERSION})"
-        )
-    check_config(state["config"], config, "stream", "the dataset and shuffle settings")
+    check_checkpoint(state, what="stream", keys={"version", "config", "epoch", "consumed"}, version=STATE_VERSION,
+                     config=config, settings="the dataset and shuffle settings")
     epoch, consumed = int(state["epoch"]), int(state["consumed"])
     if epoch < 0 or not 0 <= consumed <= int(config["num_samples"]):
         raise StateError(f"checkpoint has epoch {epoch} and consumed {consumed}, outside this dataset's range")

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stoker import cache, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
-from stoker.dataloader.clock import StageClock
+from stoker.clock import StageClock
 from stoker.dataloader.reader import ReadOptions, ShardSource
 from stoker.dataloader.stages import Batches, Bundler, Progress, RowReader, Samples, progress_state
 from stoker.dataloader.state import StreamPosition, read_state, stream_config

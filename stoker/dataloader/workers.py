@@ -27,6 +27,7 @@ import torch
 
 from stoker.dataloader.reader import MappedRows, mapped_values
 from stoker.errors import ConfigError
+from stoker.shm import shared_bytes
 
 HEADER = 64  # bytes before the data of a slab; the first int32 is its state
 FREE, IN_USE, ONE_OFF = 0, 1, 2
@@ -60,13 +61,6 @@ def topology() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
-
-
-def shared_bytes(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of `nbytes` allocated in shared memory directly, as default_collate does in workers: sending
-    it to another process passes its file descriptor instead of copying it into shared memory first."""
-    storage = torch.UntypedStorage._new_shared(nbytes)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _state(slab: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ShardError
-from stoker.formats.shard import ShardReader, ShardSource, ShardWriter, samples_to_batch
+from stoker.formats.shard import ShardFormat, ShardReader, ShardSource, ShardWriter, register_format, samples_to_batch
 
 
 class _HashingSink:
@@ -103,3 +103,6 @@ class ArrowShardReader(ShardReader):
         source = getattr(self, "_source", None)
         if source is not None:
             source.close()
+
+
+register_format(ShardFormat("arrow", ".arrow", b"ARROW1", ArrowShardReader, ArrowShardWriter))

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ShardError
-from stoker.formats.shard import ShardReader, ShardSource, ShardWriter, samples_to_batch
+from stoker.formats.shard import ShardFormat, ShardReader, ShardSource, ShardWriter, register_format, samples_to_batch
 
 MAGIC = b"STKMSGP1"
 FOOTER_MAGIC = b"STKMIDX1"
@@ -175,3 +175,6 @@ def _arrow_type(name: str) -> pa.DataType:
     if name not in types:
         raise ShardError("<msgpack header>", f"unsupported field type {name!r}")
     return types[name]
+
+
+register_format(ShardFormat("msgpack", ".msgpack", MAGIC, MsgpackShardReader, MsgpackShardWriter))

@@ -32,7 +32,7 @@ from stoker.errors import ConfigError, SourceError
 from stoker.formats import arrow_shard, msgpack_shard, sources  # noqa: F401 - the writers, imported once before workers fork
 from stoker.formats.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from stoker.formats.schema import describe, schema_for, token_dtype
-from stoker.formats.shard import FORMATS, SUFFIX, create_writer
+from stoker.formats.shard import SUFFIX, create_writer, format_names
 
 STATE_DIR = ".stoker-pack"
 
@@ -64,8 +64,8 @@ class PackOptions:
     source_options: dict[str, Any] | None = field(default=None, compare=False)  # for SRC when it needs its own
 
     def check(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        if self.format not in format_names():
+            raise ConfigError(f"--format {self.format!r}: expected one of {', '.join(format_names())}")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"--on-error {self.on_error!r}: expected 'raise' or 'skip'")
         if self.shard_size < 1 << 10:
@@ -102,8 +102,8 @@ class PackResult:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One shard's work, sent to a worker."""
+class PackJob:
+    """One shard's work, sent to a worker (a local one, or a Ray task: `ray_engine.run_jobs`)."""
 
     index: int
     name: str
@@ -238,7 +238,7 @@ def _count(samples: int, nbytes: int, *, flush: bool = False) -> None:
         counts[0] = counts[1] = 0
 
 
-def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dict[str, str]]):
+def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[dict[str, str]]):
     """Yield the samples of one shard; bad inputs raise or are recorded in `skipped`."""
     opts = job.options
     if job.kind == "image":
@@ -278,7 +278,7 @@ class _Written:
     skipped: list[dict[str, str]]
 
 
-def _write_shard(job: _Job) -> _Written:
+def _write_shard(job: PackJob) -> _Written:
     """Write one shard's samples under a temporary name (no fsync: _publish_shard does it)."""
     tokenize, vocab_size = sources.make_tokenizer(job.options.tokenizer) if job.kind == "text" else (None, None)
     if job.kind == "text" and job.options.vocab_size is not None:
@@ -303,7 +303,7 @@ def _write_shard(job: _Job) -> _Written:
     return _Written(tmp, info, skipped)
 
 
-def _publish_shard(job: _Job, written: _Written) -> dict[str, Any]:
+def _publish_shard(job: PackJob, written: _Written) -> dict[str, Any]:
     """Make a written shard durable and visible under its name, then record it; return the record."""
     if written.info.rows:
         storage.publish_local(written.tmp, storage.join(job.dst, job.name), job.options.storage_options)
@@ -315,8 +315,8 @@ def _publish_shard(job: _Job, written: _Written) -> dict[str, Any]:
     return record
 
 
-def _pack_shard(job: _Job) -> dict[str, Any]:
-    """Write one shard under a temporary name, publish it, record it; return its manifest entry."""
+def pack_shard(job: PackJob) -> dict[str, Any]:
+    """Write one shard under a temporary name, publish it, record it; return its record (manifest entry inside)."""
     return _publish_shard(job, _write_shard(job))
 
 
@@ -432,7 +432,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     reused = len(records)
     stage = dst if storage.is_local(dst) else tempfile.mkdtemp(prefix="stoker-pack-")
     jobs = [
-        _Job(i, names[i], shard_prints[i], kind, src, dst, storage.local_path(stage), plan[i], opts, dtype.str if dtype is not None else None)
+        PackJob(i, names[i], shard_prints[i], kind, src, dst, storage.local_path(stage), plan[i], opts, dtype.str if dtype is not None else None)
         for i in range(len(plan))
         if i not in records
     ]
@@ -441,7 +441,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         if opts.engine == "ray" and jobs:
             from stoker.formats import ray_engine
 
-            records.update(ray_engine.run_jobs(jobs, opts, total))
+            records.update(ray_engine.run_jobs(jobs, opts, total, pack_shard))
         else:
             records.update(_run_jobs(jobs, opts, total))
     finally:
@@ -500,7 +500,7 @@ def _writers(kind: str, workers: int, ctx: Any, counters: Any) -> cf.Executor:
     return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counters,))
 
 
-def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[int, dict[str, Any]]:
+def _run_jobs(jobs: list[PackJob], opts: PackOptions, total: int | None) -> dict[int, dict[str, Any]]:
     """Run shard jobs on a worker pool (or inline for one worker), with a progress bar."""
     from tqdm import tqdm
 
@@ -523,7 +523,7 @@ def _run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[in
             _init_worker(counters)
             try:
                 for job in jobs:
-                    results[job.index] = _pack_shard(job)
+                    results[job.index] = pack_shard(job)
                     refresh()
             finally:
                 _init_worker(None)

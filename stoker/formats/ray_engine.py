@@ -1,7 +1,8 @@
 """`pack-dataset --engine ray`: the same per-shard jobs as the local process pool, run as Ray tasks.
 
 The driver plans exactly as a local run does (same listing, same deterministic shard plan, same fingerprints),
-then submits one task per unfinished shard. Each task runs `pack._pack_shard`: it writes the shard under a hidden
+then submits one task per unfinished shard. Each task runs the `pack_shard` it is given (`pack.pack_shard`; this
+module does not import `pack`, which imports it): it writes the shard under a hidden
 temporary name (or in a worker-local staging folder when DST is a URL), publishes it with one rename or one PUT,
 then writes its resume record. So a task killed mid-shard leaves nothing a reader can see; Ray reruns it
 (`max_retries`) and the rerun writes the complete shard. The driver writes the manifest last, as locally.
@@ -17,12 +18,17 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker import storage
 from stoker.errors import MissingExtraError, StokerError
-from stoker.formats.pack import PackOptions, _Job, _pack_shard
+
+if TYPE_CHECKING:
+    from stoker.formats.pack import PackJob, PackOptions
+
+PackShard = Callable[["PackJob"], dict[str, Any]]
 
 _WAIT_S = 0.5  # how often the progress bar refreshes while no task finishes
 
@@ -36,14 +42,14 @@ def import_ray() -> Any:
     return ray
 
 
-def pack_shard_task(job: _Job) -> dict[str, Any]:
+def pack_shard_task(job: PackJob, pack_shard: PackShard) -> dict[str, Any]:
     """Pack one shard on a Ray worker; for a remote DST, stage it in this node's own temporary folder."""
     if storage.is_local(job.dst):
-        return _pack_shard(job)  # staged beside DST (a shared filesystem on a cluster), published by rename
+        return pack_shard(job)  # staged beside DST (a shared filesystem on a cluster), published by rename
     # The driver's staging folder may be on another node; each task stages locally and uploads in one PUT.
     stage = tempfile.mkdtemp(prefix="stoker-ray-pack-")
     try:
-        return _pack_shard(replace(job, stage_dir=stage))
+        return pack_shard(replace(job, stage_dir=stage))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -60,7 +66,7 @@ def connect(opts: PackOptions) -> bool:
     return True
 
 
-def _result(ray: Any, ref: Any, job: _Job, opts: PackOptions) -> dict[str, Any]:
+def _result(ray: Any, ref: Any, job: PackJob, opts: PackOptions) -> dict[str, Any]:
     """The task's record; its own error (e.g. a SourceError naming the file) is raised as such, not wrapped."""
     try:
         return ray.get(ref)
@@ -76,20 +82,22 @@ def _result(ray: Any, ref: Any, job: _Job, opts: PackOptions) -> dict[str, Any]:
         ) from exc
 
 
-def run_jobs(jobs: list[_Job], opts: PackOptions, total: int | None) -> dict[int, dict[str, Any]]:
-    """Run shard jobs as Ray tasks with retries; a progress bar advances as tasks finish. Returns {index: record}."""
+def run_jobs(jobs: list[PackJob], opts: PackOptions, total: int | None,
+             pack_shard: PackShard) -> dict[int, dict[str, Any]]:
+    """Run `pack_shard(job)` for each job as a Ray task with retries; a progress bar advances as tasks finish.
+    Returns {index: record}."""
     from tqdm import tqdm
 
     ray = import_ray()
     started = connect(opts)
     bar = tqdm(total=total, unit="sample", disable=not opts.progress or not jobs, dynamic_ncols=True)
     results: dict[int, dict[str, Any]] = {}
-    pending: dict[Any, _Job] = {}
+    pending: dict[Any, PackJob] = {}
     try:
         # Worker death is retried by Ray itself; I/O errors (OSError: a storage hiccup) are retried too.
         # A SourceError is a bad input, the same on every try, so it fails at once.
         task = ray.remote(pack_shard_task).options(num_cpus=1, max_retries=opts.max_retries, retry_exceptions=[OSError])
-        pending = {task.remote(job): job for job in jobs}
+        pending = {task.remote(job, pack_shard): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_WAIT_S)
             for ref in done:

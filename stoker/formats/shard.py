@@ -2,6 +2,10 @@
 
 Every reader hands out `pyarrow.RecordBatch`es in the schemas of `stoker.formats.schema`, whatever the file format,
 so everything downstream works on Arrow columns and numpy views. No format here ever unpickles anything.
+
+This module holds the base classes and a registry of formats; each format module (`arrow_shard`, `msgpack_shard`)
+registers itself with `register_format`, and `stoker.formats` imports them all, so the formats depend on this
+module and never the other way round.
 """
 
 from __future__ import annotations
@@ -10,17 +14,17 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any, Union
 
 import numpy as np
 import pyarrow as pa
 
 from stoker import storage
-from stoker.errors import ConfigError, ShardError
+from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 
 ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
-FORMATS = ("arrow", "msgpack")
-SUFFIX = {"arrow": ".arrow", "msgpack": ".msgpack"}
+SUFFIX: dict[str, str] = {}  # format name -> file suffix, for every registered format
 
 
 class ShardReader(ABC):
@@ -82,29 +86,43 @@ class ShardReader(ABC):
         self.close()
 
 
-def _sniff(head: bytes) -> str:
-    from stoker.formats.msgpack_shard import MAGIC
+@dataclass(frozen=True)
+class ShardFormat:
+    """One file format: its name, file suffix, the bytes its files start with, its reader and writer."""
 
-    if head.startswith(b"ARROW1"):
-        return "arrow"
-    if head.startswith(MAGIC):
-        return "msgpack"
-    return ""
+    name: str
+    suffix: str
+    magic: bytes
+    reader: type[ShardReader]
+    writer: type[ShardWriter]
+
+
+_FORMATS: dict[str, ShardFormat] = {}
+
+
+def register_format(fmt: ShardFormat) -> None:
+    """Make `fmt` known to `open_shard` and `create_writer` (format modules call this when imported)."""
+    _FORMATS[fmt.name] = fmt
+    SUFFIX[fmt.name] = fmt.suffix
+
+
+def format_names() -> tuple[str, ...]:
+    """Names of the registered formats ("arrow", "msgpack")."""
+    return tuple(_FORMATS)
+
+
+def _sniff(head: bytes) -> ShardFormat | None:
+    return next((fmt for fmt in _FORMATS.values() if head.startswith(fmt.magic)), None)
 
 
 def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
     """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic."""
-    from stoker.formats.arrow_shard import ArrowShardReader
-    from stoker.formats.msgpack_shard import MsgpackShardReader
-
     if isinstance(source, (str, os.PathLike)):
         name = name or os.fspath(source)
         try:
             with open(source, "rb") as f:
                 head = f.read(8)
         except FileNotFoundError:
-            from stoker.errors import ShardNotFoundError
-
             raise ShardNotFoundError(f"shard {name} does not exist") from None
     elif isinstance(source, (bytes, memoryview, pa.Buffer)):
         head = bytes(memoryview(source)[:8])
@@ -114,10 +132,8 @@ def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
         source.seek(pos)
     name = name or "<shard>"
     fmt = _sniff(head)
-    if fmt == "arrow":
-        return ArrowShardReader(source, name=name)
-    if fmt == "msgpack":
-        return MsgpackShardReader(source, name=name)
+    if fmt is not None:
+        return fmt.reader(source, name=name)
     raise ShardError(name, f"not a stoker shard (starts with {head!r}; expected an Arrow IPC file or a stoker msgpack shard)", 0)
 
 
@@ -265,10 +281,6 @@ def samples_to_batch(samples: list[dict[str, Any]], schema: pa.Schema) -> pa.Rec
 
 def create_writer(fmt: str, path: str, schema: pa.Schema, *, batch_bytes: int = 4 << 20) -> ShardWriter:
     """A writer for `fmt` ("arrow" or "msgpack") at local `path`."""
-    from stoker.formats.arrow_shard import ArrowShardWriter
-    from stoker.formats.msgpack_shard import MsgpackShardWriter
-
-    writers = {"arrow": ArrowShardWriter, "msgpack": MsgpackShardWriter}
-    if fmt not in writers:
-        raise ConfigError(f"unknown shard format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    return writers[fmt](path, schema, batch_bytes=batch_bytes)
+    if fmt not in _FORMATS:
+        raise ConfigError(f"unknown shard format {fmt!r}: expected one of {', '.join(_FORMATS)}")
+    return _FORMATS[fmt].writer(path, schema, batch_bytes=batch_bytes)
