@@ -7,19 +7,15 @@ import os
 import re
 import sys
 
-from stoker.errors import StokerError
-
-_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-
+from stoker.options import parse_size as size_in_bytes
+from stoker.errors import ConfigError, StokerError
 
 def parse_size(text: str) -> int:
-    """'256MB' -> 268435456 (binary units; K/M/G/T with or without B)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB or 1GB")
-    number, unit = match.groups()
-    unit = unit if unit.endswith("B") or not unit else unit + "B"
-    return int(float(number) * _UNITS[unit])
+    """'256MB' -> 268435456: `stoker.options.parse_size` for argparse."""
+    try:
+        return size_in_bytes(text, "size")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse_part(text: str) -> tuple[int, int]:

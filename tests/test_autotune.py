@@ -10,7 +10,7 @@ import torch
 
 from _datasets import keys_of, make_dataset
 from stoker import DataLoader, ShardDataset, StreamingDataset
-from stoker.dataloader.autotune import AutotuneConfig, Setting, memory_budget, parse_bytes
+from stoker.dataloader.autotune import AutotuneConfig, Setting, memory_budget
 from stoker.errors import ConfigError
 
 ROWS = (400, 400, 400, 400)
@@ -56,13 +56,12 @@ def fixed_order(shards):
     return keys_of(list(loader_for(shards, workers=0, prefetch=None, cost=0.0)))
 
 
-def test_parse_bytes_and_budget():
-    assert parse_bytes("4GB") == 4 << 30 and parse_bytes("512MB") == 512 << 20 and parse_bytes(" 1.5 kb") == 1536
-    assert parse_bytes(1000) == 1000
-    for bad in ("lots", "-1GB", "0", 0, "4 parsecs", True):
-        with pytest.raises(ConfigError):
-            parse_bytes(bad)
+def test_budget_is_capped_by_available_memory_and_checked_at_construction():
     assert 0 < memory_budget("4GB") <= 4 << 30
+    with pytest.raises(ConfigError, match="memory_budget"):
+        memory_budget("lots")
+    with pytest.raises(ConfigError, match="max_workers"):
+        AutotuneConfig(start_workers=4, max_workers=2)  # no separate check() call needed
 
 
 def test_auto_needs_a_streaming_dataset(shards):

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stoker.bucketing import order as plans
+from stoker.options import epoch_rng
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -15,19 +16,19 @@ lengths_strategy = st.lists(st.integers(1, 70_000), min_size=1, max_size=200).ma
 
 def test_random_permutation_is_a_permutation_on_both_paths():
     for n in (10, 200_000):  # below and above the two-pass threshold
-        first = plans.random_permutation(n, plans.epoch_rng(1, 2))
+        first = plans.random_permutation(n, epoch_rng(1, 2))
         assert np.array_equal(np.sort(first), np.arange(n))
-        assert np.array_equal(first, plans.random_permutation(n, plans.epoch_rng(1, 2)))
-        assert not np.array_equal(first, plans.random_permutation(n, plans.epoch_rng(1, 3)))
+        assert np.array_equal(first, plans.random_permutation(n, epoch_rng(1, 2)))
+        assert not np.array_equal(first, plans.random_permutation(n, epoch_rng(1, 3)))
     # every bucket is shuffled: position 0 is drawn from the whole range, not the start of a bucket
-    firsts = [int(plans.random_permutation(100_000, plans.epoch_rng(0, e))[0]) for e in range(20)]
+    firsts = [int(plans.random_permutation(100_000, epoch_rng(0, e))[0]) for e in range(20)]
     assert max(firsts) > 50_000 > min(firsts)
 
 
 @SETTINGS
 @given(lengths_strategy, st.integers(1, 50), st.integers(0, 10))
 def test_megabatches_sorted_longest_first_and_stable(lengths, megabatch, seed):
-    order = plans.random_permutation(len(lengths), plans.epoch_rng(seed, 0))
+    order = plans.random_permutation(len(lengths), epoch_rng(seed, 0))
     result = plans.sort_within_megabatches(order, plans.descending_keys(lengths), megabatch)
     for start in range(0, len(order), megabatch):
         before, after = order[start : start + megabatch], result[start : start + megabatch]

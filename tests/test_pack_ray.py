@@ -26,17 +26,17 @@ from test_pack_remote import PACK, samples_of, upload
 
 def test_engine_ray_without_ray_names_the_extra(image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as when it is not installed
-    with pytest.raises(MissingExtraError, match=r"--engine ray.*pip install 'stoker\[ray\]'"):
+    with pytest.raises(MissingExtraError, match=r"engine=.ray.*pip install 'stoker\[ray\]'"):
         pack_dataset(str(image_tree), str(tmp_path / "out"), engine="ray", progress=False)
     assert not (tmp_path / "out").exists()  # failed before writing anything
 
 
 def test_ray_options_are_checked_before_any_work(image_tree: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--ray-address auto: only used with --engine ray"):
+    with pytest.raises(ConfigError, match="ray_address='auto': only used with engine='ray'"):
         pack_dataset(str(image_tree), str(tmp_path), ray_address="auto")
-    with pytest.raises(ConfigError, match="--engine ray cannot use memory://"):
+    with pytest.raises(ConfigError, match="engine='ray' cannot use memory://"):
         pack_dataset(str(image_tree), "memory://out", engine="ray")
-    with pytest.raises(ConfigError, match="--engine 'spark'"):
+    with pytest.raises(ConfigError, match="engine='spark'"):
         pack_dataset(str(image_tree), str(tmp_path), engine="spark")
 
 

@@ -22,6 +22,7 @@ import torch
 
 from stoker.bucketing.metrics import BatchStats
 from stoker.errors import ConfigError
+from stoker.options import positive_int
 
 IGNORE_INDEX = -100  # label value torch.nn.CrossEntropyLoss skips by default
 
@@ -55,11 +56,6 @@ def read_tokens(samples: Sequence[object]) -> tuple[list[np.ndarray], np.ndarray
     return arrays, lengths
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class PadCollate:
     """Callable built by `pad_collate`; `stats` accumulates padding totals in this process."""
@@ -70,8 +66,8 @@ class PadCollate:
     stats: BatchStats = field(default_factory=BatchStats, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _positive("pad_to_multiple_of", self.pad_to_multiple_of)
-        _positive("max_length", self.max_length)
+        positive_int("pad_to_multiple_of", self.pad_to_multiple_of, allow_none=True)
+        positive_int("max_length", self.max_length, allow_none=True)
 
     def __call__(self, samples: Sequence[object]) -> dict[str, torch.Tensor]:
         arrays, lengths = read_tokens(samples)
@@ -148,7 +144,7 @@ class PackCollate:
     stats: BatchStats = field(default_factory=BatchStats, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _positive("seq_len", self.seq_len)
+        positive_int("seq_len", self.seq_len, allow_none=True)
         if self.mode not in ("documents", "blocks"):
             raise ConfigError(f"mode must be 'documents' or 'blocks', got {self.mode!r}")
         if self.mode == "blocks" and self.eos_id is None:

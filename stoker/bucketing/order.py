@@ -74,11 +74,6 @@ def round_up(values: np.ndarray | int, multiple: int) -> np.ndarray | int:
     return -(-values // multiple) * multiple
 
 
-def epoch_rng(seed: int, epoch: int, worker: int = 0) -> np.random.Generator:
-    """The random generator of one epoch (and DataLoader worker); same inputs, same stream everywhere."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, worker]))
-
-
 def random_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random permutation of range(n).
 

@@ -21,6 +21,7 @@ from torch.utils.data import Sampler
 from stoker.bucketing import order as plans
 from stoker.bucketing.metrics import PaddingStats, padding_stats
 from stoker.checkpoint import check_checkpoint
+from stoker.options import check_seed, epoch_rng, positive_int
 from stoker.errors import ConfigError, StateError
 
 STATE_VERSION = 1
@@ -53,13 +54,6 @@ def _int_env(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 class _LengthBatchSampler(Sampler[list[int]]):
     """Shared machinery: epochs, rank slicing, iteration with resume, state and stats."""
 
@@ -67,8 +61,7 @@ class _LengthBatchSampler(Sampler[list[int]]):
         self, lengths: Any, *, shuffle: bool, seed: int, drop_last: bool, num_replicas: int | None, rank: int | None
     ) -> None:
         self.lengths = plans.validate_lengths(lengths)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        check_seed(seed)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
@@ -94,7 +87,7 @@ class _LengthBatchSampler(Sampler[list[int]]):
     def _global_plan(self) -> plans.Plan:
         if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
             return self._plan_cache[1]
-        rng = plans.epoch_rng(self.seed, self.epoch)
+        rng = epoch_rng(self.seed, self.epoch, 0)
         n = len(self.lengths)
         order = plans.random_permutation(n, rng) if self.shuffle else np.arange(n, dtype=np.int64)
         if self._keys is None:
@@ -219,10 +212,10 @@ class BucketBatchSampler(_LengthBatchSampler):
         rank: int | None = None,
     ) -> None:
         super().__init__(lengths, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
-        _positive("batch_size", batch_size)
+        positive_int("batch_size", batch_size)
         self.batch_size = int(batch_size)
         megabatch = DEFAULT_MEGABATCH_BATCHES * self.batch_size if megabatch is None else megabatch
-        _positive("megabatch", megabatch)
+        positive_int("megabatch", megabatch)
         self.megabatch = int(megabatch)
         if self.megabatch % self.batch_size:
             raise ConfigError(f"megabatch={self.megabatch} must be a multiple of batch_size={self.batch_size}")
@@ -264,9 +257,9 @@ class TokenBudgetBatchSampler(_LengthBatchSampler):
         rank: int | None = None,
     ) -> None:
         super().__init__(lengths, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
-        _positive("max_tokens", max_tokens)
-        _positive("pad_to_multiple_of", pad_to_multiple_of)
-        _positive("max_batch_size", max_batch_size, allow_none=True)
+        positive_int("max_tokens", max_tokens)
+        positive_int("pad_to_multiple_of", pad_to_multiple_of)
+        positive_int("max_batch_size", max_batch_size, allow_none=True)
         self.max_tokens = int(max_tokens)
         self.pad_to_multiple_of = self._pad_multiple = int(pad_to_multiple_of)
         self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
@@ -286,7 +279,7 @@ class TokenBudgetBatchSampler(_LengthBatchSampler):
             if self.max_batch_size is not None:
                 per_batch = min(per_batch, self.max_batch_size)
             megabatch = max(1, round(DEFAULT_MEGABATCH_BATCHES * per_batch))
-        _positive("megabatch", megabatch)
+        positive_int("megabatch", megabatch)
         self.megabatch = int(megabatch)
 
     def _bounds(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

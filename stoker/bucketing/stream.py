@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.bucketing import order as plans
 from stoker.checkpoint import check_checkpoint
+from stoker.options import check_seed, epoch_rng, positive_int
 from stoker.clock import StageClock, sum_times
 from stoker.errors import ConfigError, StateError
 
@@ -65,13 +66,10 @@ class BucketedStream(IterableDataset):
         if (max_tokens is None) == (batch_size is None):
             raise ConfigError("give exactly one of max_tokens (token-budget batches) or batch_size (fixed size)")
         for name, value in [("max_tokens", max_tokens), ("batch_size", batch_size), ("max_batch_size", max_batch_size)]:
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in [("buffer_size", buffer_size), ("pad_to_multiple_of", pad_to_multiple_of)]:
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+            positive_int(name, value, allow_none=True)
+        positive_int("buffer_size", buffer_size)
+        positive_int("pad_to_multiple_of", pad_to_multiple_of)
+        check_seed(seed)
         if batch_size is not None and max_batch_size is not None:
             raise ConfigError("max_batch_size applies to max_tokens batching; with batch_size it is redundant")
         self.dataset = dataset
@@ -183,7 +181,7 @@ class _BucketIterator:
         info = get_worker_info()
         self.stream = stream
         self.epoch = stream.epoch
-        self.rng = plans.epoch_rng(stream.seed, self.epoch, 0 if info is None else info.id)
+        self.rng = epoch_rng(stream.seed, self.epoch, 0 if info is None else info.id)
         self.source: Iterator[Any] | None = None
         self.resume = resume
         self.read = 0  # samples read from the wrapped dataset

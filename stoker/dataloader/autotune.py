@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,32 +28,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.dataloader import workers
 from stoker.errors import ConfigError
+from stoker.options import cpu_cores, parse_size
 
 AUTO = "auto"
 DEFAULT_BUDGET = "4GB"
 MAX_CLOCK_SLOTS = 256  # worker ids the shared clock has room for
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 _WORKER_MEMORY_GUESS = 64 << 20  # private memory of a worker before one was measured
 CPU_USABLE = 0.9  # share of the free cores the workers can use in practice
 SATURATED = 0.85  # workers busy, or cores used, above this fraction: production is at its limit
-
-
-def parse_bytes(value: str | int) -> int:
-    """`4GB`, `512MB`, `1.5 GiB`, `1048576` -> bytes (binary units: 1 GB = 2**30 bytes)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"memory_budget must be bytes (int) or a string such as '4GB', got {value!r}")
-    if isinstance(value, int):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"memory_budget {value!r} is not a size such as '4GB', '512MB' or 1048576")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    nbytes = int(number * _UNITS[unit])
-    if nbytes <= 0:
-        raise ConfigError(f"memory_budget must be positive, got {value!r}")
-    return nbytes
 
 
 def available_memory() -> int | None:
@@ -71,14 +52,9 @@ def available_memory() -> int | None:
 
 def memory_budget(value: str | int = DEFAULT_BUDGET) -> int:
     """The bytes the loader's workers may use: `value`, but never more than half of the memory available now."""
-    budget = parse_bytes(value)
+    budget = parse_size(value, "memory_budget")
     free = available_memory()
     return budget if free is None else max(1, min(budget, free // 2))
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +76,7 @@ class AutotuneConfig:
     cooldown_s: float = 1.0  # seconds after a restart before the next decision
     shrink_surplus: float = 0.75  # shrink only when the need is below this fraction of the workers running
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.min_workers < 0 or self.start_workers < max(self.min_workers, 1):
             raise ConfigError(f"need 0 <= min_workers and 1 <= start_workers >= min_workers, got {self}")
         if self.max_workers is not None and self.max_workers < max(self.start_workers, self.min_workers):
@@ -280,7 +256,6 @@ class Tuner:
 
     def __init__(self, config: AutotuneConfig, budget: int, tune_workers: bool, tune_prefetch: bool,
                  workers_given: int | None, prefetch_given: int | None, bundle: int = 1) -> None:
-        config.check()
         self.config = config
         self.budget = budget
         self.cores = cpu_cores()

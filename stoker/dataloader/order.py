@@ -23,18 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stoker.errors import ConfigError
-
-
-def epoch_rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
-    """The random generator for (seed, epoch, keys...); the same inputs give the same stream on every machine."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *keys]))
-
-
-def check_seed(seed: int, what: str = "seed") -> int:
-    """`seed` as a non-negative int, or a ConfigError."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"{what} must be a non-negative integer, got {seed!r}")
-    return int(seed)
+from stoker.options import epoch_rng
 
 
 def shard_permutation(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -43,7 +43,7 @@ class ReadOptions:
     read_timeout: float = 30.0  # per request, passed to the storage client
     shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0:
             raise ConfigError(f"invalid read options {self}: counts and sizes must be positive")
         if min(self.backoff, self.connect_timeout, self.read_timeout, self.shard_timeout) < 0:

@@ -27,6 +27,7 @@ from stoker.dataloader.reader import ReadOptions, ShardSource
 from stoker.dataloader.stages import Batches, Bundler, Progress, RowReader, Samples, progress_state
 from stoker.dataloader.state import StreamPosition, read_state, stream_config
 from stoker.errors import ConfigError
+from stoker.options import check_seed, positive_int
 from stoker.formats.manifest import Manifest
 from stoker.formats.schema import schema_for
 
@@ -92,11 +93,10 @@ class StreamingDataset(IterableDataset):
     ) -> None:
         self.source = os.fspath(source)
         self.read = read or ReadOptions()
-        self.read.check()
         self.storage_options = storage_options
         self.manifest = load_manifest(self.source, storage_options, self.read)
         self.shuffle = bool(shuffle)
-        self.seed = order.check_seed(seed)
+        self.seed = check_seed(seed)
         if shuffle_buffer < 1:
             raise ConfigError(f"shuffle_buffer must be at least 1 sample, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
@@ -136,7 +136,7 @@ class StreamingDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of `epoch`; a pending resume position is kept only if the epoch does not change."""
-        self.position.set_epoch(order.check_seed(epoch, "epoch"))
+        self.position.set_epoch(check_seed(epoch, "epoch"))
 
     def order_config(self) -> dict[str, Any]:
         """What the sample order depends on (saved in checkpoints, which must match it)."""

@@ -63,29 +63,30 @@ class PackOptions:
     storage_options: dict[str, Any] | None = field(default=None, compare=False)  # for DST (and SRC on the same store)
     source_options: dict[str, Any] | None = field(default=None, compare=False)  # for SRC when it needs its own
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        # Checked when built, named as PackOptions/pack_dataset spell them (the CLI's flags map onto these names).
         if self.format not in format_names():
-            raise ConfigError(f"--format {self.format!r}: expected one of {', '.join(format_names())}")
+            raise ConfigError(f"format={self.format!r}: expected one of {', '.join(format_names())}")
         if self.on_error not in ("raise", "skip"):
-            raise ConfigError(f"--on-error {self.on_error!r}: expected 'raise' or 'skip'")
+            raise ConfigError(f"on_error={self.on_error!r}: expected 'raise' or 'skip'")
         if self.shard_size < 1 << 10:
-            raise ConfigError(f"--shard-size {self.shard_size}: too small; use at least 1KB (256MB is typical)")
+            raise ConfigError(f"shard_size={self.shard_size}: too small; use at least 1KB (256MB is typical)")
         if self.max_side is not None and self.max_side < 8:
-            raise ConfigError(f"--max-side {self.max_side}: use at least 8 pixels")
+            raise ConfigError(f"max_side={self.max_side}: use at least 8 pixels")
         if self.kind not in (None, "image", "text"):
-            raise ConfigError(f"kind {self.kind!r}: expected 'image' or 'text'")
+            raise ConfigError(f"kind={self.kind!r}: expected 'image' or 'text'")
         if self.validate not in sources.VALIDATE_LEVELS:
-            raise ConfigError(f"--validate {self.validate!r}: expected one of {', '.join(sources.VALIDATE_LEVELS)}")
+            raise ConfigError(f"validate={self.validate!r}: expected one of {', '.join(sources.VALIDATE_LEVELS)}")
         if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
-            raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 0 <= I < N")
+            raise ConfigError(f"part={self.part}: expected (I, N) with 0 <= I < N")
         if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers {self.workers}: need at least 1")
+            raise ConfigError(f"workers={self.workers}: need at least 1")
         if self.engine not in ("local", "ray"):
-            raise ConfigError(f"--engine {self.engine!r}: expected 'local' or 'ray'")
+            raise ConfigError(f"engine={self.engine!r}: expected 'local' or 'ray'")
         if self.ray_address and self.engine != "ray":
-            raise ConfigError(f"--ray-address {self.ray_address}: only used with --engine ray")
+            raise ConfigError(f"ray_address={self.ray_address!r}: only used with engine='ray'")
         if self.max_retries < 0:
-            raise ConfigError(f"--max-retries {self.max_retries}: expected 0 or more")
+            raise ConfigError(f"max_retries={self.max_retries}: expected 0 or more")
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions, layout: Layout) 
         existing = Manifest.load(manifest_url, so)
         if existing.options.get("fingerprint") == fingerprint:
             return existing
-        raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass --overwrite to replace it")
+        raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass overwrite=True (--overwrite) to replace it")
     fs.makedirs(storage.filesystem(storage.join(dst, layout.state_dir), so)[1], exist_ok=True)
     _remove_temp_files(dst, layout)
     return None
@@ -387,7 +388,6 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     opts = options or PackOptions()
     if overrides:
         opts = PackOptions(**{**asdict(opts), **overrides})
-    opts.check()
     if opts.engine == "ray":
         from stoker.formats import ray_engine
 
@@ -397,7 +397,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     if "memory" in (src.split("://", 1)[0], dst.split("://", 1)[0]):
         # memory:// lives in this process only: other processes would write shards this one never sees.
         if opts.engine == "ray":
-            raise ConfigError("--engine ray cannot use memory:// SRC or DST (each process has its own); use a path or s3://")
+            raise ConfigError("engine='ray' cannot use memory:// SRC or DST (each process has its own); use a path or s3://")
         opts = replace(opts, workers=1)
     kind = opts.kind or detect_kind(src, opts.source_options)
     classes: list[str] = []

@@ -38,7 +38,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise MissingExtraError("pack-dataset --engine ray", "ray", "ray[default]") from None
+        raise MissingExtraError("packing with engine='ray'", "ray", "ray[default]") from None
     return ray
 
 
