@@ -3,7 +3,7 @@
 The tuner only observes and decides; the loader acts. Per batch it is told how long the training loop waited in
 `next()` and how long it spent on the previous batch (its step). Workers add the time they spend producing
 batches to a shared-memory clock (`WorkerClock`), and the tuner reads the workers' CPU time and private memory
-from /proc. From these it models the pipeline:
+from /proc. From these the model (`tuning.py`, pure functions) estimates the pipeline:
 
     p  worker wall time per batch (one worker), s  worker CPU time per batch, c  consumer step time
     rate with n workers  = min(n / p, free cores / s)         need  n = ceil(headroom * p / c)
@@ -28,14 +28,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.dataloader import workers
 from stoker.errors import ConfigError
+from stoker.dataloader import tuning
+from stoker.dataloader.tuning import Setting
 from stoker.options import cpu_cores, parse_size
 
 AUTO = "auto"
 DEFAULT_BUDGET = "4GB"
 MAX_CLOCK_SLOTS = 256  # worker ids the shared clock has room for
 _WORKER_MEMORY_GUESS = 64 << 20  # private memory of a worker before one was measured
-CPU_USABLE = 0.9  # share of the free cores the workers can use in practice
-SATURATED = 0.85  # workers busy, or cores used, above this fraction: production is at its limit
 
 
 def available_memory() -> int | None:
@@ -85,12 +85,6 @@ class AutotuneConfig:
             raise ConfigError(f"prefetch choices must be >= 1, got {self.prefetch_choices}, {self.start_prefetch}")
         if self.headroom < 1 or self.interval_s <= 0 or self.min_batches < 1:
             raise ConfigError(f"need headroom >= 1, interval_s > 0, min_batches >= 1, got {self}")
-
-
-@dataclass(frozen=True)
-class Setting:
-    workers: int
-    prefetch: int
 
 
 @dataclass(frozen=True)
@@ -363,161 +357,65 @@ class Tuner:
 
     def decide(self, now: float, remaining: int, epoch_length: int = 0) -> Setting | None:
         """A new setting for the rest of the epoch (`remaining` of `epoch_length` batches), or None to keep the
-        current one. Call only when `due`."""
-        w = self._window
-        assert w is not None
+        current one. Call only when `due`. The model is `tuning.estimate` and `tuning.propose`; this keeps the
+        bookkeeping around them (windows, experiments, history)."""
+        w, seg = self._window, self._segment
+        assert w is not None and seg is not None
         self._decisions += 1
         busy, made = self.clock.totals()
         (cpu, queued), main_cpu = self._cpu_total(), time.process_time()
-        elapsed = max(now - w.start, 1e-9)
-        seg = self._segment  # worker costs over the whole segment: bundles complete in lumps, windows alias
-        assert seg is not None
-        n, k = self.setting.workers, self.setting.prefetch
-        steps, waits = np.asarray(w.steps), np.asarray(w.waits[-len(w.steps):] or [0.0])
-        step = float(np.median(steps))
-        # A long step now and then (validation, checkpointing) must not read as a slow consumer.
-        loop = float(np.minimum(steps, 5 * step).sum() + waits.sum())
-        wait_fraction = float(waits.sum()) / loop if loop > 0 else 0.0
-        starving = wait_fraction > self.config.starve_threshold
-        delivered_rate = len(steps) / elapsed
-        if n == 0:  # the main process produces: its wait is the production time
-            p = s = float(np.median(waits))
-        elif made - seg.made >= 1:
-            p = (busy - seg.busy) / (made - seg.made)
-            s = (cpu - seg.cpu) / (made - seg.made) if cpu >= 0 and seg.cpu >= 0 else p
-            # Time runnable but waiting for a core is contention, not the work: without it, p is what a worker
-            # would take with a core of its own.
-            p = max(s, p - max(0.0, queued - seg.queued) / (made - seg.made)) if cpu >= 0 else p
-        else:  # no batch finished in a worker in the whole window: production is at least this slow
-            p = s = elapsed * n
-        p, s = max(p, 1e-6), max(min(s, p), 1e-6)
-        main_cores = max(0.0, (main_cpu - w.main_cpu) / elapsed - (n == 0) * s * delivered_rate)
-        # Workers cannot have every cycle: the kernel, the training process receiving batches and the workers'
-        # own threads need some, and a core run at 100% makes everything on it wait.
-        free_cores = max(0.5, CPU_USABLE * (self.cores - main_cores))
-        cpu_rate = free_cores / s
-        # Are the workers the limit? Busy all the time, or the cores all used: then neither a deeper prefetch nor
-        # one more worker can help, only a cheaper batch (and a restart would cost a second of nothing).
-        seg_elapsed = max(now - seg.start, 1e-9)
-        busy_fraction = (busy - seg.busy) / (n * seg_elapsed) if n else 1.0
-        cores_used = ((cpu - seg.cpu) / seg_elapsed if cpu >= 0 and seg.cpu >= 0 else n * busy_fraction) + main_cores
-        saturated = busy_fraction >= SATURATED or cores_used >= SATURATED * self.cores
+        n = self.setting.workers
+        seen = tuning.Observed(
+            workers=n, steps=tuple(w.steps), waits=tuple(w.waits), elapsed=now - w.start,
+            segment_elapsed=now - seg.start, busy=busy - seg.busy, made=made - seg.made,
+            cpu=cpu - seg.cpu if cpu >= 0 and seg.cpu >= 0 else None, queued=queued - seg.queued,
+            main_cpu=main_cpu - w.main_cpu, cores=self.cores,
+        )
+        est = tuning.estimate(seen, self.config.starve_threshold)
         worker_memory = self._measure_memory()
-        self._last = {"batches_per_s": delivered_rate, "produced_per_s": min(n / p, cpu_rate) if n else 1 / p,
-                      "step_ms": 1e3 * step, "wait_fraction": wait_fraction, "p": p, "s": s}
+        self._last = {"batches_per_s": est.delivered_rate,
+                      "produced_per_s": min(n / est.p, est.cpu_rate) if n else 1 / est.p,
+                      "step_ms": 1e3 * est.step, "wait_fraction": est.wait_fraction, "p": est.p, "s": est.s}
         self._window = self._open_window(now)
         self._window.steps, self._window.waits = [], []
 
         if self._trial is not None:  # the first measurement since an experiment: did it pay?
-            if delivered_rate < 1.03 * self._trial:
+            if est.delivered_rate < 1.03 * self._trial:
                 self._experiments = False  # no: stop experimenting (the model may still move the setting)
             else:
                 self._floor = n  # yes: the measurement beat the model, which must not take these workers back
             self._trial = None
-        new_n, why = self._workers_needed(p, s, step, cpu_rate, worker_memory)
-        if new_n < self._floor <= self._caps(worker_memory):
-            new_n, why = self._floor, f"{self._floor} workers delivered more than the model expected; keeping them"
-        # Waits while production is saturated are a throughput deficit, not bursts a deeper prefetch would absorb.
-        jitter = 0.0 if saturated or not self._experiments else wait_fraction
-        new_k = self._prefetch_needed(new_n, p, step, jitter, worker_memory)
-        proposal = Setting(new_n, new_k)
-        rate_now = min(n / p if n else 1 / (p + step), cpu_rate, 1 / step)
-        if starving:
-            rate_now = min(rate_now, delivered_rate)  # what arrives is what the workers really make
-        if new_n == n and new_k == k and self.tune_workers and starving and not saturated and self._experiments \
-                and delivered_rate < 0.9 * min(n / p, cpu_rate, 1 / step) and n < self._caps(worker_memory):
-            # The model says n workers suffice, yet the loop waits: trust the measurement, try one more.
-            new_n, why = n + 1, (f"waiting {wait_fraction:.0%} of the time at {delivered_rate:.1f} batches/s although "
-                                 f"{n} workers should make {n / p:.1f}/s: one more worker")
-            proposal = Setting(new_n, new_k)
-        if proposal == self.setting:
-            return None
-        # An experiment: the model says the workers suffice, the measurement says the loop waits.
-        experiment = new_n == n + 1 and new_n > self._model_need or (new_n == n and new_k > k)
-        rate_new = min(new_n / p if new_n else 1 / (p + step), cpu_rate, 1 / step)
-        if experiment:
-            rate_now = delivered_rate  # the model already promised more than this: judge by what was measured
-        # A restart costs the stop and start measured, plus the wait for the new workers' first batch (their first
-        # bundle holds one, see `stages.Bundler`); the batches the old workers were building are lost.
-        restart = self.restart_s = (self.overhead_s or 0.0) + p
         # A setting carries over to the following epochs, and a run is expected to go on at least as long as it
         # has gone so far: the gain counts over the longest of the epoch's rest, an epoch, and the run so far.
-        horizon = max(remaining, epoch_length, self._total)
-        saved = horizon / max(rate_now, 1e-9) - horizon / max(rate_new, 1e-9)
-        over_budget = self.memory_estimate(self.setting) > self.budget
-        shrinking = new_n < n and new_n <= self.config.shrink_surplus * n and not starving
-        if (new_n > n or experiment) and saved < restart and not over_budget:
-            return None  # not worth a restart
-        if new_n < n and not (shrinking or over_budget):
-            return None  # hysteresis: a small surplus of workers costs little
-        if new_n == n and not (new_k != k and starving) and not over_budget:
+        proposal = tuning.propose(est, self._context(worker_memory, max(remaining, epoch_length, self._total)))
+        self.limit = proposal.limit
+        if proposal.need is not None:
+            self._last["need"] = self._model_need = proposal.need
+        if proposal.restart_s is not None:
+            self.restart_s = proposal.restart_s
+        if proposal.setting is None:
             return None
-        reason = why
-        if new_k != k:
-            reason += f"; prefetch {new_k}" + (" to absorb jitter (waiting although workers keep up)"
-                                                if new_k > k else " to fit the memory budget")
-        self._record(proposal, reason, now)
-        self._trial = delivered_rate if experiment else None
-        return proposal
+        self._record(proposal.setting, proposal.reason, now)
+        self._trial = est.delivered_rate if proposal.experiment else None
+        return proposal.setting
 
-    def _workers_needed(self, p: float, s: float, step: float, cpu_rate: float,
-                        worker_memory: int) -> tuple[int, str]:
-        n = self.setting.workers
-        if not self.tune_workers:
-            self.limit = "fixed num_workers"
-            return n, "num_workers is fixed"
-        want = self.config.headroom / max(step, 1e-6)  # batches/s to produce
-        goal = min(want, cpu_rate)
-        need = max(1, math.ceil(goal * p - 1e-9))
-        cap_memory = self._memory_cap(self.setting.prefetch, worker_memory)
-        caps = {"consumer": need, "max_workers": self.max_workers, "memory": cap_memory}
-        self._last["need"] = self._model_need = need
-        self.limit = min(caps, key=lambda name: (caps[name], name != "consumer"))
-        if self.limit == "consumer" and want > cpu_rate:
-            self.limit = "cpu"
-        chosen = max(self.config.min_workers if cap_memory >= self.config.min_workers else 0,
-                     min(caps.values()))
-        text = (f"workers take {1e3 * p:.1f} ms per batch ({1e3 * s:.1f} ms CPU), the step {1e3 * step:.1f} ms: "
-                f"{chosen} workers make {min(chosen / p, cpu_rate):.1f} batches/s for a need of {want:.1f}")
-        if self.limit == "cpu":
-            text += f" (CPU-bound: {self.cores} cores make at most {cpu_rate:.1f}/s)"
-        elif self.limit == "memory":
-            text += f" (memory budget {self.budget / 2**20:,.0f} MB allows {cap_memory})"
-        elif self.limit == "max_workers":
-            text += f" (max_workers {self.max_workers})"
-        return chosen, text
-
-    def _prefetch_needed(self, workers_new: int, p: float, step: float, wait_fraction: float,
-                         worker_memory: int) -> int:
-        k = self.setting.prefetch
-        if not self.tune_prefetch or workers_new == 0:
-            return k
-        choices = self.prefetch_choices
-        fits = [c for c in choices if self.memory_estimate(Setting(workers_new, c), worker_memory) <= self.budget]
-        if not fits:
-            return choices[0]
-        keeping_up = workers_new / p >= self.config.headroom / max(step, 1e-6)
-        if workers_new == self.setting.workers and keeping_up and wait_fraction > self.config.starve_threshold:
-            bigger = [c for c in fits if c > k]  # enough production on average, yet waits: bursts, so deepen
-            return bigger[0] if bigger else k
-        return k if k in fits else max(fits)
+    def _context(self, worker_memory: int, horizon: int) -> tuning.Context:
+        config = self.config
+        return tuning.Context(
+            setting=self.setting, tune_workers=self.tune_workers, tune_prefetch=self.tune_prefetch,
+            min_workers=config.min_workers, max_workers=self.max_workers, headroom=config.headroom,
+            starve_threshold=config.starve_threshold, shrink_surplus=config.shrink_surplus,
+            prefetch_choices=tuple(self.prefetch_choices), budget=self.budget, worker_memory=worker_memory,
+            batch_bytes=self._batch_bytes, bundle=self.bundle, cores=self.cores, overhead_s=self.overhead_s or 0.0,
+            horizon=horizon, experiments=self._experiments, floor=self._floor, model_need=self._model_need,
+        )
 
     # -- memory --------------------------------------------------------------------------------------------------
 
     def memory_estimate(self, setting: Setting, worker_memory: int | None = None) -> int:
-        """Bytes a setting is expected to use: each worker's private memory plus the batches it holds in flight
-        (prefetched ones, the one it builds, one held by the training loop)."""
-        if setting.workers == 0:
-            return 0
+        """Bytes a setting is expected to use (`tuning.memory_estimate` with this run's measurements)."""
         own = worker_memory if worker_memory is not None else (self._worker_memory or _WORKER_MEMORY_GUESS)
-        return setting.workers * (own + (setting.prefetch + 2 * self.bundle) * self._batch_bytes)
-
-    def _caps(self, worker_memory: int) -> int:
-        return min(self.max_workers, self._memory_cap(self.setting.prefetch, worker_memory))
-
-    def _memory_cap(self, prefetch: int, worker_memory: int) -> int:
-        one = self.memory_estimate(Setting(1, prefetch), worker_memory)
-        return int(self.budget // max(one, 1))
+        return tuning.memory_estimate(setting, own, self._batch_bytes, self.bundle)
 
     def _measure_memory(self) -> int:
         sizes = [m for m in (_proc_private(pid) for pid in self._pids) if m is not None]
