@@ -23,9 +23,10 @@ def _rank_main(rank: int, out: str) -> None:
         "bucket": BucketBatchSampler(LENGTHS, 8, seed=7),
     }
     result = {name: {"rank": s.rank, "world": s.num_replicas, "batches": list(s)} for name, s in samplers.items()}
-    counts = [None, None]
-    dist.all_gather_object(counts, len(result["token"]["batches"]))  # the ranks agree on the count
-    result["gathered_counts"] = counts
+    for name in samplers:
+        counts = [None, None]
+        dist.all_gather_object(counts, len(result[name]["batches"]))  # the ranks agree on the count
+        result[name]["gathered_counts"] = counts
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -39,7 +40,12 @@ def test_gloo_ranks_get_disjoint_equal_batches(tmp_path) -> None:
         assert len(results[0][name]["batches"]) == len(results[1][name]["batches"]) > 0
         assert not set(per_rank[0]) & set(per_rank[1]), "ranks share no sample"
         assert sorted(per_rank[0] + per_rank[1]) == list(range(len(LENGTHS))), "every sample once"
-        expected = [list(TokenBudgetBatchSampler(LENGTHS, 1024, seed=7, num_replicas=2, rank=r)) for r in range(2)]
-        if name == "token":
-            assert [r[name]["batches"] for r in results] == expected
-    assert results[0]["gathered_counts"] == results[1]["gathered_counts"] == [len(results[0]["token"]["batches"])] * 2
+        # Exactly what the sampler gives when told its rank and world explicitly, for both samplers.
+        assert [r[name]["batches"] for r in results] == [list(EXPLICIT[name](r)) for r in range(2)]
+        assert results[0][name]["gathered_counts"] == results[1][name]["gathered_counts"] == \
+            [len(results[0][name]["batches"])] * 2
+
+EXPLICIT = {
+    "token": lambda rank: TokenBudgetBatchSampler(LENGTHS, 1024, seed=7, num_replicas=2, rank=rank),
+    "bucket": lambda rank: BucketBatchSampler(LENGTHS, 8, seed=7, num_replicas=2, rank=rank),
+}
