@@ -1,6 +1,6 @@
 """pack-dataset throughput vs the speed of light of the same bytes (`cp -r SRC`), in one run.
 
-Goal (issue 3): packing without --max-side reaches >= 0.5x of a raw copy. Prints the ratio on the last line.
+Goal: packing without --max-side reaches >= 0.5x of a raw copy. Prints the ratio on the last line.
 """
 
 from __future__ import annotations

@@ -529,7 +529,7 @@ def _run_jobs(jobs: list[PackJob], opts: PackOptions, total: int | None) -> dict
                 _init_worker(None)
             return results
         # Workers only write; this process's threads wait for each shard's fsync and publish it, so a worker
-        # packs its next shard while the disk takes the last one (it used to sit idle in fsync meanwhile).
+        # packs its next shard while the disk takes the last one instead of sitting idle in fsync.
         pool = _writers(jobs[0].kind, workers, ctx, counters)
         publishers = cf.ThreadPoolExecutor(workers, thread_name_prefix="stoker-publish")
         pending = {pool.submit(_write_shard, job): job for job in jobs}
