@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from stoker import storage
 from stoker.errors import ConfigError, ShardError
+from stoker.formats import integrity
 
 ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
 FORMATS = ("arrow", "msgpack")
@@ -29,6 +30,7 @@ class ShardReader(ABC):
     name: str
     schema: pa.Schema
     batch_offsets: np.ndarray  # first row of each batch, plus num_rows at the end
+    checksums: bool = True  # iter_batches, take and row check each sample's checksum (read_batch hands out raw)
 
     @property
     def num_rows(self) -> int:
@@ -40,18 +42,37 @@ class ShardReader(ABC):
 
     @abstractmethod
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
-        """Record batch number `index`, optionally only some columns."""
+        """Record batch number `index`, optionally only some columns, as stored (samples not checked)."""
+
+    def _checking(self) -> bool:
+        return self.checksums and integrity.COLUMN in self.schema.names
 
     def iter_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """All record batches in order."""
+        """All record batches in order, every sample checked against its checksum."""
         for i in range(self.num_batches):
-            yield self.read_batch(i, columns)
+            if not self._checking():
+                yield self.read_batch(i, columns)
+                continue
+            batch = self.read_batch(i)
+            integrity.check_batch(self.name, batch, np.arange(self.batch_offsets[i], self.batch_offsets[i + 1]))
+            yield batch if columns is None else batch.select(list(columns))
 
     def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows by index within this shard, in the order given."""
+        """Rows by index within this shard, in the order given, each checked against its checksum."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"{self.name}: row out of range 0..{self.num_rows - 1}")
+        if self._checking():
+            table = self._take(rows, None)
+            self._check(table, rows)
+            return table if columns is None else table.select(list(columns))
+        return self._take(rows, columns)
+
+    def _check(self, table: pa.Table, rows: np.ndarray) -> None:
+        if table.num_rows:
+            integrity.check_batch(self.name, table.combine_chunks().to_batches()[0], rows)
+
+    def _take(self, rows: np.ndarray, columns: Sequence[str] | None) -> pa.Table:
         which = np.searchsorted(self.batch_offsets, rows, side="right") - 1
         pieces = []
         for b in np.unique(which):
@@ -92,8 +113,18 @@ def _sniff(head: bytes) -> str:
     return ""
 
 
-def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
-    """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic."""
+def open_shard(source: ShardSource, *, name: str | None = None, checksums: bool = True) -> ShardReader:
+    """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic.
+
+    With `checksums` (the default) iter_batches, take and row check every sample they return (see
+    stoker.formats.integrity); False reads without checking.
+    """
+    reader = _open(source, name)
+    reader.checksums = checksums
+    return reader
+
+
+def _open(source: ShardSource, name: str | None) -> ShardReader:
     from stoker.formats.arrow_shard import ArrowShardReader
     from stoker.formats.msgpack_shard import MsgpackShardReader
 
@@ -151,6 +182,7 @@ class ShardWriter(ABC):
         self._pending: list[dict[str, Any]] = []
         self._pending_bytes = 0
         self._hash = hashlib.sha256()
+        self._digest = integrity.COLUMN in schema.names  # every sample gets its checksum (format version 2)
         self._file = open(path, "wb")
         self._closed = False
 
@@ -160,6 +192,8 @@ class ShardWriter(ABC):
 
     def add(self, sample: dict[str, Any]) -> None:
         """Append one sample (a dict with the schema's fields)."""
+        if self._digest:
+            sample = {**sample, integrity.COLUMN: integrity.digest_sample(sample, self.schema)}
         self._pending.append(sample)
         self._pending_bytes += sample_nbytes(sample)
         if self._pending_bytes >= self.batch_bytes:
