@@ -31,7 +31,7 @@ from stoker import storage
 from stoker.errors import ConfigError, SourceError
 from stoker.formats import arrow_shard, msgpack_shard, sources  # noqa: F401 - the writers, imported once before workers fork
 from stoker.formats.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from stoker.formats.schema import describe, schema_for, token_dtype
+from stoker.formats.schema import FORMAT_VERSION, describe, schema_for, token_dtype
 from stoker.formats.shard import FORMATS, SUFFIX, create_writer
 
 STATE_DIR = ".stoker-pack"
@@ -205,7 +205,8 @@ def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -
     relevant = asdict(opts)
     for volatile in ("workers", "progress", "overwrite", "storage_options", "source_options", "engine", "ray_address", "max_retries"):
         relevant.pop(volatile)
-    common = json.dumps({"kind": kind, "options": relevant}, sort_keys=True, default=str)
+    # The format version too: a shard written by a stoker of another format (no checksums) is not reused.
+    common = json.dumps({"kind": kind, "options": relevant, "format_version": FORMAT_VERSION}, sort_keys=True, default=str)
     return [
         hashlib.sha256((common + json.dumps([vars(u) for u in units], sort_keys=True)).encode()).hexdigest()
         for units in shards
