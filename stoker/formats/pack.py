@@ -243,15 +243,21 @@ def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dic
     """Yield the samples of one shard; bad inputs raise or are recorded in `skipped`."""
     opts = job.options
     if job.kind == "image":
+        failed: list[str] = []  # with --on-error raise: every bad file of the shard is named, then it fails
         for item in job.units:
             try:
                 yield sources.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate,
                                          storage_options=opts.source_options)
             except (SourceError, FileNotFoundError) as exc:
                 if opts.on_error == "raise":
-                    raise SourceError(str(exc)) from None
-                skipped.append({"path": item.key, "error": str(exc)})
+                    failed.append(str(exc))
+                else:
+                    skipped.append({"path": item.key, "error": _relative(str(exc), job.src, item.key)})
             _count(1, item.size)
+        if len(failed) == 1:
+            raise SourceError(f"{failed[0]}; fix it or pass --on-error skip")
+        if failed:
+            raise SourceError(f"{len(failed)} unreadable files; fix them or pass --on-error skip:\n  " + "\n  ".join(failed))
         return
     dtype = np.dtype(job.dtype)
     for span in job.units:
@@ -263,11 +269,19 @@ def _samples(job: _Job, tokenize: Any, vocab_size: int | None, skipped: list[dic
             except SourceError as exc:
                 if opts.on_error == "raise":
                     raise
-                skipped.append({"path": where, "error": str(exc)})
+                skipped.append({"path": f"{name}:{number}", "error": str(exc).removeprefix(f"{where}: ")})
                 continue
             yield {"key": f"{name}:{number}", "tokens": tokens, "length": len(tokens)}
             _count(1, 0)
         _count(0, span.byte_stop - span.byte_start)
+
+
+def _relative(message: str, src: str, key: str) -> str:
+    """A problem as the manifest's `skipped` list records it: the path is in its own field, relative to SRC."""
+    for path in (os.path.join(src, key), storage.join(src, key), storage.redact(storage.join(src, key))):
+        if message.startswith(path + ": "):
+            return message[len(path) + 2:]
+    return message
 
 
 @dataclass(frozen=True)
@@ -383,6 +397,15 @@ def _resolve_source(src: str, dst: str, opts: PackOptions) -> tuple[str, PackOpt
     return src.rstrip("/"), replace(opts, source_options=so)
 
 
+def _check_apart(src: str, dst: str) -> None:
+    """Refuse a local DST inside SRC: its shards and manifest would be listed as input by the next run."""
+    if storage.is_local(src) and storage.is_local(dst) and os.path.isdir(src):
+        inner, outer = os.path.realpath(storage.local_path(dst)), os.path.realpath(src)
+        if inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"DST {dst} is inside SRC {src}: the next run would list its shards and manifest as "
+                              "input; choose a DST outside SRC")
+
+
 def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overrides: Any) -> PackResult:
     """Pack the image tree or text files at `src` into shards and a manifest at `dst` (a path or fsspec URL)."""
     opts = options or PackOptions()
@@ -395,6 +418,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         ray_engine.import_ray()  # a missing extra fails before any listing or writing
     start = time.perf_counter()
     src, opts = _resolve_source(src, dst, opts)
+    _check_apart(src, dst)
     if "memory" in (src.split("://", 1)[0], dst.split("://", 1)[0]):
         # memory:// lives in this process only: other processes would write shards this one never sees.
         if opts.engine == "ray":
