@@ -73,17 +73,19 @@ class OpenShard:
 
     def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
                  vocab_size: int | None = None, *, identity: Identity = (), mapped: bool = False,
-                 check: Sequence[str] = ()) -> None:
+                 check: Mapping[str, str] | None = None) -> None:
         self.reader = reader
         self.name = reader.name
         self.requested = tuple(columns)
-        # Checked: `check` holds every column of the manifest's schema, as a sample's checksum covers all its fields.
+        # Checked: `check` is the manifest's schema; every column is read, as a sample's checksum covers all its fields.
         self.checked = bool(check)
-        if self.checked:
-            if integrity.COLUMN not in reader.schema.names:
+        if check:
+            differ = integrity.schema_differences(dict(check), reader.schema)
+            if differ:
                 reader.close()
-                raise ShardError(self.name, f"has no {integrity.COLUMN!r} checksum column, but the manifest says its "
-                                 "samples carry one: the shard was replaced or damaged (run `stoker verify`)")
+                missing = "" if integrity.COLUMN in reader.schema.names else f" (no {integrity.COLUMN!r} checksum column)"
+                raise ShardError(self.name, f"schema differs from the manifest's{missing}: {differ}; the shard was "
+                                 "replaced or damaged (run `stoker verify`)")
             # In the shard's own field order, the order its writer hashed them in (the manifest's is sorted).
             names = reader.schema.names
             columns = [n for n in names if n in check] + [n for n in check if n not in names]
@@ -149,7 +151,7 @@ def _column_view(column: pa.Array) -> Any:
     if pa.types.is_list(column.type):
         return arrow_to_numpy(column.offsets).astype(np.int64), arrow_to_numpy(column.values)
     if pa.types.is_binary(column.type) or pa.types.is_string(column.type):
-        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
+        offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
         data = column.buffers()[2]
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         return offsets.astype(np.int64), values

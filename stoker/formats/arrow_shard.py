@@ -76,10 +76,11 @@ class ArrowShardReader(ShardReader):
             # Batches of a memory map or buffer are zero-copy views: keep the ones read to count rows.
             self._batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
             rows = [b.num_rows for b in self._batches]
-        except (pa.ArrowException, OSError) as exc:
+            self.schema = self._reader.schema
+            self.schema.names  # field names that are not UTF-8 fail here, not in the caller
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             self.close()
             raise ShardError(name, f"not a readable Arrow IPC file ({exc})", 0) from None
-        self.schema = self._reader.schema
         self.batch_offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:

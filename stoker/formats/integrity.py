@@ -125,7 +125,7 @@ def mismatch_error(shard: str, row: int, key: Any) -> ChecksumError:
 def _values(array: pa.Array) -> np.ndarray:
     # Not Array.to_numpy: it imports pandas when pandas is installed (see shard.arrow_to_numpy).
     dtype = np.dtype(array.type.to_pandas_dtype())
-    return np.frombuffer(array.buffers()[1], dtype)[array.offset:array.offset + len(array)]
+    return np.frombuffer(array.buffers()[1], dtype, count=array.offset + len(array))[array.offset:]
 
 
 def batch_rows(batch: pa.RecordBatch) -> Rows:
@@ -139,7 +139,7 @@ def batch_rows(batch: pa.RecordBatch) -> Rows:
             offsets = _values(column.offsets).astype(np.int64)
             rows.add_variable([_values(column.values)], every, offsets[:-1], np.diff(offsets))
         elif is_variable(field.type):
-            offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
+            offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
             data = column.buffers()[2]
             values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
             offsets = offsets.astype(np.int64)
@@ -160,10 +160,18 @@ def check_batch(shard: str, batch: pa.RecordBatch, rows: Sequence[int] | np.ndar
         raise mismatch_error(shard, int(rows[bad]), key)
 
 
-def checked_columns(schema: dict[str, str], enabled: bool) -> tuple[str, ...]:
-    """Every column of a manifest's schema when its samples are to be checked (a checksum covers all fields of its
-    sample), else () (checking is off, or the dataset predates checksums)."""
-    return tuple(schema) if enabled and COLUMN in schema else ()
+def checked_columns(schema: dict[str, str], enabled: bool) -> dict[str, str]:
+    """The manifest's whole schema when its samples are to be checked (a checksum covers all fields of its sample),
+    else {} (checking is off, or the dataset predates checksums)."""
+    return dict(schema) if enabled and COLUMN in schema else {}
+
+
+def schema_differences(declared: dict[str, str], schema: pa.Schema) -> str:
+    """'' if a shard's schema is the one its manifest declares, else what differs (field: declared vs found)."""
+    found = {f.name: str(f.type) for f in schema}
+    differ = [f"{n}: {declared.get(n, 'absent')} vs {found.get(n, 'absent')}" for n in sorted(set(declared) | set(found))
+              if declared.get(n) != found.get(n)]
+    return "; ".join(differ)
 
 
 def warn_unchecked(schema: dict[str, str], source: str) -> None:

@@ -122,7 +122,10 @@ class MsgpackShardReader(ShardReader):
             raise self._fail("offset index is inconsistent with the file", trailer_at)
         self._offsets = offsets
         self.batch_offsets = batches
-        self.schema = pa.schema([pa.field(n, _arrow_type(t)) for n, t in header["fields"].items()])
+        try:
+            self.schema = pa.schema([pa.field(n, _arrow_type(t)) for n, t in header["fields"].items()])
+        except (ShardError, KeyError, TypeError, AttributeError) as exc:
+            raise self._fail(f"unreadable header ({exc!r})", 12) from None
 
     def _record(self, row: int) -> dict[str, Any]:
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
