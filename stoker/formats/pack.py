@@ -443,7 +443,11 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         skipped = skipped if index == 0 else []
     layout = Layout.of(opts.part)
     shard_prints = _fingerprints(kind, plan, opts)
-    fingerprint = hashlib.sha256("".join(shard_prints).encode()).hexdigest()
+    # Everything the manifest records, not only the shards: an empty part (no shards) must not match the empty part
+    # of another input, or a rerun after SRC changed would keep a stale part manifest (classes, skipped files).
+    what = json.dumps({"kind": kind, "classes": classes, "skipped": skipped, "format": opts.format,
+                       "part": opts.part, "format_version": FORMAT_VERSION}, sort_keys=True)
+    fingerprint = hashlib.sha256((what + "".join(shard_prints)).encode()).hexdigest()
     done = _prepare_dst(dst, fingerprint, opts, layout)
     if done is not None:
         return PackResult(done, time.perf_counter() - start, 0, 0, 0, len(done.skipped), len(done.shards))
