@@ -153,9 +153,13 @@ def _open(source: ShardSource, name: str | None) -> ShardReader:
 
 
 def batch_to_samples(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """Turn a record batch into sample dicts: images keep their bytes; tokens become zero-copy numpy views."""
+    """Turn a record batch into sample dicts: images keep their bytes; tokens become zero-copy numpy views.
+
+    The per-sample checksum column is the readers' business, not part of a sample."""
     columns: dict[str, list[Any]] = {}
     for name in batch.schema.names:
+        if name == integrity.COLUMN:
+            continue
         column = batch.column(name)
         if pa.types.is_list(column.type):
             columns[name] = list_column_to_numpy(column)
