@@ -455,7 +455,7 @@ class ShardSource:
             path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
             try:
                 return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                                 self.manifest.vocab_size, check=self._check)  # issue 9
+                                 self.manifest.vocab_size, check=self._check)
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "

@@ -77,16 +77,17 @@ class Rows:
     def __init__(self, count: int) -> None:
         self.count = count
         self.header: list[np.ndarray] = []
-        self.pieces: list[tuple[list[memoryview], list[int], list[int], list[int]]] = []
+        self.pieces: list[tuple[dict[int, memoryview], list[int], list[int], list[int]]] = []
         self.variable_lengths: list[np.ndarray] = []
 
     def add_fixed(self, values: np.ndarray) -> None:
         self.header.append(values)
 
     def add_variable(self, sources: Sequence[np.ndarray], src: np.ndarray, start: np.ndarray, length: np.ndarray) -> None:
-        # Byte views of each source; offsets in values become offsets in bytes.
+        # Byte views of the sources these rows use (a catalog holds one per record batch of every open shard);
+        # offsets in values become offsets in bytes.
         width = sources[0].dtype.itemsize if len(sources) else 1
-        views = [memoryview(np.ascontiguousarray(s).view(np.uint8)) for s in sources]
+        views = {s: memoryview(np.ascontiguousarray(sources[s]).view(np.uint8)) for s in np.unique(src).tolist()}
         self.variable_lengths.append(length)
         begin = start * width
         self.pieces.append((views, src.tolist(), begin.tolist(), (begin + length * width).tolist()))
