@@ -139,3 +139,30 @@ def test_datasets_packed_before_checksums_read_with_one_warning(tmp_path: Path) 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ShardDataset(root, checksums=False)  # asked not to check: nothing to warn about
+
+
+def test_swapped_and_truncated_bytes_are_errors(tmp_path: Path) -> None:
+    # Labels of rows 3 and 4 swapped (each sample still valid on its own), two image bytes transposed in row 9.
+    root = Path(make_dataset(tmp_path / "d", rows=(12,), fmt="msgpack"))
+    shard = root / Manifest.load(str(root)).shards[0].name
+    pristine = shard.read_bytes()
+    data = bytearray(pristine)
+    at3 = data.index(b"\xa5label", data.index(b"000003")) + 6
+    at4 = data.index(b"\xa5label", data.index(b"000004")) + 6
+    data[at3], data[at4] = data[at4], data[at3]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"row 3\).*'000003'"):
+        ShardDataset(str(root))[3]
+    with pytest.raises(ChecksumError, match=r"row 4\).*'000004'"):
+        ShardDataset(str(root))[4]
+    data = bytearray(pristine)
+    image = data.index(b"000009", data.index(b"000009") + 6) + 6  # the random bytes after the image's key prefix
+    while data[image] == data[image + 1]:
+        image += 1
+    data[image], data[image + 1] = data[image + 1], data[image]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"row 9\).*'000009'"):
+        list(StreamingDataset(str(root), shuffle=False))
+    shard.write_bytes(pristine[:-100])
+    with pytest.raises(ShardError, match=shard.name):
+        list(StreamingDataset(str(root), shuffle=False))
