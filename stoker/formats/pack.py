@@ -177,11 +177,15 @@ def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any
     return classes, shards, skipped
 
 
-def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, ...]]:
+def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> tuple[list[tuple[Any, ...]], list[dict[str, str]]]:
     # Byte-level tokens take `itemsize` bytes per input byte; other tokenizers compress, so this errs small.
     target = max(1, opts.shard_size // dtype.itemsize)
     so = opts.source_options
-    spans = [span for path in sources.list_text_files(src, so) for span in sources.text_spans(path, target, so)]
+    files, skipped = sources.text_name_problems(src, sources.list_text_files(src, so))
+    if skipped and opts.on_error == "raise":
+        lines = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped)
+        raise SourceError(f"{src}: {len(skipped)} unusable file name(s); fix them or pass --on-error skip:\n{lines}")
+    spans = [span for path in files for span in sources.text_spans(path, target, so)]
     shards: list[tuple[Any, ...]] = []
     current: list[sources.TextSpan] = []
     size = 0
@@ -194,7 +198,7 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, 
         size += span_bytes
     if current:
         shards.append(tuple(current))
-    return shards
+    return shards, skipped
 
 
 def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -> list[str]:
@@ -433,7 +437,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     else:
         _, vocab = sources.make_tokenizer(opts.tokenizer)
         dtype = token_dtype(opts.vocab_size if opts.vocab_size is not None else vocab)
-        plan = _plan_text(src, opts, dtype)
+        plan, skipped = _plan_text(src, opts, dtype)
     first = 0
     if opts.part is not None:
         # Parts cut the one global plan, so N parts hold exactly the shards of a single run, renamed.

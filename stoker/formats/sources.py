@@ -325,10 +325,15 @@ def list_text_files(src: str, storage_options: dict[str, Any] | None = None) -> 
         raise SourceError(f"{src}: no such file or directory")
     if not files:
         raise SourceError(f"{src}: no .jsonl, .txt or .parquet files")
-    for path in files:
-        if not _utf8(path):  # keys are text; any policy: which documents to leave out is the user's call
-            raise SourceError(f"{shown(path)}: file name is not valid UTF-8 (sample keys are text); rename it")
     return files
+
+
+def text_name_problems(src: str, files: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """(files whose names can be sample keys, a `skipped` entry per file whose name is not valid UTF-8)."""
+    bad = [f for f in files if not _utf8(f)]
+    problems = [{"path": shown(text_key(src, f)), "error": "file name is not valid UTF-8 (sample keys are text); rename it"}
+                for f in bad]
+    return [f for f in files if f not in bad], problems
 
 
 def _list_remote_text(src: str, storage_options: dict[str, Any] | None) -> list[str]:
