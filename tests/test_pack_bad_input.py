@@ -128,3 +128,12 @@ def test_every_listing_problem_is_named_not_just_the_first(tree: Path, tmp_path:
     assert "3 problems" in message
     for path in (f"{a}/readme.txt", f"{b}/labels.csv", "empty_class: empty class directory"):
         assert path in message
+
+
+def test_a_class_folder_that_links_to_another_is_not_a_second_label(tree: Path, tmp_path: Path) -> None:
+    a = _classes(tree)[0]
+    (tree / "zz_alias").symlink_to(a)  # SRC/zz_alias -> SRC/a: a's images must not also be labelled zz_alias
+    with pytest.raises(SourceError, match=rf"zz_alias: class folder is a symlink to '{a}'"):
+        _pack(tree, tmp_path / "raise")
+    manifest = _pack(tree, tmp_path / "skip", on_error="skip")
+    assert "zz_alias" not in manifest.classes and len(_labels_match_folders(tmp_path / "skip")) == 24

@@ -182,9 +182,20 @@ def list_image_tree(
     if not remote and files is None:
         real = os.path.realpath(src)
         walk = _Walk(real, {}, {}, problems)
+        aliases = []
         for name in ["", *classes]:  # SRC and the class folders are where they are: links to them are not
-            st = os.stat(os.path.join(real, name))
+            path = os.path.join(real, name)
+            target = os.path.realpath(path)
+            if name and os.path.islink(path) and _inside(target, real):
+                # A class folder that links into SRC would pack another class's images under its own label.
+                where = os.path.relpath(target, real)
+                problems.append((name, f"class folder is a symlink to {'SRC itself' if where == '.' else repr(where)}: "
+                                 "not packed, so that no image is labelled with two classes"))
+                aliases.append(name)
+                continue
+            st = os.stat(path)
             walk.claimed.setdefault((st.st_dev, st.st_ino), name or ".")
+        classes = [c for c in classes if c not in aliases]
     remote_keys = _remote_classes(src, classes, files, sizes, storage_options, problems) if remote else {}
     items: list[ImageItem] = []
     for label, name in enumerate(classes):
