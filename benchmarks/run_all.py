@@ -33,6 +33,7 @@ QUICK: dict[str, list[str]] = {
     "decode.py": ["--images", "600", "--rounds", "2"],
     "monitor_overhead.py": ["--pairs", "8"],
     "stream_local.py": ["--mb", "256", "--epochs", "2"],
+    "integrity.py": ["--mb", "256", "--images", "256", "--rounds", "2"],
     "worker_memory.py": ["--samples", "100000", "--epochs", "4"],
     "peers.py": ["--per-class", "100", "--rounds", "2"],
     "autotune.py": ["--epochs", "6", "--rounds", "2"],

@@ -69,3 +69,11 @@ class StateError(StokerError, ValueError):
 
 def _rebuild_shard_error(cls: type, shard: str, message: str, offset: int | None, row: int | None) -> ShardError:
     return cls(shard, message, offset, row=row)
+
+
+class ChecksumError(ShardError):
+    """A sample's bytes differ from what was packed (its stored checksum does not match); names shard, row and key."""
+
+
+class UncheckedDataWarning(UserWarning):
+    """A dataset was packed without per-sample checksums, so its samples are read unchecked."""

@@ -176,3 +176,13 @@ def test_it_is_a_torch_dataloader_with_the_same_attributes():
     assert type(loader.sampler) is type(reference.sampler) and len(loader) == len(reference) == 5
     with pytest.raises(ValueError, match="batch_size attribute should not be set"):
         loader.batch_size = 3
+
+
+def test_it_is_generic_like_torch():
+    # Annotations and code that subscript the class (`DataLoader[int]`) work as they do with torch's.
+    reference = torch.utils.data.DataLoader[int]
+    alias = stoker.DataLoader[int]
+    assert alias.__origin__ is stoker.DataLoader and alias.__args__ == reference.__args__ == (int,)
+    loader = alias(Squares(), batch_size=4)
+    assert isinstance(loader, stoker.DataLoader) and isinstance(loader, torch.utils.data.DataLoader)
+    assert_same(list(reference(Squares(), batch_size=4)), list(loader))

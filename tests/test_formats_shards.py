@@ -82,7 +82,7 @@ def test_arrow_shards_open_with_plain_pyarrow_duckdb_and_polars(image_tree: Path
     pack_dataset(str(image_tree), str(tmp_path), shard_size=64 << 10, workers=1, progress=False)
     first = sorted(tmp_path.glob("shard-*.arrow"))[0]
     table = pa.ipc.open_file(pa.memory_map(str(first))).read_all()
-    assert table.schema.names == ["key", "label", "image", "height", "width"]
+    assert table.schema.names == ["key", "label", "image", "height", "width", "xxh3"]
     duckdb = pytest.importorskip("duckdb")
     polars = pytest.importorskip("polars")
     frame = polars.read_ipc(str(first))

@@ -62,3 +62,47 @@ def test_files_from_packs_only_the_listed_images(image_tree: Path, tmp_path: Pat
     result = subprocess.run([*PACK, str(image_tree), str(tmp_path / "bad"), "--files-from", str(listing), "--quiet"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "missing.jpg: listed in --files-from but missing" in result.stderr
+
+
+def test_an_empty_part_and_a_failed_merge_in_any_order_still_verify(image_tree: Path, tmp_path: Path) -> None:
+    # One shard for the whole tree: part 0 of 2 is empty, part 1 holds every sample.
+    from stoker.formats.verify import verify
+
+    single = pack_dataset(str(image_tree), str(tmp_path / "one"), workers=1, progress=False).manifest
+    orders = {
+        "issue": ["0/2", "merge-fails", "1/2", "merge", "merge"],
+        "reversed": ["1/2", "merge-fails", "0/2", "merge"],
+        "rerun after merge": ["0/2", "1/2", "merge", "0/2", "1/2", "merge"],
+    }
+    for name, steps in orders.items():
+        dst = tmp_path / name.replace(" ", "-")
+        for step in steps:
+            if step == "merge-fails":
+                with pytest.raises(ManifestError, match="is missing"):
+                    merge(str(dst))
+                assert not (dst / "manifest.json").exists()
+            elif step == "merge":
+                merged = merge(str(dst))
+            else:
+                index, count = map(int, step.split("/"))
+                pack_dataset(str(image_tree), str(dst), workers=1, progress=False, part=(index, count))
+        assert verify(str(dst)) == [], name
+        assert [s.sha256 for s in merged.shards] == [s.sha256 for s in single.shards], name
+        assert merged.num_samples == single.num_samples and stoker_main(["verify", str(dst)]) == 0
+
+
+def test_an_empty_part_is_redone_when_the_input_changed(image_tree: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = Path(shutil.copytree(image_tree, tmp_path / "src"))
+    dst = tmp_path / "dst"
+    first = pack_dataset(str(src), str(dst), workers=1, progress=False, part=(0, 2)).manifest
+    assert not first.shards and not first.skipped
+    (src / sorted(p.name for p in src.iterdir())[0] / "notes.txt").write_text("not an image")
+    # Same empty plan, different listing: the run says the DST holds something else instead of keeping the stale part.
+    from stoker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a different packed dataset"):
+        pack_dataset(str(src), str(dst), workers=1, progress=False, part=(0, 2), on_error="skip")
+    redone = pack_dataset(str(src), str(dst), workers=1, progress=False, part=(0, 2), on_error="skip", overwrite=True)
+    assert [s["path"].endswith("notes.txt") for s in redone.manifest.skipped] == [True]

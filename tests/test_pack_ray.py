@@ -133,7 +133,7 @@ def test_ray_bad_input_names_the_file_skip_lists_it_and_a_rerun_resumes(ray_loca
     good = victim.read_bytes()
     victim.write_bytes(b"not a jpeg")
     options = {"shard_size": 32 << 10, "engine": "ray", "progress": False}
-    with pytest.raises(SourceError, match=rf"{victim.name}: unreadable image") as err:
+    with pytest.raises(SourceError, match=rf"{victim.name}: not an image") as err:
         pack_dataset(str(src), str(tmp_path / "out"), **options)
     assert "RayTaskError" not in str(err.value)  # the input's own error, not Ray's wrapper
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -21,7 +21,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.utils.data
 
@@ -61,7 +61,11 @@ def _passthrough(batch: Any) -> Any:
     return batch
 
 
-class DataLoader(torch.utils.data.DataLoader):
+# Covariant like torch's own, so `stoker.DataLoader[T]` annotates and subscripts the same way.
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class DataLoader(torch.utils.data.DataLoader[_T_co]):
     """Drop-in torch.utils.data.DataLoader; batches of a StreamingDataset are built in workers and resumable."""
 
     def __init__(

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from stoker import cache, storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
+from stoker.formats import integrity
 from stoker.formats.manifest import Manifest, ShardInfo
 from stoker.formats.shard import ShardReader, arrow_to_numpy, open_shard
 
@@ -32,7 +33,7 @@ Identity = tuple[Any, ...]  # (path, device, inode, size, mtime) of a local shar
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How shards are read from remote storage; every wait is bounded."""
+    """How shards are read (the remote-storage fields: every wait is bounded)."""
 
     prefetch_shards: int = 2  # shards fetched ahead of the ones being read
     parallel_reads: int = 8  # ranged reads in flight per shard
@@ -42,6 +43,7 @@ class ReadOptions:
     connect_timeout: float = 10.0  # per request, passed to the storage client
     read_timeout: float = 30.0  # per request, passed to the storage client
     shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
+    checksums: bool = True  # check every sample against the checksum packed with it (stoker.formats.integrity)
 
     def __post_init__(self) -> None:
         if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0:
@@ -70,9 +72,23 @@ class OpenShard:
     """A shard opened for reading, with per-row tables of every column built once (numpy, no Python objects)."""
 
     def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
-                 vocab_size: int | None = None, *, identity: Identity = (), mapped: bool = False) -> None:
+                 vocab_size: int | None = None, *, identity: Identity = (), mapped: bool = False,
+                 check: Mapping[str, str] | None = None) -> None:
         self.reader = reader
         self.name = reader.name
+        self.requested = tuple(columns)
+        # Checked: `check` is the manifest's schema; every column is read, as a sample's checksum covers all its fields.
+        self.checked = bool(check)
+        if check:
+            differ = integrity.schema_differences(dict(check), reader.schema)
+            if differ:
+                reader.close()
+                missing = "" if integrity.COLUMN in reader.schema.names else f" (no {integrity.COLUMN!r} checksum column)"
+                raise ShardError(self.name, f"schema differs from the manifest's{missing}: {differ}; the shard was "
+                                 "replaced or damaged (run `stoker verify`)")
+            # In the shard's own field order, the order its writer hashed them in (the manifest's is sorted).
+            names = reader.schema.names
+            columns = [n for n in names if n in check] + [n for n in check if n not in names]
         self.identity = identity  # of a local file: reused only while it is unchanged
         self.mapped = mapped and bool(identity)  # its values are views of the file, which another process can map
         self.columns: dict[str, np.ndarray | RaggedColumn] = {}
@@ -135,7 +151,7 @@ def _column_view(column: pa.Array) -> Any:
     if pa.types.is_list(column.type):
         return arrow_to_numpy(column.offsets).astype(np.int64), arrow_to_numpy(column.values)
     if pa.types.is_binary(column.type) or pa.types.is_string(column.type):
-        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
+        offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
         data = column.buffers()[2]
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         return offsets.astype(np.int64), values
@@ -202,7 +218,36 @@ def mapped_values(identity: Identity, column: str) -> list[np.ndarray]:
 
 def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndarray,
            columns: Sequence[str]) -> dict[str, np.ndarray | RaggedPlan]:
-    """Rows (shard_ids[i], rows[i]) in the given order: fixed-width columns gathered, variable ones planned."""
+    """Rows (shard_ids[i], rows[i]) in the given order: fixed-width columns gathered, variable ones planned;
+    rows of checked shards are checked against their checksums first."""
+    some = shards[int(shard_ids[0])] if len(shard_ids) else None
+    if some is not None and some.checked:
+        out = _gather(shards, shard_ids, rows, tuple(some.columns))
+        _check(out, shard_ids, rows, lambda s: shards[s].name)
+        return {name: out[name] for name in columns}
+    return _gather(shards, shard_ids, rows, columns)
+
+
+def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name_of: Any) -> None:
+    """A ChecksumError naming shard, row and key for the first gathered row that is not as packed."""
+    checked = integrity.Rows(len(rows))
+    for name, column in out.items():
+        if name == integrity.COLUMN:
+            continue
+        if isinstance(column, RaggedPlan):
+            checked.add_variable(column.sources, column.src, column.start, column.length)
+        else:
+            checked.add_fixed(column)
+    bad = integrity.first_mismatch(checked, out[integrity.COLUMN])
+    if bad is not None:
+        key = out.get("key")
+        if isinstance(key, RaggedPlan):
+            key = bytes(key.views()[bad]).decode(errors="replace")
+        raise integrity.mismatch_error(name_of(int(shard_ids[bad])), int(rows[bad]), key)
+
+
+def _gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndarray,
+            columns: Sequence[str]) -> dict[str, np.ndarray | RaggedPlan]:
     unique = np.unique(shard_ids)
     if not len(unique):
         raise ValueError("gather needs at least one row")
@@ -246,6 +291,8 @@ class Catalog:
         self.tables: dict[str, np.ndarray | RaggedColumn] = {}
         self.origins: list[tuple[Identity, int]] | None = None  # per source of a ragged table, when all are mapped
         self._members: tuple[int, ...] | None = None
+        self._read = self.columns  # all columns when the open shards are checked (see OpenShard)
+        self._names: dict[int, str] = {}
 
     def update(self, shards: Mapping[int, OpenShard]) -> None:
         """Rebuild the tables if the set of open shards changed."""
@@ -256,6 +303,8 @@ class Catalog:
         self.base[:] = -1
         ids = [s for s, _ in members]
         opened = [shards[s] for s in ids]
+        self._names = {s: shards[s].name for s in ids}
+        self._read = tuple(opened[0].columns) if opened and opened[0].checked else self.columns
         counts = [shard.reader.num_rows for shard in opened]
         self.base[ids] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
         self.tables = {}
@@ -263,7 +312,7 @@ class Catalog:
         if opened and all(shard.mapped for shard in opened):
             # Sources are the same for every ragged column: one per record batch of each open shard, in order.
             self.origins = [(shard.identity, k) for shard in opened for k in range(shard.reader.num_batches)]
-        for name in self.columns:
+        for name in self._read:
             parts = [shard.columns[name] for shard in opened]
             if parts and isinstance(parts[0], RaggedColumn):
                 sources: list[np.ndarray] = []
@@ -285,14 +334,17 @@ class Catalog:
             missing = sorted(set(np.asarray(shard_ids)[self.base[shard_ids] < 0].tolist()))
             raise KeyError(f"shards {missing} are not open")
         out: dict[str, Any] = {}
-        for name in self.columns:
+        for name in self._read:
             table = self.tables[name]
             if isinstance(table, RaggedColumn):
                 out[name] = RaggedPlan(table.sources, table.src[index], table.start[index], table.length[index],
                                        self.origins)
             else:
                 out[name] = table[index]
-        return out
+        if self._read is self.columns:
+            return out
+        _check(out, shard_ids, rows, self._names.__getitem__)
+        return {name: out[name] for name in self.columns}
 
 
 def decode_strings(plan: RaggedPlan) -> list[str]:
@@ -329,6 +381,7 @@ class ShardSource:
         self.manifest = manifest
         self.options = options
         self.local = storage.is_local(url)
+        self._check = integrity.checked_columns(manifest.schema, options.checksums)
         self._pid = os.getpid()
         self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
@@ -395,7 +448,7 @@ class ShardSource:
                 kept.close()  # the file changed since: read (and check) the new one
             return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
                              self.manifest.vocab_size, identity=identity,  # issue 9: check vs manifest
-                             mapped=self.manifest.format == "arrow")
+                             mapped=self.manifest.format == "arrow", check=self._check)
         for attempt in range(2):
             future = self._pending.pop(shard, None)
             if future is None:
@@ -407,7 +460,7 @@ class ShardSource:
                 self.fetch_seconds += time.perf_counter() - waited
             try:
                 return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                                 self.manifest.vocab_size)  # issue 9: check vs manifest
+                                 self.manifest.vocab_size, check=self._check)
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "
@@ -424,7 +477,7 @@ class ShardSource:
         if not self.local or not opened.identity:
             opened.close()
             return
-        key = (int(shard), tuple(opened.columns))
+        key = (int(shard), opened.requested)
         self._idle[key] = opened
         self._idle.move_to_end(key)
         while len(self._idle) > IDLE_SHARDS:

@@ -19,12 +19,16 @@ from stoker import storage
 from stoker.dataloader.reader import OpenShard, gather, to_samples
 from stoker.dataloader.stream import column_kinds, ordered_columns
 from stoker.errors import ConfigError
+from stoker.formats import integrity
 from stoker.formats.manifest import Manifest
 from stoker.formats.shard import open_shard
 
 
 class ShardDataset(Dataset):
-    """Samples of a local packed dataset by global index (manifest order), as the same dicts StreamingDataset yields."""
+    """Samples of a local packed dataset by global index (manifest order), as the same dicts StreamingDataset yields.
+
+    Every sample is checked against the checksum packed with it (`checksums=False` reads unchecked).
+    """
 
     def __init__(
         self,
@@ -33,6 +37,7 @@ class ShardDataset(Dataset):
         columns: Sequence[str] | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         max_open: int = 64,
+        checksums: bool = True,
     ) -> None:
         self.source = os.fspath(source)
         if not storage.is_local(self.source):
@@ -41,6 +46,10 @@ class ShardDataset(Dataset):
                 "or copy the dataset to local disk"
             )
         self.manifest = Manifest.load(self.source)
+        self.checksums = bool(checksums)
+        self._check = integrity.checked_columns(self.manifest.schema, self.checksums)
+        if self.checksums:
+            integrity.warn_unchecked(self.manifest.schema, self.source)
         self.kinds = column_kinds(self.manifest)
         self.columns = ordered_columns(self.manifest, columns)
         self.transform = transform
@@ -92,7 +101,7 @@ class ShardDataset(Dataset):
             # Rows, token lengths and token ids are checked against the manifest: a replaced or forged shard is a
             # ShardError naming it, never an IndexError or an out-of-vocabulary id reaching the model.
             open_ = OpenShard(open_shard(path, name=name), self.columns, self.manifest.shards[shard],
-                              self.manifest.vocab_size)
+                              self.manifest.vocab_size, check=self._check)
             self._open[shard] = open_
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()

@@ -27,6 +27,7 @@ from stoker.dataloader.reader import ReadOptions, ShardSource
 from stoker.dataloader.stages import Batches, Bundler, Progress, RowReader, Samples, progress_state
 from stoker.dataloader.state import StreamPosition, read_state, stream_config
 from stoker.errors import ConfigError
+from stoker.formats import integrity
 from stoker.options import check_seed, positive_int
 from stoker.formats.manifest import Manifest
 from stoker.formats.schema import schema_for
@@ -44,9 +45,12 @@ def load_manifest(source: str, storage_options: dict[str, Any] | None, read: Rea
 
 
 def column_kinds(manifest: Manifest) -> dict[str, str]:
-    """Column name -> "string", "binary", "list" or "fixed", from the manifest's schema."""
+    """Column name -> "string", "binary", "list" or "fixed", from the manifest's schema (the per-sample checksum
+    is the reader's business, not a column of the samples)."""
     kinds = {}
     for name, arrow_type in manifest.schema.items():
+        if name == integrity.COLUMN:
+            continue
         if arrow_type == "string":
             kinds[name] = "string"
         elif arrow_type == "binary":
@@ -95,6 +99,8 @@ class StreamingDataset(IterableDataset):
         self.read = read or ReadOptions()
         self.storage_options = storage_options
         self.manifest = load_manifest(self.source, storage_options, self.read)
+        if self.read.checksums:
+            integrity.warn_unchecked(self.manifest.schema, storage.redact(self.source))
         self.shuffle = bool(shuffle)
         self.seed = check_seed(seed)
         if shuffle_buffer < 1:

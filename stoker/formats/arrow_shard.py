@@ -76,10 +76,11 @@ class ArrowShardReader(ShardReader):
             # Batches of a memory map or buffer are zero-copy views: keep the ones read to count rows.
             self._batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
             rows = [b.num_rows for b in self._batches]
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            self.schema = self._reader.schema
+            self.schema.names  # field names that are not UTF-8 fail here, not in the caller
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             self.close()
             raise ShardError(name, f"not a readable Arrow IPC file ({exc})", 0) from None
-        self.schema = self._reader.schema
         self.batch_offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
@@ -89,7 +90,7 @@ class ArrowShardReader(ShardReader):
             batch = self._batches[index]
             # Forged offsets or lengths must become an error here, not a crash or a giant allocation later.
             batch.validate(full=True)
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             raise ShardError(self.name, f"record batch {index} is corrupt ({exc})", row=int(self.batch_offsets[index])) from None
         if columns is not None:
             missing = [c for c in columns if c not in batch.schema.names]

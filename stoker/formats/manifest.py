@@ -2,7 +2,7 @@
 
 It is written last and atomically, so its presence means every shard it lists is complete. Layout (JSON)::
 
-    {"format_version": 1, "kind": "image"|"text", "format": "arrow"|"msgpack",
+    {"format_version": 2, "kind": "image"|"text", "format": "arrow"|"msgpack",
      "schema": {field: arrow type}, "classes": [...], "vocab_size": int|null, "token_dtype": "uint16"|"uint32"|null,
      "tokenizer": str|null,
      "shards": [{"name", "rows", "bytes", "sha256", "lengths": base64 of little-endian uint32 | null}],
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from stoker.errors import ManifestError
-from stoker.formats.schema import FORMAT_VERSION
+from stoker.formats.schema import FORMAT_VERSION, READABLE_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -147,8 +147,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{source}: expected a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(f"{source}: format version {version!r} is not supported (this stoker reads {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise ManifestError(f"{source}: format version {version!r} is not supported (this stoker reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))})")
         expected = data.pop("checksum", None)
         if expected != _checksum(data):
             raise ManifestError(f"{source}: checksum mismatch; the manifest was edited or damaged")

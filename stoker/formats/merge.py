@@ -17,7 +17,7 @@ from stoker.formats.pack import Layout
 from stoker.formats.verify import check_shard
 
 _PART = re.compile(r"manifest\.part-(\d{5})-of-(\d{5})\.json$")
-_SAME = ("kind", "format", "schema", "classes", "vocab_size", "token_dtype", "tokenizer")
+_SAME = ("format_version", "kind", "format", "schema", "classes", "vocab_size", "token_dtype", "tokenizer")
 
 
 def merge(dst: str, storage_options: dict[str, Any] | None = None) -> Manifest:

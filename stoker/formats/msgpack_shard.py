@@ -122,7 +122,10 @@ class MsgpackShardReader(ShardReader):
             raise self._fail("offset index is inconsistent with the file", trailer_at)
         self._offsets = offsets
         self.batch_offsets = batches
-        self.schema = pa.schema([pa.field(n, _arrow_type(t)) for n, t in header["fields"].items()])
+        try:
+            self.schema = pa.schema([pa.field(n, _arrow_type(t)) for n, t in header["fields"].items()])
+        except (ShardError, KeyError, TypeError, AttributeError) as exc:
+            raise self._fail(f"unreadable header ({exc!r})", 12) from None
 
     def _record(self, row: int) -> dict[str, Any]:
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
@@ -152,10 +155,8 @@ class MsgpackShardReader(ShardReader):
             raise self._fail(f"record batch {index} has values of the wrong type ({exc})", int(self._offsets[first]), first) from None
         return batch if columns is None else batch.select(list(columns))
 
-    def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise IndexError(f"{self.name}: row out of range 0..{self.num_rows - 1}")
+    def _take(self, rows: np.ndarray, columns: Sequence[str] | None) -> pa.Table:
+        # Rows one by one through the offset index (ShardReader.take checks the range and the checksums).
         batch = samples_to_batch([self._record(int(r)) for r in rows], self.schema)
         return pa.Table.from_batches([batch if columns is None else batch.select(list(columns))])
 
@@ -169,7 +170,7 @@ class MsgpackShardReader(ShardReader):
 
 def _arrow_type(name: str) -> pa.DataType:
     types = {
-        "string": pa.string(), "binary": pa.binary(), "int32": pa.int32(), "int64": pa.int64(),
+        "string": pa.string(), "binary": pa.binary(), "int32": pa.int32(), "int64": pa.int64(), "uint64": pa.uint64(),
         "list<item: uint16>": pa.list_(pa.uint16()), "list<item: uint32>": pa.list_(pa.uint32()),
     }
     if name not in types:

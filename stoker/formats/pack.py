@@ -31,7 +31,7 @@ from stoker import storage
 from stoker.errors import ConfigError, SourceError
 from stoker.formats import arrow_shard, msgpack_shard, sources  # noqa: F401 - the writers, imported once before workers fork
 from stoker.formats.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from stoker.formats.schema import describe, schema_for, token_dtype
+from stoker.formats.schema import FORMAT_VERSION, describe, schema_for, token_dtype
 from stoker.formats.shard import SUFFIX, create_writer, format_names
 
 STATE_DIR = ".stoker-pack"
@@ -178,11 +178,15 @@ def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any
     return classes, shards, skipped
 
 
-def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, ...]]:
+def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> tuple[list[tuple[Any, ...]], list[dict[str, str]]]:
     # Byte-level tokens take `itemsize` bytes per input byte; other tokenizers compress, so this errs small.
     target = max(1, opts.shard_size // dtype.itemsize)
     so = opts.source_options
-    spans = [span for path in sources.list_text_files(src, so) for span in sources.text_spans(path, target, so)]
+    files, skipped = sources.text_name_problems(src, sources.list_text_files(src, so))
+    if skipped and opts.on_error == "raise":
+        lines = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped)
+        raise SourceError(f"{src}: {len(skipped)} unusable file name(s); fix them or pass --on-error skip:\n{lines}")
+    spans = [span for path in files for span in sources.text_spans(path, target, so)]
     shards: list[tuple[Any, ...]] = []
     current: list[sources.TextSpan] = []
     size = 0
@@ -195,7 +199,7 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> list[tuple[Any, 
         size += span_bytes
     if current:
         shards.append(tuple(current))
-    return shards
+    return shards, skipped
 
 
 def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -> list[str]:
@@ -206,7 +210,8 @@ def _fingerprints(kind: str, shards: list[tuple[Any, ...]], opts: PackOptions) -
     relevant = asdict(opts)
     for volatile in ("workers", "progress", "overwrite", "storage_options", "source_options", "engine", "ray_address", "max_retries"):
         relevant.pop(volatile)
-    common = json.dumps({"kind": kind, "options": relevant}, sort_keys=True, default=str)
+    # The format version too: a shard written by a stoker of another format (no checksums) is not reused.
+    common = json.dumps({"kind": kind, "options": relevant, "format_version": FORMAT_VERSION}, sort_keys=True, default=str)
     return [
         hashlib.sha256((common + json.dumps([vars(u) for u in units], sort_keys=True)).encode()).hexdigest()
         for units in shards
@@ -243,15 +248,21 @@ def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[
     """Yield the samples of one shard; bad inputs raise or are recorded in `skipped`."""
     opts = job.options
     if job.kind == "image":
+        failed: list[str] = []  # with --on-error raise: every bad file of the shard is named, then it fails
         for item in job.units:
             try:
                 yield sources.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate,
                                          storage_options=opts.source_options)
             except (SourceError, FileNotFoundError) as exc:
                 if opts.on_error == "raise":
-                    raise SourceError(str(exc)) from None
-                skipped.append({"path": item.key, "error": str(exc)})
+                    failed.append(str(exc))
+                else:
+                    skipped.append({"path": item.key, "error": _relative(str(exc), job.src, item.key)})
             _count(1, item.size)
+        if len(failed) == 1:
+            raise SourceError(f"{failed[0]}; fix it or pass --on-error skip")
+        if failed:
+            raise SourceError(f"{len(failed)} unreadable files; fix them or pass --on-error skip:\n  " + "\n  ".join(failed))
         return
     dtype = np.dtype(job.dtype)
     for span in job.units:
@@ -263,11 +274,19 @@ def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[
             except SourceError as exc:
                 if opts.on_error == "raise":
                     raise
-                skipped.append({"path": where, "error": str(exc)})
+                skipped.append({"path": f"{name}:{number}", "error": str(exc).removeprefix(f"{where}: ")})
                 continue
             yield {"key": f"{name}:{number}", "tokens": tokens, "length": len(tokens)}
             _count(1, 0)
         _count(0, span.byte_stop - span.byte_start)
+
+
+def _relative(message: str, src: str, key: str) -> str:
+    """A problem as the manifest's `skipped` list records it: the path is in its own field, relative to SRC."""
+    for path in (os.path.join(src, key), storage.join(src, key), storage.redact(storage.join(src, key))):
+        if message.startswith(path + ": "):
+            return message[len(path) + 2:]
+    return message
 
 
 @dataclass(frozen=True)
@@ -383,6 +402,15 @@ def _resolve_source(src: str, dst: str, opts: PackOptions) -> tuple[str, PackOpt
     return src.rstrip("/"), replace(opts, source_options=so)
 
 
+def _check_apart(src: str, dst: str) -> None:
+    """Refuse a local DST inside SRC: its shards and manifest would be listed as input by the next run."""
+    if storage.is_local(src) and storage.is_local(dst) and os.path.isdir(src):
+        inner, outer = os.path.realpath(storage.local_path(dst)), os.path.realpath(src)
+        if inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"DST {dst} is inside SRC {src}: the next run would list its shards and manifest as "
+                              "input; choose a DST outside SRC")
+
+
 def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overrides: Any) -> PackResult:
     """Pack the image tree or text files at `src` into shards and a manifest at `dst` (a path or fsspec URL)."""
     opts = options or PackOptions()
@@ -394,6 +422,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         ray_engine.import_ray()  # a missing extra fails before any listing or writing
     start = time.perf_counter()
     src, opts = _resolve_source(src, dst, opts)
+    _check_apart(src, dst)
     if "memory" in (src.split("://", 1)[0], dst.split("://", 1)[0]):
         # memory:// lives in this process only: other processes would write shards this one never sees.
         if opts.engine == "ray":
@@ -408,7 +437,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     else:
         _, vocab = sources.make_tokenizer(opts.tokenizer)
         dtype = token_dtype(opts.vocab_size if opts.vocab_size is not None else vocab)
-        plan = _plan_text(src, opts, dtype)
+        plan, skipped = _plan_text(src, opts, dtype)
     first = 0
     if opts.part is not None:
         # Parts cut the one global plan, so N parts hold exactly the shards of a single run, renamed.
@@ -418,7 +447,11 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         skipped = skipped if index == 0 else []
     layout = Layout.of(opts.part)
     shard_prints = _fingerprints(kind, plan, opts)
-    fingerprint = hashlib.sha256("".join(shard_prints).encode()).hexdigest()
+    # Everything the manifest records, not only the shards: an empty part (no shards) must not match the empty part
+    # of another input, or a rerun after SRC changed would keep a stale part manifest (classes, skipped files).
+    what = json.dumps({"kind": kind, "classes": classes, "skipped": skipped, "format": opts.format,
+                       "part": opts.part, "format_version": FORMAT_VERSION}, sort_keys=True)
+    fingerprint = hashlib.sha256((what + "".join(shard_prints)).encode()).hexdigest()
     done = _prepare_dst(dst, fingerprint, opts, layout)
     if done is not None:
         return PackResult(done, time.perf_counter() - start, 0, 0, 0, len(done.skipped), len(done.shards))

@@ -1,4 +1,7 @@
-"""The two sample schemas (images and tokenized text) shared by every shard format and the manifest."""
+"""The two sample schemas (images and tokenized text) shared by every shard format and the manifest.
+
+Both end with the per-sample checksum column of `stoker.formats.integrity` (format version 2).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ConfigError
+from stoker.formats.integrity import with_checksum
 
 Kind = Literal["image", "text"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every sample carries a checksum (stoker.formats.integrity)
+READABLE_VERSIONS = (1, 2)  # 1: no checksums, read unchecked with one warning
 
 
 def token_dtype(vocab_size: int | None) -> np.dtype:
@@ -22,7 +27,7 @@ def token_dtype(vocab_size: int | None) -> np.dtype:
 
 def image_schema() -> pa.Schema:
     """Arrow schema of an image shard: encoded bytes are stored as they came, never re-decoded."""
-    return pa.schema(
+    return with_checksum(pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("label", pa.int32(), nullable=False),
@@ -30,18 +35,18 @@ def image_schema() -> pa.Schema:
             pa.field("height", pa.int32(), nullable=False),
             pa.field("width", pa.int32(), nullable=False),
         ]
-    )
+    ))
 
 
 def text_schema(dtype: np.dtype) -> pa.Schema:
     """Arrow schema of a text shard: token ids as list<uint16|uint32> plus their count."""
-    return pa.schema(
+    return with_checksum(pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("tokens", pa.list_(pa.from_numpy_dtype(dtype)), nullable=False),
             pa.field("length", pa.int32(), nullable=False),
         ]
-    )
+    ))
 
 
 def schema_for(kind: Kind, dtype: np.dtype | None = None) -> pa.Schema:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from stoker import storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
+from stoker.formats import integrity
 
 ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
 SUFFIX: dict[str, str] = {}  # format name -> file suffix, for every registered format
@@ -33,6 +34,7 @@ class ShardReader(ABC):
     name: str
     schema: pa.Schema
     batch_offsets: np.ndarray  # first row of each batch, plus num_rows at the end
+    checksums: bool = True  # iter_batches, take and row check each sample's checksum (read_batch hands out raw)
 
     @property
     def num_rows(self) -> int:
@@ -44,18 +46,37 @@ class ShardReader(ABC):
 
     @abstractmethod
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
-        """Record batch number `index`, optionally only some columns."""
+        """Record batch number `index`, optionally only some columns, as stored (samples not checked)."""
+
+    def _checking(self) -> bool:
+        return self.checksums and integrity.COLUMN in self.schema.names
 
     def iter_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """All record batches in order."""
+        """All record batches in order, every sample checked against its checksum."""
         for i in range(self.num_batches):
-            yield self.read_batch(i, columns)
+            if not self._checking():
+                yield self.read_batch(i, columns)
+                continue
+            batch = self.read_batch(i)
+            integrity.check_batch(self.name, batch, np.arange(self.batch_offsets[i], self.batch_offsets[i + 1]))
+            yield batch if columns is None else batch.select(list(columns))
 
     def take(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows by index within this shard, in the order given."""
+        """Rows by index within this shard, in the order given, each checked against its checksum."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"{self.name}: row out of range 0..{self.num_rows - 1}")
+        if self._checking():
+            table = self._take(rows, None)
+            self._check(table, rows)
+            return table if columns is None else table.select(list(columns))
+        return self._take(rows, columns)
+
+    def _check(self, table: pa.Table, rows: np.ndarray) -> None:
+        if table.num_rows:
+            integrity.check_batch(self.name, table.combine_chunks().to_batches()[0], rows)
+
+    def _take(self, rows: np.ndarray, columns: Sequence[str] | None) -> pa.Table:
         which = np.searchsorted(self.batch_offsets, rows, side="right") - 1
         pieces = []
         for b in np.unique(which):
@@ -115,8 +136,18 @@ def _sniff(head: bytes) -> ShardFormat | None:
     return next((fmt for fmt in _FORMATS.values() if head.startswith(fmt.magic)), None)
 
 
-def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
-    """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic."""
+def open_shard(source: ShardSource, *, name: str | None = None, checksums: bool = True) -> ShardReader:
+    """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic.
+
+    With `checksums` (the default) iter_batches, take and row check every sample they return (see
+    stoker.formats.integrity); False reads without checking.
+    """
+    reader = _open(source, name)
+    reader.checksums = checksums
+    return reader
+
+
+def _open(source: ShardSource, name: str | None) -> ShardReader:
     if isinstance(source, (str, os.PathLike)):
         name = name or os.fspath(source)
         try:
@@ -138,9 +169,13 @@ def open_shard(source: ShardSource, *, name: str | None = None) -> ShardReader:
 
 
 def batch_to_samples(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """Turn a record batch into sample dicts: images keep their bytes; tokens become zero-copy numpy views."""
+    """Turn a record batch into sample dicts: images keep their bytes; tokens become zero-copy numpy views.
+
+    The per-sample checksum column is the readers' business, not part of a sample."""
     columns: dict[str, list[Any]] = {}
     for name in batch.schema.names:
+        if name == integrity.COLUMN:
+            continue
         column = batch.column(name)
         if pa.types.is_list(column.type):
             columns[name] = list_column_to_numpy(column)
@@ -167,6 +202,7 @@ class ShardWriter(ABC):
         self._pending: list[dict[str, Any]] = []
         self._pending_bytes = 0
         self._hash = hashlib.sha256()
+        self._digest = integrity.COLUMN in schema.names  # every sample gets its checksum (format version 2)
         self._file = open(path, "wb")
         self._closed = False
 
@@ -176,6 +212,8 @@ class ShardWriter(ABC):
 
     def add(self, sample: dict[str, Any]) -> None:
         """Append one sample (a dict with the schema's fields)."""
+        if self._digest:
+            sample = {**sample, integrity.COLUMN: integrity.digest_sample(sample, self.schema)}
         self._pending.append(sample)
         self._pending_bytes += sample_nbytes(sample)
         if self._pending_bytes >= self.batch_bytes:
@@ -245,7 +283,8 @@ def arrow_to_numpy(array: pa.Array) -> np.ndarray:
     if array.null_count or not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
         return array.to_numpy(zero_copy_only=False)
     dtype = np.dtype(array.type.to_pandas_dtype())
-    return np.frombuffer(array.buffers()[1], dtype)[array.offset : array.offset + len(array)]
+    # `count`: a buffer may be longer than its values (validated shards guarantee only that it is long enough).
+    return np.frombuffer(array.buffers()[1], dtype, count=array.offset + len(array))[array.offset:]
 
 
 def _binary_array(values: list[bytes], type_: pa.DataType) -> pa.Array:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -40,36 +41,80 @@ def check_key(key: str) -> str:
     return key
 
 
-def _walk_files(root: str, rel: str, seen: set[tuple[int, int]], errors: list[tuple[str, str]]) -> Iterator[tuple[str, int]]:
-    """Yield (key, size) of the files below root/rel, keys relative to root; follows symlinks but refuses loops."""
-    folder = os.path.join(root, rel)
+def shown(key: str) -> str:
+    """A file name as text that can always be printed and stored: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(key).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
     try:
-        st = os.stat(folder)
-    except OSError as exc:
-        errors.append((rel, f"unreadable directory: {exc.strerror}"))
-        return
-    ident = (st.st_dev, st.st_ino)
-    if ident in seen:
-        errors.append((rel, "symlink loop: this directory is its own ancestor"))
-        return
-    seen = seen | {ident}
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes of the file name, kept by Python as lone surrogates
+        return False
+
+
+@dataclass
+class _Walk:
+    """What one listing of a local image tree has seen: every directory and file once, by (device, inode).
+
+    Symlinks are followed, but a sample is listed once, under the class folder it really sits in: a link into
+    SRC itself or into another class folder, a loop, or a second path to a file already listed is a problem,
+    never a duplicated sample under a wrong label.
+    """
+
+    root: str  # real path of SRC
+    claimed: dict[tuple[int, int], str]  # directory identity -> its SRC-relative path (SRC itself is "")
+    files: dict[tuple[int, int], str]
+    problems: list[tuple[str, str]]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_files(walk: _Walk, rel: str, klass: str) -> Iterator[tuple[str, int]]:
+    """Yield (key, size) of the files below SRC/rel, keys relative to SRC; follows symlinks (see `_Walk`)."""
+    folder = os.path.join(walk.root, rel)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        errors.append((rel, f"unreadable directory: {exc.strerror}"))
+        walk.problems.append((shown(rel), f"unreadable directory: {exc.strerror}"))
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
         key = f"{rel}/{entry.name}"
+        if not _utf8(entry.name):
+            walk.problems.append((shown(key), "file name is not valid UTF-8 (sample keys are text); rename it"))
+            continue
         try:
             info = entry.stat()  # follows symlinks, like open() will
         except OSError as exc:
-            errors.append((key, f"unreadable: {exc.strerror} (broken symlink?)"))
+            walk.problems.append((key, f"unreadable: {exc.strerror} (broken symlink?)"))
             continue
+        ident = (info.st_dev, info.st_ino)
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            home = os.path.join(walk.root, klass)
+            if _inside(real, walk.root) and not _inside(real, os.path.realpath(home)):
+                target = os.path.relpath(real, walk.root)
+                walk.problems.append((key, f"symlink to {'SRC itself' if target == '.' else repr(target)}, outside "
+                                      f"its class folder {klass!r}: not packed, so that no sample is listed twice or "
+                                      "under another class"))
+                continue
         if stat.S_ISDIR(info.st_mode):
-            yield from _walk_files(root, key, seen, errors)
+            if ident in walk.claimed:
+                first = walk.claimed[ident]
+                walk.problems.append((key, f"the same directory as {first!r} (symlink loop or second link to it): "
+                                      "listed once only"))
+                continue
+            walk.claimed[ident] = key
+            yield from _walk_files(walk, key, klass)
+        elif ident in walk.files:
+            walk.problems.append((key, f"the same file as {walk.files[ident]!r} (a link to it): packed once only"))
         else:
+            walk.files[ident] = key
             yield key, info.st_size
 
 
@@ -127,9 +172,30 @@ def list_image_tree(
         classes = listing.list_prefixes(src, storage_options)[0]
     else:
         classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    problems: list[tuple[str, str]] = []
+    bad = [c for c in classes if not _utf8(c)]
+    problems += [(shown(c), "class folder name is not valid UTF-8 (class names are text); rename it") for c in bad]
+    classes = [c for c in classes if c not in bad]
     if not classes:
         raise SourceError(f"{storage.redact(src)}: no class directories; expected SRC/<class>/<image>")
-    problems: list[tuple[str, str]] = []
+    walk = None
+    if not remote and files is None:
+        real = os.path.realpath(src)
+        walk = _Walk(real, {}, {}, problems)
+        aliases = []
+        for name in ["", *classes]:  # SRC and the class folders are where they are: links to them are not
+            path = os.path.join(real, name)
+            target = os.path.realpath(path)
+            if name and os.path.islink(path) and _inside(target, real):
+                # A class folder that links into SRC would pack another class's images under its own label.
+                where = os.path.relpath(target, real)
+                problems.append((name, f"class folder is a symlink to {'SRC itself' if where == '.' else repr(where)}: "
+                                 "not packed, so that no image is labelled with two classes"))
+                aliases.append(name)
+                continue
+            st = os.stat(path)
+            walk.claimed.setdefault((st.st_dev, st.st_ino), name or ".")
+        classes = [c for c in classes if c not in aliases]
     remote_keys = _remote_classes(src, classes, files, sizes, storage_options, problems) if remote else {}
     items: list[ImageItem] = []
     for label, name in enumerate(classes):
@@ -137,8 +203,8 @@ def list_image_tree(
         if remote:
             keys: Iterator[tuple[str, int | None]] = iter(remote_keys[name])
         else:
-            if files is None:
-                keys = _walk_files(src, name, set(), problems)
+            if walk is not None:
+                keys = _walk_files(walk, name, name)
             else:
                 keys = ((key, None) for key in _listed(src, files, name, problems))
         for key, size in keys:
@@ -155,10 +221,16 @@ def list_image_tree(
         if found == 0:
             problems.append((name, "empty class directory: no images"))
     if problems and not skip_errors:
-        path, why = problems[0]
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise SourceError(f"{storage.redact(storage.join(src, path)) if remote else os.path.join(src, path)}: {why}{more}; fix it or pass --on-error skip")
+        where = storage.redact(src) if remote else src
+        lines = [f"  {path}: {why}" for path, why in problems[:_SHOWN]]
+        if len(problems) > _SHOWN:
+            lines.append(f"  ... and {len(problems) - _SHOWN} more (--on-error skip records every one in the manifest)")
+        raise SourceError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in SRC "
+                          f"(paths relative to it); fix them or pass --on-error skip:\n" + "\n".join(lines))
     return classes, items, [{"path": p, "error": e} for p, e in problems]
+
+
+_SHOWN = 100  # problems listed in the error message; the skip policy's manifest records all of them
 
 
 VALIDATE_LEVELS = ("none", "header", "decode")
@@ -196,6 +268,8 @@ def load_image(
     """
     path = os.path.join(src, item.key) if storage.is_local(src) else storage.join(src, item.key)
     data = read_file(path, storage_options)
+    if not data:
+        raise SourceError(f"{storage.redact(path)}: empty file (0 bytes)")
     known = image_size(data) if validate != "decode" else None  # Pillow only for what the header walk leaves
     if known is not None and (max_side is None or max(known[1:]) <= max_side):
         _, width, height = known
@@ -211,8 +285,13 @@ def load_image(
                     image.load()
                 elif validate == "header":
                     _check_complete(data, image)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise SourceError(f"{storage.redact(path)}: unreadable image ({type(exc).__name__}: {exc})") from None
+        except UnidentifiedImageError:
+            raise SourceError(f"{storage.redact(path)}: not an image (no format Pillow knows starts its "
+                              f"{len(data)} bytes)") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # Pillow's messages can name in-memory objects by address; those mean nothing to the user.
+            why = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(exc))
+            raise SourceError(f"{storage.redact(path)}: unreadable image ({type(exc).__name__}: {why})") from None
     return {"key": item.key, "label": item.label, "image": data, "height": height, "width": width}
 
 
@@ -258,6 +337,14 @@ def list_text_files(src: str, storage_options: dict[str, Any] | None = None) -> 
     if not files:
         raise SourceError(f"{src}: no .jsonl, .txt or .parquet files")
     return files
+
+
+def text_name_problems(src: str, files: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """(files whose names can be sample keys, a `skipped` entry per file whose name is not valid UTF-8)."""
+    bad = [f for f in files if not _utf8(f)]
+    problems = [{"path": shown(text_key(src, f)), "error": "file name is not valid UTF-8 (sample keys are text); rename it"}
+                for f in bad]
+    return [f for f in files if f not in bad], problems
 
 
 def _list_remote_text(src: str, storage_options: dict[str, Any] | None) -> list[str]:

@@ -1,0 +1,141 @@
+"""What checking every sample's checksum costs: the same loaders with checking on (the default) and off.
+
+    .venv/bin/python benchmarks/integrity.py [--mb 256] [--images 512] [--workers 2] [--rounds 3]
+
+  (1) raw bytes: image-sized random samples streamed from local Arrow shards by stoker.DataLoader (as in
+      stream_local.py), MB/s and CPU seconds per GB of all processes, twice: (1a) the training loop reads every
+      byte once (a numpy pass, what any consumer of the bytes does at least) and (1b) it only counts them. Unchecked,
+      (1b) never touches the bytes at all (workers hand out views of the mapped file), so there the check, which
+      must read every byte once in a worker, is the only pass over them: it roughly doubles CPU per GB.
+  (2) image pipeline: JPEGs packed with pack_dataset, StreamingDataset, stoker.DataLoader with the pil backend
+      decoding and cropping to 224x224 (as in decode.py), img/s
+  (3) the check alone, in one process: GB/s of digesting rows (what each worker spends per byte)
+Rounds are interleaved (checked, unchecked, checked, ...) and each figure keeps its best round, so both see the
+same machine load. Prints the ratios checked/unchecked on the last lines (goals: >= 0.97 images, >= 0.95 raw bytes read by the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import stoker  # noqa: E402
+from stoker.dataloader.reader import ReadOptions  # noqa: E402
+from stoker.formats import integrity  # noqa: E402
+from stoker.formats.shard import open_shard  # noqa: E402
+
+from stream_local import cpu_seconds, make_bench_dataset, read_all, time_cat  # noqa: E402
+
+
+def raw_loader(root: str, checksums: bool, workers: int) -> stoker.DataLoader:
+    ds = stoker.StreamingDataset(root, seed=0, read=ReadOptions(checksums=checksums))
+    return stoker.DataLoader(ds, batch_size=64, num_workers=workers, persistent_workers=True, prefetch_factor=4)
+
+
+def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float]:
+    """(seconds, sample bytes, CPU seconds of this process and the loader's workers) of one epoch."""
+    import psutil
+
+    pids = [p.pid for p in psutil.Process().children() if p.name() != "cat"]
+    cpu, start, nbytes = cpu_seconds(pids), time.perf_counter(), 0
+    for batch in loader:
+        nbytes += sum(len(image) for image in batch["image"])
+        if read:
+            read_all(batch["image"])
+    return time.perf_counter() - start, nbytes, cpu_seconds(pids) - cpu
+
+
+def image_epoch(loader: stoker.DataLoader) -> float:
+    """Images per second of one epoch."""
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch["image"])
+    return count / (time.perf_counter() - start)
+
+
+def check_alone(paths: list[str]) -> float:
+    """GB/s of digesting every row of the shards in one process (pages already cached)."""
+    batches = [b for p in paths for b in open_shard(p, checksums=False).iter_batches()]
+    nbytes = sum(b.nbytes for b in batches)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for batch in batches:
+            integrity.check_batch("bench", batch, np.arange(batch.num_rows))
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=256, help="raw dataset size in MB")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
+        raw = os.path.join(tmp, "raw")
+        os.makedirs(raw)
+        paths = make_bench_dataset(raw, args.mb)
+        time_cat(paths)  # page cache warm
+        print(f"(3) checking alone, one process: {check_alone(paths):.1f} GB/s of sample bytes")
+        loaders = {on: raw_loader(raw, on, args.workers) for on in (True, False)}
+        for loader in loaders.values():
+            raw_epoch(loader, False)  # workers started
+        rates: dict[tuple[bool, bool], list[float]] = {}
+        cpu: dict[tuple[bool, bool], list[float]] = {}
+        for _ in range(args.rounds):
+            for read in (True, False):
+                for on, loader in loaders.items():
+                    seconds, nbytes, used = raw_epoch(loader, read)
+                    rates.setdefault((read, on), []).append(nbytes / seconds / 1e6)
+                    cpu.setdefault((read, on), []).append(used / (nbytes / 1e9))
+        for read, on in rates:
+            print(f"(1{'a' if read else 'b'}) raw bytes, {'loop reads every byte' if read else 'loop counts bytes  '}, "
+                  f"{args.workers} workers, checksums {'on ' if on else 'off'}: "
+                  + ", ".join(f"{r:6.0f}" for r in rates[read, on]) + " MB/s; "
+                  + ", ".join(f"{c:.3f}" for c in cpu[read, on]) + " CPU-s/GB")
+        del loaders
+
+        from stoker.synthetic import make_image_tree
+
+        tree = make_image_tree(os.path.join(tmp, "tree"), num_classes=8, per_class=max(1, args.images // 8),
+                               min_side=420, max_side=480)
+        shards = os.path.join(tmp, "shards")
+        stoker.pack_dataset(str(tree), shards, progress=False)
+        spec = stoker.TransformSpec(size=224, mode="train", dtype="uint8")
+        images = {}
+        for on in (True, False):
+            ds = stoker.StreamingDataset(shards, seed=0, read=ReadOptions(checksums=on))
+            images[on] = stoker.DataLoader(ds, batch_size=64, num_workers=args.workers, persistent_workers=True,
+                                           prefetch_factor=4,
+                                           collate_fn=stoker.build_transform(spec, backend="pil", seed=0))
+            image_epoch(images[on])
+        img_rates: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.rounds):
+            for on, loader in images.items():
+                img_rates[on].append(image_epoch(loader))
+        for on in (True, False):
+            print(f"(2) image pipeline, {args.workers} workers, checksums {'on ' if on else 'off'}: "
+                  + ", ".join(f"{r:6.0f}" for r in img_rates[on]) + " img/s")
+    load = os.getloadavg()[0]
+    print(f"machine load average: {load:.1f} on {os.cpu_count()} CPUs")
+    for read in (False, True):
+        ratio = max(rates[read, True]) / max(rates[read, False])
+        print(f"ratio raw bytes ({'1a, loop reads every byte' if read else '1b, bytes never touched'}) checked/unchecked: "
+              f"{ratio:.3f}{' (goal >= 0.95)' if read else ''}; CPU per GB "
+              f"{min(cpu[read, True]) / min(cpu[read, False]):.2f}x")
+    print(f"ratio image pipeline checked/unchecked: {max(img_rates[True]) / max(img_rates[False]):.3f} (goal >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()

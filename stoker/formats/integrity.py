@@ -1,0 +1,183 @@
+"""Per-sample checksums: written with every sample at pack time, checked on every read of it.
+
+Every shard of format version 2 has one more column, `xxh3` (uint64): the XXH3-64 digest of the sample's
+canonical encoding, which every reader computes the same way from what it is about to hand out:
+
+    header   little-endian int64s: the length (in values) of each variable-width field, then each fixed-width
+             field's value, both in schema order; lengths are in the header so that no byte can move from one
+             field into the next unnoticed
+    then     each variable-width field's stored bytes, in schema order (UTF-8 for strings, little-endian values
+             for token lists)
+
+digest = xxh3_64(header, seed=0), then chained: xxh3_64(field bytes, seed=previous digest) per field.
+
+XXH3 rather than CRC32C: both are hardware-speed, but XXH3 ran 2.5x faster than the fastest CRC32C package on
+110 KB samples here (53 vs 21 GB/s, one core) and leaves a 2^-64 chance of missing any change instead of 2^-32.
+Checking is per sample, not per shard or record batch, because a sample is read by exactly one DataLoader worker,
+while every worker of a shuffle window reads from every shard: per-shard checks would be repeated per worker.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from stoker.errors import ChecksumError, UncheckedDataWarning
+
+COLUMN = "xxh3"
+FIELD = pa.field(COLUMN, pa.uint64(), nullable=False)
+
+_hash = xxhash.xxh3_64_intdigest
+
+
+def with_checksum(schema: pa.Schema) -> pa.Schema:
+    """`schema` plus the checksum column, last."""
+    return schema.append(FIELD)
+
+
+def is_variable(type_: pa.DataType) -> bool:
+    """Whether a field's values have a length of their own (strings, bytes, lists)."""
+    return pa.types.is_string(type_) or pa.types.is_binary(type_) or pa.types.is_list(type_)
+
+
+def digest_sample(sample: dict[str, Any], schema: pa.Schema) -> int:
+    """The checksum of one sample dict about to be written with `schema` (the writer's side)."""
+    header: list[int] = []
+    pieces: list[Any] = []
+    for field in schema:
+        if field.name == COLUMN or not is_variable(field.type):
+            continue
+        value = sample[field.name]
+        if pa.types.is_string(field.type):
+            value = value.encode()
+            header.append(len(value))
+        elif pa.types.is_list(field.type):
+            value = np.ascontiguousarray(value, dtype=field.type.value_type.to_pandas_dtype())
+            header.append(len(value))
+            value = value.astype(value.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+        else:
+            header.append(len(value))
+        pieces.append(value)
+    header += [int(sample[f.name]) for f in schema if f.name != COLUMN and not is_variable(f.type)]
+    digest = _hash(np.asarray(header, "<i8").tobytes(), 0)
+    for piece in pieces:
+        digest = _hash(piece, digest)
+    return digest
+
+
+class Rows:
+    """Gathered rows of every field, as the loader holds them: fixed-width fields as numpy arrays, variable-width
+    ones as (sources, src, start, length), row i being bytes of sources[src[i]][start[i]:start[i] + length[i]]."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.header: list[np.ndarray] = []
+        self.pieces: list[tuple[dict[int, memoryview], list[int], list[int], list[int]]] = []
+        self.variable_lengths: list[np.ndarray] = []
+
+    def add_fixed(self, values: np.ndarray) -> None:
+        self.header.append(values)
+
+    def add_variable(self, sources: Sequence[np.ndarray], src: np.ndarray, start: np.ndarray, length: np.ndarray) -> None:
+        # Byte views of the sources these rows use (a catalog holds one per record batch of every open shard);
+        # offsets in values become offsets in bytes.
+        width = sources[0].dtype.itemsize if len(sources) else 1
+        views = {s: memoryview(np.ascontiguousarray(sources[s]).view(np.uint8)) for s in np.unique(src).tolist()}
+        self.variable_lengths.append(length)
+        begin = start * width
+        self.pieces.append((views, src.tolist(), begin.tolist(), (begin + length * width).tolist()))
+
+    def digests(self) -> np.ndarray:
+        """XXH3 digest of each row (see the module docstring)."""
+        n = self.count
+        header = np.empty((n, len(self.variable_lengths) + len(self.header)), "<i8")
+        for j, column in enumerate(self.variable_lengths + self.header):
+            header[:, j] = column
+        flat = memoryview(header.reshape(-1).view(np.uint8))
+        width = header.shape[1] * 8
+        out = np.empty(n, np.uint64)
+        pieces = self.pieces
+        for i in range(n):
+            digest = _hash(flat[i * width:(i + 1) * width], 0)
+            for views, src, begin, end in pieces:
+                digest = _hash(views[src[i]][begin[i]:end[i]], digest)
+            out[i] = digest
+        return out
+
+
+def first_mismatch(rows: Rows, stored: np.ndarray) -> int | None:
+    """Index of the first row whose digest differs from the stored one, or None."""
+    bad = np.flatnonzero(rows.digests() != np.asarray(stored, np.uint64))
+    return int(bad[0]) if len(bad) else None
+
+
+def mismatch_error(shard: str, row: int, key: Any) -> ChecksumError:
+    """The error for a sample whose bytes are not what was packed."""
+    return ChecksumError(
+        shard, f"sample {key!r} does not match the checksum written when it was packed: the shard is damaged "
+        "(disk, copy or cache); run `stoker verify` on the dataset and repack or re-copy this shard", row=row)
+
+
+def _values(array: pa.Array) -> np.ndarray:
+    # Not Array.to_numpy: it imports pandas when pandas is installed (see shard.arrow_to_numpy).
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype, count=array.offset + len(array))[array.offset:]
+
+
+def batch_rows(batch: pa.RecordBatch) -> Rows:
+    """The rows of an Arrow record batch (every field but the checksum), for `first_mismatch`."""
+    rows = Rows(batch.num_rows)
+    every = np.zeros(batch.num_rows, np.int32)
+    for field, column in zip(batch.schema, batch.columns):
+        if field.name == COLUMN:
+            continue
+        if pa.types.is_list(field.type):
+            offsets = _values(column.offsets).astype(np.int64)
+            rows.add_variable([_values(column.values)], every, offsets[:-1], np.diff(offsets))
+        elif is_variable(field.type):
+            offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
+            data = column.buffers()[2]
+            values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+            offsets = offsets.astype(np.int64)
+            rows.add_variable([values], every, offsets[:-1], np.diff(offsets))
+        else:
+            rows.add_fixed(_values(column))
+    return rows
+
+
+def check_batch(shard: str, batch: pa.RecordBatch, rows: Sequence[int] | np.ndarray) -> None:
+    """A ChecksumError naming shard, row and key unless every row of `batch` (shard rows `rows`) is as packed."""
+    if COLUMN not in batch.schema.names or not batch.num_rows:
+        return
+    stored = _values(batch.column(COLUMN))
+    bad = first_mismatch(batch_rows(batch), stored)
+    if bad is not None:
+        key = batch.column("key")[bad].as_py() if "key" in batch.schema.names else None
+        raise mismatch_error(shard, int(rows[bad]), key)
+
+
+def checked_columns(schema: dict[str, str], enabled: bool) -> dict[str, str]:
+    """The manifest's whole schema when its samples are to be checked (a checksum covers all fields of its sample),
+    else {} (checking is off, or the dataset predates checksums)."""
+    return dict(schema) if enabled and COLUMN in schema else {}
+
+
+def schema_differences(declared: dict[str, str], schema: pa.Schema) -> str:
+    """'' if a shard's schema is the one its manifest declares, else what differs (field: declared vs found)."""
+    found = {f.name: str(f.type) for f in schema}
+    differ = [f"{n}: {declared.get(n, 'absent')} vs {found.get(n, 'absent')}" for n in sorted(set(declared) | set(found))
+              if declared.get(n) != found.get(n)]
+    return "; ".join(differ)
+
+
+def warn_unchecked(schema: dict[str, str], source: str) -> None:
+    """One warning when a dataset's samples carry no checksums (packed by a stoker before format version 2)."""
+    if COLUMN not in schema:
+        warnings.warn(f"{source} was packed without per-sample checksums (format version 1): its samples are read "
+                      "unchecked; repack it with this stoker to have every sample checked on read",
+                      UncheckedDataWarning, stacklevel=3)

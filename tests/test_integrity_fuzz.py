@@ -1,0 +1,68 @@
+"""Seeded single-byte flips anywhere in real shards and in the manifest: each is an error naming the damaged file,
+or provably harmless (every sample still comes back exactly as packed); never a silently changed sample."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stoker import ShardDataset, StreamingDataset
+from stoker.errors import ManifestError, StokerError
+from stoker.formats.manifest import MANIFEST_NAME, Manifest
+
+from _datasets import make_dataset
+
+TRIALS = 150  # per target; about a second each on one core
+
+
+def _read_all(root: Path) -> list[list[dict]]:
+    """Every sample, as ShardDataset (map-style gather) and StreamingDataset (the catalog gather) return it."""
+    ds = ShardDataset(str(root))
+    return [ds.__getitems__(list(range(len(ds)))), list(StreamingDataset(str(root), shuffle=False))]
+
+
+def _same(a: list[list[dict]], b: list[list[dict]]) -> bool:
+    return all(len(x) == len(y) and all(s.keys() == t.keys() and all(s[k] == t[k] for k in s) for s, t in zip(x, y))
+               for x, y in zip(a, b))
+
+
+def _fuzz(root: Path, target: str, trials: int, seed: int) -> dict[str, int]:
+    expected = _read_all(root)
+    path = root / target
+    original = path.read_bytes()
+    rng = np.random.default_rng(seed)
+    counts = {"error": 0, "harmless": 0}
+    for _ in range(trials):
+        data = bytearray(original)
+        at = int(rng.integers(len(data)))
+        data[at] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        try:
+            got = _read_all(root)
+        except StokerError as exc:
+            # The error names the file that was damaged (a shard, or the manifest).
+            assert target in str(exc), f"byte {at} of {target}: {type(exc).__name__} does not name it: {exc}"
+            counts["error"] += 1
+        else:
+            assert _same(got, expected), f"byte {at} of {target} changed a sample without an error"
+            counts["harmless"] += 1
+    path.write_bytes(original)
+    return counts
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "msgpack"])
+def test_single_byte_flips_in_shards_are_errors_or_harmless(tmp_path: Path, fmt: str) -> None:
+    root = Path(make_dataset(tmp_path / "d", rows=(12, 12), fmt=fmt, payload=(20, 120)))
+    counts = _fuzz(root, Manifest.load(str(root)).shards[1].name, TRIALS, seed=7)
+    print(f"{fmt} shard flips: {counts}")
+    assert sum(counts.values()) == TRIALS and counts["error"] > TRIALS // 2
+
+
+def test_single_byte_flips_in_the_manifest_are_errors_or_harmless(tmp_path: Path) -> None:
+    root = Path(make_dataset(tmp_path / "d", rows=(6, 6), payload=(20, 60)))
+    counts = _fuzz(root, MANIFEST_NAME, TRIALS, seed=11)
+    print(f"manifest flips: {counts}")
+    assert sum(counts.values()) == TRIALS and counts["error"] > TRIALS // 2
