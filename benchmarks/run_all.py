@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-TIMEOUT_S = {"peers.py": 900, "autotune.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
+TIMEOUT_S = {"peers.py": 900, "autotune.py": 900, "plan_scale.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
 
 # Reduced sizes for the default run; scripts not listed run with their defaults.
 QUICK: dict[str, list[str]] = {

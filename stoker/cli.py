@@ -87,16 +87,37 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+VERIFY_OK, VERIFY_DAMAGED, VERIFY_UNCHECKED = 0, 1, 2
+
+
 def _run_verify(args: argparse.Namespace) -> int:
+    from stoker import storage
+    from stoker.errors import ManifestError
     from stoker.formats.manifest import Manifest
     from stoker.formats.verify import verify
 
-    problems = verify(args.dataset, deep=args.deep)
+    where = storage.redact(args.dataset)
+    try:
+        manifest = Manifest.load(args.dataset)
+        problems = verify(args.dataset, deep=args.deep, manifest=manifest)
+    except ManifestError as exc:
+        print(f"BAD manifest: {exc}")
+        print(f"{where}: damaged (its manifest cannot be trusted); no shard was checked")
+        return VERIFY_DAMAGED
+    except Exception as exc:  # noqa: BLE001 - "could not check" is an answer, a traceback is not
+        print(f"could not check {where}: {type(exc).__name__}: {storage.redact_text(str(exc))[:500]}",
+              file=sys.stderr)
+        return VERIFY_UNCHECKED
     for problem in problems:
         print(f"BAD {problem}")
-    total = len(Manifest.load(args.dataset).shards)
-    print(f"{total - len(problems)}/{total} shards verified" + (f"; {len(problems)} bad" if problems else ""))
-    return 1 if problems else 0
+    total = len(manifest.shards)
+    bad_shards = len({p.shard for p in problems})
+    bad_rows = sum(p.row is not None for p in problems)
+    summary = f"{total - bad_shards}/{total} shards verified"
+    if problems:
+        summary += f"; {bad_shards} bad" + (f" ({bad_rows} bad rows)" if bad_rows else "")
+    print(summary)
+    return VERIFY_DAMAGED if problems else VERIFY_OK
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -145,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="summarise a packed dataset")
     p.add_argument("dataset")
     p.set_defaults(run=_run_inspect)
-    p = sub.add_parser("verify", help="recompute shard checksums; exit 1 naming every bad shard")
+    p = sub.add_parser("verify", help="recompute shard checksums and check every value; exit 1 naming every bad "
+                                      "shard and row, 2 if the dataset could not be read")
     p.add_argument("dataset")
     p.add_argument("--deep", action="store_true", help="also decode every image and check every token array")
     p.set_defaults(run=_run_verify)

@@ -12,7 +12,7 @@ import fsspec
 import fsspec.asyn
 from fsspec.core import url_to_fs
 
-from stoker.errors import MissingExtraError
+from stoker.errors import ConfigError, MissingExtraError
 
 _PROTOCOL_EXTRAS = {"s3": ("s3", "s3fs"), "gs": ("gcs", "gcsfs"), "gcs": ("gcs", "gcsfs")}
 
@@ -62,6 +62,7 @@ def join(base: str, name: str) -> str:
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and in-filesystem path for `url`; a missing protocol package names its extra."""
+    _refuse_object_store_userinfo(url)
     try:
         return url_to_fs(url, **(storage_options or {}))
     except ImportError as exc:
@@ -83,13 +84,37 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 
 def redact(url: str) -> str:
     """The URL without credentials (user:password@ or query-string secrets), safe for logs and errors."""
+    if _object_store_userinfo(url):  # a secret may hold "/": everything up to the last "@" goes
+        scheme, _, rest = url.partition("://")
+        path, query, params = rest.partition("?")
+        url = f"{scheme}://{path.rsplit('@', 1)[1]}{query}{params}"
     url = re.sub(r"//[^/@]*@", "//", url)
     return re.sub(r"(?i)([?&](?:[a-z_-]*(?:key|token|secret|signature|credential)[a-z_-]*)=)[^&]*", r"\1***", url)
+
+
+# Object-store clients take no credentials from a URL: they read `KEY:SECRET@bucket` as a bucket name and quote it
+# in their errors ("Invalid bucket name ..."), so such a URL is refused before any client sees it.
+_NO_USERINFO = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "r2")
+
+
+def _object_store_userinfo(url: str) -> bool:
+    # Bucket and container names hold neither ":" nor "@": either one in the first segment is userinfo.
+    scheme, sep, rest = url.partition("://")
+    head = rest.split("/", 1)[0]
+    return bool(sep) and scheme.lower() in _NO_USERINFO and (":" in head or "@" in head) and "@" in rest
+
+
+def _refuse_object_store_userinfo(url: str) -> None:
+    if _object_store_userinfo(url):
+        scheme = url.partition("://")[0]
+        raise ConfigError(f"{redact(url)}: credentials in a {scheme}:// URL are not supported (and would be "
+                          "sent as part of the bucket name); pass them in storage_options instead")
 
 
 def redact_text(text: str) -> str:
     """Any text (a client library's error message) with the credentials of the URLs in it removed."""
     text = re.sub(r"([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@", r"\1", text)
+    text = re.sub(r"(?<=[\s'\"(])[^\s/@'\"():]+:[^\s/@'\"]*@", "", text)  # KEY:SECRET@bucket quoted without a scheme
     return re.sub(r"(?i)([?&](?:[a-z_-]*(?:key|token|secret|signature|credential)[a-z_-]*)=)[^&\s'\"]*", r"\1***",
                   text)
 

@@ -54,5 +54,7 @@ def test_deep_verify_checks_lengths_and_vocabulary(tmp_path: Path) -> None:
     ]
     _write(tmp_path, "text", samples, vocab_size=256, token_dtype="uint16")
     problems = [str(p) for p in verify(str(tmp_path), deep=True)]
-    assert any("row 1 ('t:2'): 2 tokens stored but length says 5" in p for p in problems), problems
-    assert any("row 2 ('t:3'): token id 300 outside the vocabulary of 256" in p for p in problems), problems
+    assert any("(row 1): column 'length' says 5 but 2 tokens are stored" in p for p in problems), problems
+    assert any("(row 2): token id 300 in column 'tokens' is outside the vocabulary of 256" in p for p in problems)
+    # Readers refuse both, so verify reports them without --deep too.
+    assert [str(p) for p in verify(str(tmp_path))] == problems

@@ -143,6 +143,28 @@ def rank_samples(remaining: int, block: int, rank: int, world: int, drop_last: b
 
 
 @dataclass(frozen=True)
+class Units:
+    """The global unit numbers first, first + step, ... (`count` of them): one worker's share of an epoch, as a
+    range. Slices are numpy arrays; the whole share is never built, so a plan costs the same at any dataset size."""
+
+    first: int
+    step: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, stride = index.indices(self.count)
+        if stride != 1:
+            raise ValueError("Units slices take consecutive units only")
+        return self.first + self.step * np.arange(start, max(start, stop), dtype=np.int64)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return self[:].astype(dtype or np.int64, copy=False)
+
+
+@dataclass(frozen=True)
 class Deal:
     """Which units of [start, total) one worker of one rank delivers, in delivery order."""
 
@@ -171,10 +193,11 @@ class Deal:
     def rank_units(self) -> int:
         return rank_units(self.remaining, self.block, self.rank, self.world, self.drop_last)
 
-    def units(self) -> np.ndarray:
-        """Global unit numbers this worker delivers, in order."""
-        local = np.arange(self.worker, self.rank_units, self.workers, dtype=np.int64)
-        return local * self.world + self.rank
+    def units(self) -> Units:
+        """Global unit numbers this worker delivers, in order: local unit j (j = worker, worker + workers, ...) is
+        global unit j * world + rank."""
+        count = max(0, -(-(self.rank_units - self.worker) // self.workers))
+        return Units(self.worker * self.world + self.rank, self.workers * self.world, count)
 
     def positions(self, units: np.ndarray) -> np.ndarray:
         """Order positions of `units`, unit after unit (the last unit of the epoch may be short)."""

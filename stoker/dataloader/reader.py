@@ -22,6 +22,7 @@ import pyarrow as pa
 from stoker import cache, storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
+from stoker.formats.conform import Rules, check_batch, check_schema
 from stoker.formats.manifest import Manifest, ShardInfo
 from stoker.formats.shard import ShardReader, arrow_to_numpy, open_shard
 
@@ -72,7 +73,7 @@ class OpenShard:
     """A shard opened for reading, with per-row tables of every column built once (numpy, no Python objects)."""
 
     def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
-                 vocab_size: int | None = None, *, identity: Identity = (), mapped: bool = False,
+                 rules: Rules | None = None, *, identity: Identity = (), mapped: bool = False,
                  check: Mapping[str, str] | None = None) -> None:
         self.reader = reader
         self.name = reader.name
@@ -92,7 +93,15 @@ class OpenShard:
         self.identity = identity  # of a local file: reused only while it is unchanged
         self.mapped = mapped and bool(identity)  # its values are views of the file, which another process can map
         self.columns: dict[str, np.ndarray | RaggedColumn] = {}
-        batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
+        try:
+            batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
+            if rules is not None:  # schema first: no value of a shard that is not the manifest's reaches a check
+                check_schema(self.name, reader.schema, rules)
+                for b, batch in enumerate(batches):
+                    check_batch(self.name, batch, int(reader.batch_offsets[b]), rules)
+        except BaseException:
+            reader.close()
+            raise
         for name in columns:
             views = [_column_view(batch.column(name)) for batch in batches]
             if views and isinstance(views[0], tuple):
@@ -107,24 +116,29 @@ class OpenShard:
                 self.columns[name] = np.concatenate(views)
             else:
                 self.columns[name] = np.zeros(0, np.int64)
-        if info is not None:  # issue 9 (untrusted shards): rows, token lengths and ids against the manifest
+        if info is not None:  # rows and token lengths against the manifest
             try:
-                check_against_manifest(self, info, vocab_size)
+                check_against_manifest(self, info)
             except BaseException:
                 self.close()
                 raise
+
+    def check_unchanged(self) -> None:
+        """A ShardError naming the shard if its local file was truncated or replaced since it was mapped: reading
+        a mapped page past a truncated end kills the process with SIGBUS instead of raising."""
+        if self.identity and _identity(self.identity[0]) != self.identity:
+            raise ShardError(self.name, f"changed on disk while being read ({self.identity[0]}: truncated or "
+                             "replaced); restart the epoch once the dataset is whole again")
 
     def close(self) -> None:
         self.columns.clear()
         self.reader.close()
 
 
-def check_against_manifest(shard: OpenShard, info: ShardInfo, vocab_size: int | None) -> None:
-    """A ShardError unless the opened shard has the manifest's rows (and token lengths), and every token id of its
-    requested list columns is below `vocab_size`: one vectorised pass per record batch, once per shard open.
-
-    Without it a replaced or forged shard gives numpy IndexErrors or silently wrong tokens (issue 9).
-    """
+def check_against_manifest(shard: OpenShard, info: ShardInfo) -> None:
+    """A ShardError unless the opened shard has the manifest's rows and token lengths: one vectorised pass,
+    once per shard open. Without it a replaced or forged shard gives numpy IndexErrors (token ids, labels and
+    nulls are checked batch by batch by `stoker.formats.conform`)."""
     rows = shard.reader.num_rows
     if rows != info.rows:
         raise ShardError(shard.name, f"has {rows} rows but the manifest says {info.rows}: the shard was replaced "
@@ -136,15 +150,6 @@ def check_against_manifest(shard: OpenShard, info: ShardInfo, vocab_size: int | 
             row = int(np.flatnonzero(column.length != info.lengths)[0])
             raise ShardError(shard.name, f"column {name!r} has {int(column.length[row])} tokens but the manifest "
                              f"records {int(info.lengths[row])}", row=row)
-        if vocab_size is None:
-            continue
-        for b, values in enumerate(column.sources):
-            if values.size and int(values.max()) >= vocab_size:
-                first = int(np.flatnonzero(values >= vocab_size)[0])
-                in_batch = np.flatnonzero(column.src == b)
-                row = int(in_batch[np.searchsorted(column.start[in_batch], first, side="right") - 1])
-                raise ShardError(shard.name, f"token id {int(values[first])} in column {name!r} is outside the "
-                                 f"vocabulary of {vocab_size} the manifest declares", row=row)
 
 
 def _column_view(column: pa.Array) -> Any:
@@ -293,6 +298,7 @@ class Catalog:
         self._members: tuple[int, ...] | None = None
         self._read = self.columns  # all columns when the open shards are checked (see OpenShard)
         self._names: dict[int, str] = {}
+        self._opened: list[OpenShard] = []
 
     def update(self, shards: Mapping[int, OpenShard]) -> None:
         """Rebuild the tables if the set of open shards changed."""
@@ -305,6 +311,7 @@ class Catalog:
         opened = [shards[s] for s in ids]
         self._names = {s: shards[s].name for s in ids}
         self._read = tuple(opened[0].columns) if opened and opened[0].checked else self.columns
+        self._opened = opened
         counts = [shard.reader.num_rows for shard in opened]
         self.base[ids] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
         self.tables = {}
@@ -330,6 +337,8 @@ class Catalog:
         index = self.base[shard_ids] + rows
         if not len(index):
             raise ValueError("gather needs at least one row")
+        for shard in self._opened:  # one stat each: a truncated mapped file would be SIGBUS, not an error
+            shard.check_unchanged()
         if index.min() < 0:
             missing = sorted(set(np.asarray(shard_ids)[self.base[shard_ids] < 0].tolist()))
             raise KeyError(f"shards {missing} are not open")
@@ -447,7 +456,7 @@ class ShardSource:
                     return kept  # still mapped, tables built and checked: reopening costs more than it reads
                 kept.close()  # the file changed since: read (and check) the new one
             return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                             self.manifest.vocab_size, identity=identity,  # issue 9: check vs manifest
+                             self.manifest.rules, identity=identity,
                              mapped=self.manifest.format == "arrow", check=self._check)
         for attempt in range(2):
             future = self._pending.pop(shard, None)
@@ -460,7 +469,7 @@ class ShardSource:
                 self.fetch_seconds += time.perf_counter() - waited
             try:
                 return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                                 self.manifest.vocab_size, check=self._check)
+                                 self.manifest.rules, check=self._check)
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "
@@ -491,6 +500,11 @@ class ShardSource:
             self._parts.close()
             self._fetchers.close()
         self._pending.clear()
+
+
+def file_identity(path: str) -> Identity:
+    """(path, device, inode, size, mtime) of a local file, or () if it cannot be read."""
+    return _identity(path)
 
 
 def _identity(path: str) -> Identity:

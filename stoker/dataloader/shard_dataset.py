@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from stoker import storage
-from stoker.dataloader.reader import OpenShard, gather, to_samples
+from stoker.dataloader.reader import OpenShard, file_identity, gather, to_samples
 from stoker.dataloader.stream import column_kinds, ordered_columns
 from stoker.errors import ConfigError
 from stoker.formats import integrity
@@ -94,14 +94,18 @@ class ShardDataset(Dataset):
         if self._pid != os.getpid():  # a forked worker: the parent's maps are not ours to manage
             self._open = collections.OrderedDict()
             self._pid = os.getpid()
+        name = self.manifest.shards[shard].name
+        path = storage.local_path(storage.join(self.source, name))
         open_ = self._open.get(shard)
+        if open_ is not None and open_.identity != file_identity(path):
+            # Truncated or replaced since it was mapped: reading the old map could be SIGBUS; reopen and recheck.
+            self._open.pop(shard).close()
+            open_ = None
         if open_ is None:
-            name = self.manifest.shards[shard].name
-            path = storage.local_path(storage.join(self.source, name))
             # Rows, token lengths and token ids are checked against the manifest: a replaced or forged shard is a
             # ShardError naming it, never an IndexError or an out-of-vocabulary id reaching the model.
             open_ = OpenShard(open_shard(path, name=name), self.columns, self.manifest.shards[shard],
-                              self.manifest.vocab_size, check=self._check)
+                              self.manifest.rules, identity=file_identity(path), check=self._check)
             self._open[shard] = open_
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()

@@ -8,6 +8,7 @@ Local shards are memory-mapped: column buffers handed out are views of the page 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,7 @@ class ArrowShardReader(ShardReader):
         else:
             self._source = pa.PythonFile(source, mode="r")
         try:
+            _check_layout(self._source, name)
             self._reader = pa.ipc.open_file(self._source)
             # Batches of a memory map or buffer are zero-copy views: keep the ones read to count rows.
             self._batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
@@ -81,6 +83,9 @@ class ArrowShardReader(ShardReader):
         except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             self.close()
             raise ShardError(name, f"not a readable Arrow IPC file ({exc})", 0) from None
+        except ShardError:
+            self.close()
+            raise
         self.batch_offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
@@ -104,6 +109,95 @@ class ArrowShardReader(ShardReader):
         source = getattr(self, "_source", None)
         if source is not None:
             source.close()
+
+
+def _check_layout(source: Any, name: str) -> None:
+    """A ShardError unless every record batch the file's footer lists is uncompressed and there are no dictionary
+    batches, read from the flatbuffers before pyarrow decodes anything.
+
+    stoker writes neither. A compressed batch is inflated whole the moment it is read: 65 KB of zstd can claim
+    gigabytes. So refusing it here bounds a reader's memory by the file's size.
+    """
+    size = source.size()
+    tail = _read(source, size - 10, 10) if size >= 18 else b""
+    if len(tail) != 10 or tail[4:] != b"ARROW1":
+        raise ShardError(name, "not an Arrow IPC file (no ARROW1 footer; truncated?)", max(size - 10, 0))
+    (footer_len,) = struct.unpack("<i", tail[:4])
+    if not 0 < footer_len <= size - 18:
+        raise ShardError(name, f"footer length {footer_len} does not fit the file", size - 10)
+    footer = _read(source, size - 10 - footer_len, footer_len)
+    try:
+        root = _table(footer, _u32(footer, 0))
+        if _vector(footer, root, 2)[1]:
+            raise ShardError(name, "has dictionary batches; stoker's shards have none", size - 10 - footer_len)
+        start, count = _vector(footer, root, 3)
+        for i in range(count):
+            offset, meta_len, _ = struct.unpack_from("<qi4xq", footer, start + 24 * i)
+            if not 8 <= offset <= size - 8 or not 8 <= meta_len <= size - offset:
+                raise ShardError(name, f"record batch {i} lies outside the file", offset)
+            message = _read(source, offset, meta_len)
+            skip = 8 if _u32(message, 0) == 0xFFFFFFFF else 4  # continuation marker, then the length
+            message = message[skip:]
+            header = _table(message, _u32(message, 0))
+            if _field(message, header, 1, "B") != 3:  # MessageHeader.RecordBatch
+                raise ShardError(name, f"block {i} is not a record batch", offset)
+            batch = _table(message, _deref(message, header, 2))
+            if _field_pos(message, batch, 3) is not None:  # RecordBatch.compression
+                raise ShardError(name, f"record batch {i} is compressed; stoker reads uncompressed shards only "
+                                 "(a compressed batch is inflated whole, whatever it claims)", offset)
+    except ShardError:
+        raise
+    except (struct.error, IndexError, ValueError) as exc:
+        raise ShardError(name, f"unreadable Arrow footer or message ({exc})", size - 10 - footer_len) from None
+
+
+def _read(source: Any, offset: int, length: int) -> bytes:
+    source.seek(offset)
+    return source.read(length)
+
+
+# Minimal flatbuffer access (https://flatbuffers.dev/internals): a table starts with an int32 offset back to its
+# vtable; the vtable lists u16 offsets of each field from the table start (0: absent).
+def _u32(buf: bytes, at: int) -> int:
+    if at < 0:
+        raise ValueError(f"offset {at} before the buffer")
+    return struct.unpack_from("<I", buf, at)[0]
+
+
+def _table(buf: bytes, at: int) -> tuple[int, int, int]:
+    vtable = at - struct.unpack_from("<i", buf, at)[0]
+    if vtable < 0:
+        raise ValueError("vtable before the buffer")
+    return at, vtable, struct.unpack_from("<H", buf, vtable)[0]
+
+
+def _field_pos(buf: bytes, table: tuple[int, int, int], index: int) -> int | None:
+    at, vtable, vtable_size = table
+    slot = 4 + 2 * index
+    if slot + 2 > vtable_size:
+        return None
+    offset = struct.unpack_from("<H", buf, vtable + slot)[0]
+    return at + offset if offset else None
+
+
+def _field(buf: bytes, table: tuple[int, int, int], index: int, fmt: str) -> int:
+    pos = _field_pos(buf, table, index)
+    return 0 if pos is None else struct.unpack_from("<" + fmt, buf, pos)[0]
+
+
+def _deref(buf: bytes, table: tuple[int, int, int], index: int) -> int:
+    pos = _field_pos(buf, table, index)
+    if pos is None:
+        raise ValueError(f"field {index} missing")
+    return pos + _u32(buf, pos)
+
+
+def _vector(buf: bytes, table: tuple[int, int, int], index: int) -> tuple[int, int]:
+    """(first element's position, length) of a vector field; (0, 0) when absent."""
+    if _field_pos(buf, table, index) is None:
+        return 0, 0
+    at = _deref(buf, table, index)
+    return at + 4, _u32(buf, at)
 
 
 register_format(ShardFormat("arrow", ".arrow", b"ARROW1", ArrowShardReader, ArrowShardWriter))

@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from stoker.errors import ManifestError
+from stoker.errors import ConfigError, ManifestError
+from stoker.formats.conform import Rules, check_manifest_fields
 from stoker.formats.schema import FORMAT_VERSION, READABLE_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # default cap on a manifest's size; STOKER_MAX_MANIFEST_BYTES overrides it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_COUNT = 1 << 62  # rows and bytes stay far from int64 overflow in every sum and offset
 
 
 @dataclass(frozen=True)
@@ -47,19 +51,37 @@ class ShardInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardInfo:
-        name = str(data["name"])
+        if not isinstance(data, dict):
+            raise ManifestError(f"shard entry {str(data)[:80]!r} is not a JSON object")
+        name = data.get("name")
+        if not isinstance(name, str):
+            raise ManifestError(f"shard name {str(name)[:80]!r} is not a string")
         _check_shard_name(name)
+        rows, size, sha256 = data.get("rows"), data.get("bytes"), data.get("sha256")
+        for what, value in (("rows", rows), ("bytes", size)):
+            if not _is_int(value):
+                raise ManifestError(f"shard {name}: {what} {str(value)[:40]!r} is not an integer")
+            if not 0 <= value < _MAX_COUNT:
+                raise ManifestError(f"shard {name}: negative {what} ({value}) or more than 2**62")
+        if rows > size:
+            # Every format spends at least one byte per row: a larger claim would size plans by a number the
+            # file cannot back.
+            raise ManifestError(f"shard {name}: {rows} rows cannot fit in {size} bytes")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            # The checksum names the shard's cache file: it must not be able to point anywhere else.
+            raise ManifestError(f"shard {name}: sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits")
         lengths = None
         if data.get("lengths") is not None:
-            lengths = np.frombuffer(base64.b64decode(data["lengths"]), "<u4").astype(np.uint32)
-            if len(lengths) != int(data["rows"]):
-                raise ManifestError(f"shard {name}: {len(lengths)} lengths recorded for {data['rows']} rows")
-        rows, size, sha256 = int(data["rows"]), int(data["bytes"]), str(data["sha256"])
-        if rows < 0 or size < 0:
-            raise ManifestError(f"shard {name}: negative rows ({rows}) or bytes ({size})")
-        if not _SHA256.fullmatch(sha256):
-            # The checksum names the shard's cache file: it must not be able to point anywhere else.
-            raise ManifestError(f"shard {name}: sha256 {sha256[:80]!r} is not 64 lowercase hex digits")
+            encoded = data["lengths"]
+            if not isinstance(encoded, str) or len(encoded) != 4 * (-(-4 * rows // 3)):
+                raise ManifestError(f"shard {name}: lengths are not base64 of {rows} little-endian uint32")
+            try:
+                raw = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                raise ManifestError(f"shard {name}: lengths are not valid base64") from None
+            if len(raw) != 4 * rows:
+                raise ManifestError(f"shard {name}: {len(raw) // 4} lengths recorded for {rows} rows")
+            lengths = np.frombuffer(raw, "<u4").astype(np.uint32)
         return cls(name, rows, size, sha256, lengths)
 
 
@@ -94,6 +116,11 @@ class Manifest:
     def num_bytes(self) -> int:
         """Total size of all shards in bytes."""
         return int(sum(s.bytes for s in self.shards))
+
+    @property
+    def rules(self) -> Rules:
+        """What every shard must hold to be served (see `stoker.formats.conform`)."""
+        return Rules(self.schema, len(self.classes), self.vocab_size)
 
     @cached_property
     def shard_offsets(self) -> np.ndarray:
@@ -142,48 +169,51 @@ class Manifest:
         """Parse and validate a manifest; `source` names it in errors."""
         try:
             data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from None
+        except ValueError as exc:  # not JSON, not UTF-8, or an integer literal of thousands of digits
+            raise ManifestError(f"{source}: not valid JSON ({str(exc)[:200]})") from None
+        except RecursionError:
+            raise ManifestError(f"{source}: JSON nested too deeply to be a manifest") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{source}: expected a JSON object")
         version = data.get("format_version")
         if version not in READABLE_VERSIONS:
-            raise ManifestError(f"{source}: format version {version!r} is not supported (this stoker reads "
+            raise ManifestError(f"{source}: format version {str(version)[:40]!r} is not supported (this stoker reads "
                                 f"{', '.join(map(str, READABLE_VERSIONS))})")
         expected = data.pop("checksum", None)
-        if expected != _checksum(data):
+        try:
+            actual = _checksum(data)
+        except (TypeError, ValueError, RecursionError):
+            raise ManifestError(f"{source}: malformed manifest (values JSON cannot hold)") from None
+        if expected != actual:
             raise ManifestError(f"{source}: checksum mismatch; the manifest was edited or damaged")
         try:
-            return cls(
-                kind=data["kind"],
-                format=data["format"],
-                schema=dict(data["schema"]),
-                shards=tuple(ShardInfo.from_json(s) for s in data["shards"]),
-                classes=tuple(data.get("classes") or ()),
-                vocab_size=data.get("vocab_size"),
-                token_dtype=data.get("token_dtype"),
-                tokenizer=data.get("tokenizer"),
-                skipped=tuple(data.get("skipped") or ()),
-                options=dict(data.get("options") or {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ManifestError):
-                raise
-            raise ManifestError(f"{source}: malformed manifest ({exc!r})") from None
+            return _from_dict(data, version)
+        except ManifestError as exc:
+            raise ManifestError(f"{source}: {exc}") from None
 
     @classmethod
-    def load(cls, url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-        """Read the manifest of the dataset at `url` (a directory or the manifest file itself)."""
+    def load(cls, url: str, storage_options: dict[str, Any] | None = None, *, max_bytes: int | None = None) -> Manifest:
+        """Read the manifest of the dataset at `url` (a directory or the manifest file itself); one larger than
+        `max_bytes` (default 64 MB, or the environment's STOKER_MAX_MANIFEST_BYTES) is refused unread."""
         from stoker import storage
 
         path = url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
+        limit = manifest_limit() if max_bytes is None else int(max_bytes)
+        fs, inner = storage.filesystem(path, storage_options)
         try:
-            text = storage.read_bytes(path, storage_options)
+            try:
+                text = _read_capped(fs, inner, limit)
+            except FileNotFoundError:
+                # Object stores' listing caches can predate a file another process wrote since; look again once.
+                fs.invalidate_cache(inner.rsplit("/", 1)[0])
+                text = _read_capped(fs, inner, limit)
         except FileNotFoundError:
             raise ManifestError(
                 f"{storage.redact(path)}: no manifest; is this a packed dataset, and did `pack-dataset` finish?"
             ) from None
+        if text is None:
+            raise ManifestError(f"{storage.redact(path)}: larger than the {limit:,}-byte limit on manifests; if it "
+                                "is yours, raise STOKER_MAX_MANIFEST_BYTES (or pass max_bytes)")
         return cls.loads(text, storage.redact(path))
 
     def save(self, url: str, storage_options: dict[str, Any] | None = None, *, name: str = MANIFEST_NAME) -> None:
@@ -194,6 +224,51 @@ class Manifest:
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
+
+
+def _read_capped(fs: Any, path: str, limit: int) -> bytes | None:
+    # The file, or None when it is larger than `limit`: nothing is read when its stated size is over the limit,
+    # never more than limit + 1 bytes, and no cap-sized buffer is allocated up front for a small file.
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        # Some clients (fsspec's http) report any failure as missing: one byte's read raises the real cause.
+        fs.cat_file(path, start=0, end=1)
+        raise
+    if size is not None and size > limit:
+        return None
+    with fs.open(path, "rb") as f:
+        text = f.read(min(size if size is not None else limit, limit) + 1)
+    return None if len(text) > limit else text
+
+
+def manifest_limit() -> int:
+    """The manifest size cap in bytes: STOKER_MAX_MANIFEST_BYTES, or 64 MB."""
+    text = os.environ.get("STOKER_MAX_MANIFEST_BYTES", "")
+    if not text:
+        return MAX_MANIFEST_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"STOKER_MAX_MANIFEST_BYTES={text!r} is not a positive number of bytes")
+    return int(text)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _from_dict(data: dict[str, Any], version: int) -> Manifest:
+    """A Manifest from parsed JSON, every field typed and range-checked (see `stoker.formats.conform`)."""
+    kind, fmt, schema, classes, vocab, dtype, tokenizer, skipped, options, shards = check_manifest_fields(data)
+    infos = tuple(ShardInfo.from_json(s) for s in shards)
+    if sum(info.rows for info in infos) >= _MAX_COUNT:
+        raise ManifestError("the shards' rows add up to more than 2**62")
+    seen: set[str] = set()
+    for info in infos:
+        if info.name in seen:
+            raise ManifestError(f"shard {info.name} is listed more than once")
+        seen.add(info.name)
+    return Manifest(kind=kind, format=fmt, schema=schema, shards=infos, classes=classes, vocab_size=vocab,
+                    token_dtype=dtype, tokenizer=tokenizer, skipped=skipped, options=options, format_version=version)
 
 
 def _checksum(body: dict[str, Any]) -> str:

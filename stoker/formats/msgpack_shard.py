@@ -25,12 +25,15 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ShardError
+from stoker.formats.conform import arrow_type
 from stoker.formats.shard import ShardFormat, ShardReader, ShardSource, ShardWriter, register_format, samples_to_batch
 
 MAGIC = b"STKMSGP1"
 FOOTER_MAGIC = b"STKMIDX1"
 _FOOTER = struct.Struct("<QQ8s")
 VERSION = 1
+MAX_FIELDS = 64
+_SCALARS = (str, bytes, int, float, bool, type(None))
 
 
 class MsgpackShardWriter(ShardWriter):
@@ -100,14 +103,20 @@ class MsgpackShardReader(ShardReader):
         if 12 + header_len > trailer_at:
             raise self._fail("header length runs past the records", 8)
         try:
-            header = msgpack.unpackb(data[12:12 + header_len])
-            trailer = msgpack.unpackb(data[trailer_at:trailer_at + trailer_len])
-            offsets = np.frombuffer(trailer["offsets"], "<u8").astype(np.int64)
-            batches = np.frombuffer(trailer["batches"], "<u8").astype(np.int64)
+            header = _unpack(data, 12, 12 + header_len, MAX_FIELDS, nested=("fields",))
+            trailer = _unpack(data, trailer_at, trailer_at + trailer_len, 2)
+            fields = header["fields"]
+            if not isinstance(fields, dict) or not all(isinstance(t, str) for t in fields.values()):
+                raise TypeError("fields is not a map of name -> type")
+            offsets = np.frombuffer(trailer["offsets"], "<u8")
+            batches = np.frombuffer(trailer["batches"], "<u8")
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise self._fail(f"unreadable header or index ({exc})", 8) from None
         if header.get("version") != VERSION:
-            raise self._fail(f"msgpack shard version {header.get('version')!r} is not supported", 12)
+            raise self._fail(f"msgpack shard version {str(header.get('version'))[:40]!r} is not supported", 12)
+        if len(offsets) and (offsets.max() > size or batches.max(initial=0) > size):
+            raise self._fail("offset index points past the end of the file", trailer_at)
+        offsets, batches = offsets.astype(np.int64), batches.astype(np.int64)
         rows = len(offsets) - 1
         if (
             rows < 0
@@ -122,27 +131,39 @@ class MsgpackShardReader(ShardReader):
             raise self._fail("offset index is inconsistent with the file", trailer_at)
         self._offsets = offsets
         self.batch_offsets = batches
-        try:
-            self.schema = pa.schema([pa.field(n, _arrow_type(t)) for n, t in header["fields"].items()])
-        except (ShardError, KeyError, TypeError, AttributeError) as exc:
-            raise self._fail(f"unreadable header ({exc!r})", 12) from None
+        self.schema = pa.schema([pa.field(n, arrow_type(t, self.name), nullable=False) for n, t in fields.items()])
+        # Per field: (name, Python type of its msgpack value, int range, bytes per token id for token columns)
+        self._fields = [_field_check(f) for f in self.schema]
 
     def _record(self, row: int) -> dict[str, Any]:
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        view = self._data[start:end]
         try:
-            record = msgpack.unpackb(self._data[start:end])
-        except (ValueError, msgpack.UnpackException) as exc:
+            record = msgpack.unpackb(view, max_map_len=len(self._fields), max_array_len=0, max_ext_len=0,
+                                     object_hook=_flat)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise self._fail(f"record {row} is corrupt ({exc})", start, row) from None
-        if not isinstance(record, dict) or set(record) != set(self.schema.names):
+        finally:
+            view.release()  # an error's traceback keeps this frame: the file's map must still be closable
+        if type(record) is not dict or len(record) != len(self._fields):
             raise self._fail(f"record {row} does not have the fields {self.schema.names}", start, row)
-        for field in self.schema:
-            if pa.types.is_list(field.type):
-                raw = record[field.name]
-                width = field.type.value_type.bit_width // 8
-                if not isinstance(raw, bytes) or len(raw) % width:
-                    raise self._fail(f"record {row}: field {field.name!r} is not a packed integer array", start, row)
-                record[field.name] = np.frombuffer(raw, f"<u{width}")
+        for name, python, low, high, width in self._fields:
+            value = record.get(name, record)  # the record itself as a value of no field's type: missing
+            if type(value) is not python or (python is int and not low <= value <= high):
+                raise self._fail(f"record {row}: {self._wrong(name, value)}", start, row)
+            if width:
+                if len(value) % width:
+                    raise self._fail(f"record {row}: field {name!r} is not a packed integer array", start, row)
+                record[name] = np.frombuffer(value, f"<u{width}")
         return record
+
+    def _wrong(self, name: str, value: Any) -> str:
+        declared = self.schema.field(name).type
+        if type(value) is dict:
+            return f"field {name!r} is missing"
+        if type(value) is int:
+            return f"field {name!r} value {value} does not fit {declared}"
+        return f"field {name!r} holds {type(value).__name__} {str(value)[:40]!r}, not {declared}"
 
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
         if not 0 <= index < self.num_batches:
@@ -168,14 +189,43 @@ class MsgpackShardReader(ShardReader):
             self._mmap = None
 
 
-def _arrow_type(name: str) -> pa.DataType:
-    types = {
-        "string": pa.string(), "binary": pa.binary(), "int32": pa.int32(), "int64": pa.int64(), "uint64": pa.uint64(),
-        "list<item: uint16>": pa.list_(pa.uint16()), "list<item: uint32>": pa.list_(pa.uint32()),
-    }
-    if name not in types:
-        raise ShardError("<msgpack header>", f"unsupported field type {name!r}")
-    return types[name]
+def _field_check(field: pa.Field) -> tuple[str, type, int, int, int]:
+    type_ = field.type
+    if pa.types.is_list(type_):
+        return field.name, bytes, 0, 0, type_.value_type.bit_width // 8
+    if pa.types.is_integer(type_):
+        bits = type_.bit_width
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if pa.types.is_signed_integer(type_) else (0, (1 << bits) - 1)
+        return field.name, int, low, high, 0
+    return field.name, str if pa.types.is_string(type_) else bytes, 0, 0, 0
+
+
+def _flat(pairs: dict[Any, Any]) -> dict[Any, Any]:
+    # Arrays are refused by the unpacker's limits, so a map is the only value that can nest.
+    for value in pairs.values():
+        if type(value) is dict:
+            raise TypeError("a nested map where a value belongs")
+    return pairs
+
+
+def _unpack(data: memoryview, start: int, end: int, max_entries: int, nested: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The msgpack map in data[start:end], of at most `max_entries` scalar values (maps only under the keys `nested`). No arrays, no
+    ext types, and a map where none belongs fails as soon as it is built: input of N bytes never builds more than
+    a few small maps, whatever it claims."""
+    def only_scalars(pairs: dict[Any, Any]) -> dict[Any, Any]:
+        if any(not isinstance(v, _SCALARS) and k not in nested for k, v in pairs.items()):
+            raise TypeError("a nested map or array where a value belongs")
+        return pairs
+
+    view = data[start:end]
+    try:
+        record = msgpack.unpackb(view, max_map_len=max_entries, max_array_len=0, max_ext_len=0,
+                                 object_hook=only_scalars)
+    finally:
+        view.release()  # an error's traceback keeps this frame: the file's map must still be closable
+    if not isinstance(record, dict):
+        raise TypeError(f"expected a map, found {type(record).__name__}")
+    return record
 
 
 register_format(ShardFormat("msgpack", ".msgpack", MAGIC, MsgpackShardReader, MsgpackShardWriter))

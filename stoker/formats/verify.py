@@ -1,105 +1,155 @@
-"""`stoker verify`: recheck every shard of a dataset against its manifest."""
+"""`stoker verify`: recheck every shard of a dataset against its manifest.
+
+A shard is damaged when it is missing, has another size or checksum, does not open, or holds anything a reader
+would refuse (its schema differs from the manifest's, a null, a label outside the classes, a token id outside
+the vocabulary; see `stoker.formats.conform`). Storage that cannot be read is not damage: it raises StorageError
+("could not check"), so the command can tell the two apart.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from stoker import storage
-from stoker.errors import StokerError
+from stoker.errors import StokerError, StorageError
+from stoker.formats.conform import check_batch, check_schema
 from stoker.formats.manifest import Manifest, ShardInfo
-from stoker.formats.shard import open_shard
+from stoker.formats.shard import ShardReader, arrow_to_numpy, batch_to_samples, open_shard
 
 _CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One shard that failed verification, and why."""
+    """One thing wrong with a shard (the row, when it is one sample), and why."""
 
     shard: str
     reason: str
+    row: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.shard}: {self.reason}"
+        if self.reason.startswith(self.shard):  # a stoker error that names the shard (and row) itself
+            return self.reason
+        if self.row is None:
+            return f"{self.shard}: {self.reason}"
+        return f"{self.shard}: row {self.row}{'' if self.reason.startswith('(') else ':'} {self.reason}"
+
+
+def _unreachable(url: str, exc: BaseException) -> StorageError:
+    return StorageError(f"could not read {storage.redact(url)}: {type(exc).__name__}: "
+                        f"{storage.redact_text(str(exc))[:300]}")
 
 
 def check_shard(url: str, info: ShardInfo, storage_options: dict[str, Any] | None = None) -> str | None:
-    """Why the shard `info` of the dataset at `url` is bad (missing, wrong size or checksum, unreadable), or None."""
-    fs, path = storage.filesystem(storage.join(url, info.name), storage_options)
+    """Why the shard `info` of the dataset at `url` is bad (missing, wrong size or checksum), or None; a
+    StorageError if it cannot be read at all."""
+    shard_url = storage.join(url, info.name)
+    fs, path = storage.filesystem(shard_url, storage_options)
     try:
         size = fs.size(path)
+        if size != info.bytes:
+            return f"size {size} bytes, manifest says {info.bytes} (truncated or replaced)"
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
     except FileNotFoundError:
         return "missing"
-    if size != info.bytes:
-        return f"size {size} bytes, manifest says {info.bytes} (truncated or replaced)"
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    except OSError as exc:
+        raise _unreachable(shard_url, exc) from None
     if digest.hexdigest() != info.sha256:
         return f"sha256 {digest.hexdigest()[:16]}... differs from the manifest's {info.sha256[:16]}... (corrupt)"
-    local = storage.is_local(url)
-    try:
-        with (open(storage.local_path(storage.join(url, info.name)), "rb") if local else fs.open(path, "rb")) as f:
-            with open_shard(f, name=info.name) as reader:
-                if reader.num_rows != info.rows:
-                    return f"{reader.num_rows} rows, manifest says {info.rows}"
-    except (StokerError, OSError) as exc:
-        return f"unreadable ({exc})"
     return None
 
 
-def _deep_check(url: str, manifest: Manifest, info: ShardInfo, storage_options: dict[str, Any] | None) -> list[str]:
-    """Decode every image / check every token array of one shard; return what is wrong, row by row."""
-    import io
+def _check_contents(reader: ShardReader, manifest: Manifest, info: ShardInfo, deep: bool) -> list[Problem]:
+    """Everything a reader would refuse in one opened shard, row by row; with `deep`, also undecodable images and
+    unsafe keys."""
+    name, rules = info.name, manifest.rules
+    if reader.num_rows != info.rows:
+        return [Problem(name, f"{reader.num_rows} rows, manifest says {info.rows}")]
+    try:
+        check_schema(name, reader.schema, rules)
+    except StokerError as exc:
+        return [Problem(name, str(exc))]
+    problems: list[Problem] = []
+    for b in range(reader.num_batches):
+        first = int(reader.batch_offsets[b])
+        try:
+            batch = reader.read_batch(b)
+        except StokerError as exc:
+            problems.append(Problem(name, str(exc), first))
+            continue
+        try:
+            check_batch(name, batch, first, rules)
+        except StokerError:
+            for r in range(batch.num_rows):  # list every bad row of the batch, not only the first
+                try:
+                    check_batch(name, batch.slice(r, 1), first + r, rules)
+                except StokerError as exc:
+                    problems.append(Problem(name, str(exc), first + r))
+            continue
+        if info.lengths is not None and "tokens" in batch.schema.names:
+            counts = np.diff(arrow_to_numpy(batch.column("tokens").offsets))
+            for r in np.flatnonzero(counts != info.lengths[first:first + batch.num_rows]).tolist():
+                problems.append(Problem(name, f"{int(counts[r])} tokens stored, manifest records "
+                                        f"{int(info.lengths[first + r])}", first + r))
+        if deep:
+            problems += _deep_rows(name, batch, first, manifest)
+    return problems
 
-    import numpy as np
+
+def _deep_rows(name: str, batch: pa.RecordBatch, first: int, manifest: Manifest) -> list[Problem]:
     from PIL import Image
 
-    from stoker.formats.shard import batch_to_samples
     from stoker.formats.sources import check_key
 
-    reasons: list[str] = []
-    vocab = manifest.vocab_size
-    expected = info.lengths
-    fs, path = storage.filesystem(storage.join(url, info.name), storage_options)
-    with fs.open(path, "rb") as f, open_shard(f, name=info.name) as reader:
-        row = 0
-        for batch in reader.iter_batches():
-            for sample in batch_to_samples(batch):
-                where = f"row {row} ({sample.get('key')!r})"
-                try:
-                    check_key(str(sample["key"]))
-                except StokerError as exc:
-                    reasons.append(f"{where}: {exc}")
-                if manifest.kind == "image":
-                    try:
-                        with Image.open(io.BytesIO(sample["image"])) as image:
-                            image.load()  # Pillow refuses decompression bombs (> 2 x MAX_IMAGE_PIXELS) here
-                    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                        reasons.append(f"{where}: image does not decode ({type(exc).__name__}: {exc})")
-                else:
-                    tokens = sample["tokens"]
-                    if len(tokens) != sample["length"]:
-                        reasons.append(f"{where}: {len(tokens)} tokens stored but length says {sample['length']}")
-                    elif expected is not None and int(expected[row]) != len(tokens):
-                        reasons.append(f"{where}: manifest records length {int(expected[row])}, shard has {len(tokens)}")
-                    if vocab is not None and len(tokens) and int(np.max(tokens)) >= vocab:
-                        reasons.append(f"{where}: token id {int(np.max(tokens))} outside the vocabulary of {vocab}")
-                row += 1
-    return reasons
+    problems = []
+    for row, sample in enumerate(batch_to_samples(batch), first):
+        where = f"({sample.get('key')!r})"
+        try:
+            check_key(str(sample["key"]))
+        except StokerError as exc:
+            problems.append(Problem(name, f"{where}: {str(exc).removeprefix(repr(sample['key']) + ': ')}", row))
+        if manifest.kind == "image":
+            try:
+                with Image.open(io.BytesIO(sample["image"])) as image:
+                    image.load()  # Pillow refuses decompression bombs (> 2 x MAX_IMAGE_PIXELS) here
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                problems.append(Problem(name, f"{where}: image does not decode ({type(exc).__name__}: {exc})", row))
+    return problems
 
 
-def verify(url: str, storage_options: dict[str, Any] | None = None, *, deep: bool = False) -> list[Problem]:
-    """Recompute every shard's checksum and row count (and with `deep`, decode every sample); return the problems."""
-    manifest = Manifest.load(url, storage_options)
+def verify(url: str, storage_options: dict[str, Any] | None = None, *, deep: bool = False,
+           manifest: Manifest | None = None) -> list[Problem]:
+    """Recompute every shard's checksum, open it and check every value a reader would refuse (with `deep`, also
+    decode every image); return every problem of every shard. A StorageError if the storage cannot be read."""
+    manifest = manifest or Manifest.load(url, storage_options)
     problems = []
     for info in manifest.shards:
         reason = check_shard(url, info, storage_options)
         if reason:
             problems.append(Problem(info.name, reason))
-        elif deep:
-            problems += [Problem(info.name, r) for r in _deep_check(url, manifest, info, storage_options)]
+            continue
+        shard_url = storage.join(url, info.name)
+        try:
+            if storage.is_local(url):
+                reader = open_shard(storage.local_path(shard_url), name=info.name)
+            else:
+                fs, path = storage.filesystem(shard_url, storage_options)
+                with fs.open(path, "rb") as f:
+                    reader = open_shard(f.read(), name=info.name)
+        except StokerError as exc:
+            problems.append(Problem(info.name, f"unreadable ({exc})"))
+            continue
+        except OSError as exc:
+            raise _unreachable(shard_url, exc) from None
+        with reader:
+            problems += _check_contents(reader, manifest, info, deep)
     return problems

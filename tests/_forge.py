@@ -1,0 +1,92 @@
+"""Forging datasets as a hostile author would: shards rewritten at will, the manifest re-signed to match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pyarrow as pa
+
+from stoker.formats.manifest import _checksum
+from stoker.formats.msgpack_shard import FOOTER_MAGIC, MAGIC
+
+
+def resign(root: str | Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Edit manifest.json's JSON and re-sign it (the checksum has no key)."""
+    path = Path(root) / "manifest.json"
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    edit(body)
+    body["checksum"] = _checksum(body)
+    path.write_text(json.dumps(body))
+
+
+def install(root: str | Path, name: str, data: bytes, rows: int | None = None) -> None:
+    """Replace shard `name` with `data` and make the manifest agree with its size, checksum (and rows)."""
+    (Path(root) / name).write_bytes(data)
+
+    def edit(body: dict[str, Any]) -> None:
+        for shard in body["shards"]:
+            if shard["name"] == name:
+                shard.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+                if rows is not None:
+                    shard["rows"] = rows
+
+    resign(root, edit)
+
+
+def arrow_file(schema: pa.Schema, batches: Sequence[Sequence[pa.Array]], compression: str | None = None) -> bytes:
+    """An Arrow IPC file with `schema` (taken as given: any type, nullability or metadata) and these columns."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+        for columns in batches:
+            writer.write_batch(pa.RecordBatch.from_arrays(list(columns), schema=schema))
+    return sink.getvalue().to_pybytes()
+
+
+def image_columns(rows: int, image: pa.Array | None = None, label: pa.Array | None = None) -> list[pa.Array]:
+    """key, label, image, height, width columns of `rows` image samples (labels 0.., tiny payloads)."""
+    return [
+        pa.array([f"{i:06d}" for i in range(rows)], pa.string()),
+        label if label is not None else pa.array(np.arange(rows) % 10, pa.int32()),
+        image if image is not None else pa.array([b"img%d" % i for i in range(rows)], pa.binary()),
+        pa.array(np.ones(rows), pa.int32()),
+        pa.array(np.ones(rows), pa.int32()),
+    ]
+
+
+def image_schema(**types: pa.DataType) -> pa.Schema:
+    """stoker's image schema with some field types replaced (nullable=True where a type is given as None)."""
+    base = {"key": pa.string(), "label": pa.int32(), "image": pa.binary(), "height": pa.int32(), "width": pa.int32()}
+    base.update(types)
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in base.items()])
+
+
+def msgpack_shard(header: bytes, records: Sequence[bytes]) -> bytes:
+    """A stoker msgpack shard from a raw (already packed) header and raw records, index and footer computed."""
+    out = bytearray(MAGIC + struct.pack("<I", len(header)) + header)
+    offsets = []
+    for record in records:
+        offsets.append(len(out))
+        out += record
+    offsets.append(len(out))
+    trailer = msgpack.packb({"offsets": np.asarray(offsets, "<u8").tobytes(),
+                             "batches": np.asarray([0, len(records)], "<u8").tobytes()})
+    start = len(out)
+    out += trailer + struct.pack("<QQ8s", start, len(trailer), FOOTER_MAGIC)
+    return bytes(out)
+
+
+IMAGE_FIELDS = {"key": "string", "label": "int32", "image": "binary", "height": "int32", "width": "int32"}
+
+
+def image_record(i: int, **changes: Any) -> dict[str, Any]:
+    record = {"key": f"{i:06d}", "label": i % 10, "image": b"img", "height": 1, "width": 1}
+    record.update(changes)
+    return record
