@@ -13,7 +13,9 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 
+from stoker.formats import integrity
 from stoker.formats.manifest import _checksum
+from stoker.formats.schema import image_schema as stoker_image_schema
 from stoker.formats.msgpack_shard import FOOTER_MAGIC, MAGIC
 
 
@@ -50,20 +52,31 @@ def arrow_file(schema: pa.Schema, batches: Sequence[Sequence[pa.Array]], compres
     return sink.getvalue().to_pybytes()
 
 
-def image_columns(rows: int, image: pa.Array | None = None, label: pa.Array | None = None) -> list[pa.Array]:
-    """key, label, image, height, width columns of `rows` image samples (labels 0.., tiny payloads)."""
-    return [
+def image_columns(rows: int, image: pa.Array | None = None, label: pa.Array | None = None, *,
+                  digests: bool = True) -> list[pa.Array]:
+    """key, label, image, height, width and checksum columns of `rows` image samples (labels 0.., tiny payloads);
+    each sample's checksum is computed as the packer would (forgers can: it has no key), or 0 without `digests`."""
+    columns = [
         pa.array([f"{i:06d}" for i in range(rows)], pa.string()),
         label if label is not None else pa.array(np.arange(rows) % 10, pa.int32()),
         image if image is not None else pa.array([b"img%d" % i for i in range(rows)], pa.binary()),
         pa.array(np.ones(rows), pa.int32()),
         pa.array(np.ones(rows), pa.int32()),
     ]
+    sums = [0] * rows
+    if digests:
+        names = ["key", "label", "image", "height", "width"]
+        for i in range(rows):
+            sample = {n: c[i].as_py() for n, c in zip(names, columns)}
+            if None not in sample.values():
+                sums[i] = integrity.digest_sample(sample, stoker_image_schema())
+    return columns + [pa.array(sums, pa.uint64())]
 
 
 def image_schema(**types: pa.DataType) -> pa.Schema:
-    """stoker's image schema with some field types replaced (nullable=True where a type is given as None)."""
-    base = {"key": pa.string(), "label": pa.int32(), "image": pa.binary(), "height": pa.int32(), "width": pa.int32()}
+    """stoker's image schema (checksum column last) with some field types replaced."""
+    base = {"key": pa.string(), "label": pa.int32(), "image": pa.binary(), "height": pa.int32(), "width": pa.int32(),
+            integrity.COLUMN: pa.uint64()}
     base.update(types)
     return pa.schema([pa.field(n, t, nullable=False) for n, t in base.items()])
 
@@ -83,10 +96,11 @@ def msgpack_shard(header: bytes, records: Sequence[bytes]) -> bytes:
     return bytes(out)
 
 
-IMAGE_FIELDS = {"key": "string", "label": "int32", "image": "binary", "height": "int32", "width": "int32"}
+IMAGE_FIELDS = {"key": "string", "label": "int32", "image": "binary", "height": "int32", "width": "int32",
+                integrity.COLUMN: "uint64"}
 
 
-def image_record(i: int, **changes: Any) -> dict[str, Any]:
+def image_record(i: int) -> dict[str, Any]:
+    """One msgpack image record with its checksum."""
     record = {"key": f"{i:06d}", "label": i % 10, "image": b"img", "height": 1, "width": 1}
-    record.update(changes)
-    return record
+    return {**record, integrity.COLUMN: integrity.digest_sample(record, stoker_image_schema())}

@@ -80,13 +80,13 @@ class OpenShard:
         self.requested = tuple(columns)
         # Checked: `check` is the manifest's schema; every column is read, as a sample's checksum covers all its fields.
         self.checked = bool(check)
-        if check:
-            differ = integrity.schema_differences(dict(check), reader.schema)
-            if differ:
+        if rules is not None:  # before a byte is read: no value of a shard that is not the manifest's is served
+            try:
+                check_schema(self.name, reader.schema, rules)
+            except ShardError:
                 reader.close()
-                missing = "" if integrity.COLUMN in reader.schema.names else f" (no {integrity.COLUMN!r} checksum column)"
-                raise ShardError(self.name, f"schema differs from the manifest's{missing}: {differ}; the shard was "
-                                 "replaced or damaged (run `stoker verify`)")
+                raise
+        if check:
             # In the shard's own field order, the order its writer hashed them in (the manifest's is sorted).
             names = reader.schema.names
             columns = [n for n in names if n in check] + [n for n in check if n not in names]
@@ -95,8 +95,7 @@ class OpenShard:
         self.columns: dict[str, np.ndarray | RaggedColumn] = {}
         try:
             batches = [reader.read_batch(b, list(columns)) for b in range(reader.num_batches)]
-            if rules is not None:  # schema first: no value of a shard that is not the manifest's reaches a check
-                check_schema(self.name, reader.schema, rules)
+            if rules is not None:
                 for b, batch in enumerate(batches):
                     check_batch(self.name, batch, int(reader.batch_offsets[b]), rules)
         except BaseException:

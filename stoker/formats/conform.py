@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ManifestError, ShardError
+from stoker.formats.integrity import COLUMN as CHECKSUM
 from stoker.formats.shard import arrow_to_numpy
 
 _TYPES = {
@@ -78,6 +79,8 @@ def check_manifest_fields(data: dict[str, Any]) -> tuple[Any, ...]:
         if not _FIELD_NAME.fullmatch(name) or not _one_of(type_name, _TYPES):
             raise ManifestError(f"schema field {name[:80]!r}: type {str(type_name)[:80]!r} is not one stoker reads")
     required = dict(_REQUIRED[kind])
+    if data.get("format_version") != 1:  # from version 2 on every sample carries its checksum
+        required[CHECKSUM] = "uint64"
     if kind == "text":
         required["tokens"] = f"list<item: {dtype}>"
     for name, type_name in required.items():
@@ -110,7 +113,9 @@ def check_schema(shard: str, schema: pa.Schema, rules: Rules) -> None:
     """A ShardError unless `schema` is exactly the manifest's: same fields, same types, none nullable, no metadata."""
     names = schema.names
     if sorted(names) != sorted(rules.schema):
-        raise ShardError(shard, f"has fields {names} but the manifest declares {sorted(rules.schema)}", 0)
+        missing = f" (no {CHECKSUM!r} checksum column)" if CHECKSUM in rules.schema and CHECKSUM not in names else ""
+        raise ShardError(shard, f"has fields {names} but the manifest declares {sorted(rules.schema)}{missing}; the "
+                         "shard was replaced or damaged (run `stoker verify`)", 0)
     for field in schema:
         declared = rules.schema[field.name]
         if str(field.type) != declared or field.type != _TYPES[declared]:

@@ -167,14 +167,6 @@ def checked_columns(schema: dict[str, str], enabled: bool) -> dict[str, str]:
     return dict(schema) if enabled and COLUMN in schema else {}
 
 
-def schema_differences(declared: dict[str, str], schema: pa.Schema) -> str:
-    """'' if a shard's schema is the one its manifest declares, else what differs (field: declared vs found)."""
-    found = {f.name: str(f.type) for f in schema}
-    differ = [f"{n}: {declared.get(n, 'absent')} vs {found.get(n, 'absent')}" for n in sorted(set(declared) | set(found))
-              if declared.get(n) != found.get(n)]
-    return "; ".join(differ)
-
-
 def warn_unchecked(schema: dict[str, str], source: str) -> None:
     """One warning when a dataset's samples carry no checksums (packed by a stoker before format version 2)."""
     if COLUMN not in schema:
