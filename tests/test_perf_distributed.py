@@ -45,7 +45,7 @@ def test_two_ranks_report_names_the_slow_one(tmp_path) -> None:
 
     # the all-ranks report is logged once, by rank 0, and names rank 1
     rank0_text = "\n".join(results[0]["lines"])
-    assert "on 2 ranks" in rank0_text and "slowest rank 1" in rank0_text
+    assert "on 2 ranks" in rank0_text and "STARVING" in rank0_text and "on rank 1, the slowest" in rank0_text
     assert not any("on 2 ranks" in line for line in results[1]["lines"])
     # "{rank}" in csv_path gives each rank its own file
     for rank in range(2):

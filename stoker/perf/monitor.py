@@ -1,13 +1,18 @@
-"""`stoker.monitor`: measure, inside a real training loop, how long each step waits for data.
+"""`stoker.monitor`: measure, inside a real training loop, how long each step waits for data, and why.
 
 A step is split at the loader boundary: *wait* is the time spent inside `next()` on the loader's iterator, *compute*
 is the time from handing the batch out until the loop asks for the next one. The data-wait fraction,
 wait / (wait + compute), is the share of wall time the accelerator could not work for lack of input.
+
+The first batches of each pass (one per loader worker: each carries its worker's start-up) are start-up, reported
+apart; the steady state alone decides whether the loop is starving. When the loader reports per-stage clocks
+(`stage_times()`, as stoker's DataLoader does) the verdict names the stage; see `stoker.perf.diagnosis`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import sys
@@ -20,19 +25,21 @@ from typing import Any
 import torch
 
 from stoker.errors import ConfigError, MissingExtraError
+from stoker.perf import diagnosis
+from stoker.perf.diagnosis import STAGES, Phase, RunFacts
+from stoker.perf.monitor_report import format_report, plot_ranks
 from stoker.perf.stats import RingBuffer, percentiles, rate
-from stoker.perf.verdict import advice_for
+from stoker.perf.timing import usable_cores
 
 _LOGGER = logging.getLogger("stoker.monitor")
 
-# Per-rank numbers exchanged with one all_gather of a float64 tensor, in this order.
-_GATHERED = ("steps", "samples", "wait_s", "compute_s", "first_batch_s", "step_ms_p50", "wait_ms_p50", "wait_ms_p90")
+# Per-rank numbers exchanged with one all_gather of a float64 tensor, in this order, then one per stage of STAGES
+# (NaN for a stage that did not run).
+_GATHERED = ("steps", "samples", "wait_s", "compute_s", "first_batch_s", "step_ms_p50", "wait_ms_p50", "wait_ms_p90",
+             "startup_steps", "startup_wait_s", "startup_compute_s", "num_workers", "has_stage_times")
 
 _CSV_COLUMNS = ("kind", "rank", "unix_time", "step", "steps", "samples", "wait_s", "compute_s",
-                "data_wait_fraction", "steps_per_s", "samples_per_s", "starving")
-
-_INPUT_ADVICE = ("The loader is slower than the training step. Run `stoker bench` to find the slow stage, or expose "
-                 "`stage_times()` on the loader so this report can name it; more workers is the usual first fix.",)
+                "data_wait_fraction", "steps_per_s", "samples_per_s", "starving", "state", "stage")
 
 
 @dataclass(frozen=True)
@@ -42,19 +49,22 @@ class MonitorConfig:
     log_every: int = 100  # steps between one-line summaries; 0 turns the step trigger off
     log_every_s: float = 0.0  # seconds between one-line summaries; 0 turns the time trigger off
     log: logging.Logger | Callable[[str], Any] | None = None  # None: the "stoker.monitor" logger
-    starve_threshold: float = 0.05  # data-wait fraction above which the loop is "starving"
+    starve_threshold: float = 0.05  # steady-state data-wait fraction above which the loop is "starving"
+    min_steady_steps: int = diagnosis.MIN_STEADY_STEPS  # fewer steps after start-up: "too short to judge"
     window: int = 4096  # recent steps kept for percentiles
     batch_size: int | Callable[[Any], int] | None = None  # None: read it from each batch
     cuda: bool | None = None  # None: sync only if CUDA is available and already initialized
     cuda_sync_every: int = 10  # synchronize CUDA before timing every N-th step; 0 never
     distributed: bool | None = None  # None: aggregate over ranks if torch.distributed is initialized
     csv_path: str | PathLike[str] | None = None  # may contain "{rank}"; otherwise only rank 0 writes
+    json_path: str | PathLike[str] | None = None  # the final report as JSON; "{rank}" as for csv_path
     tensorboard_dir: str | PathLike[str] | None = None  # written by rank 0 only
+    plot: str | PathLike[str] | None = None  # PNG of time per stage per rank, by rank 0 (needs stoker[plot])
 
     def __post_init__(self) -> None:
         if not 0 < self.starve_threshold < 1:
             raise ConfigError(f"starve_threshold must be in (0, 1), got {self.starve_threshold}")
-        for name in ("log_every", "cuda_sync_every"):
+        for name in ("log_every", "cuda_sync_every", "min_steady_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
@@ -112,24 +122,36 @@ class Monitor:
         self.loader = loader
         self.config = config
         self.last_report: dict[str, Any] | None = None
+        if config.plot is not None and self._rank_for_outputs() == 0:
+            plot_ranks([], None)  # a missing extra fails now, not after the whole run
         self._sync_every = _cuda_sync_every(config)
         self._rank, self._world, self._aggregate = _distributed_info(config)
         self._count = _sample_counter(config.batch_size)
-        self._rows = RingBuffer(config.window, width=2)  # (wait, compute) seconds of completed steps
+        self._facts = _run_facts(loader)
+        self._startup_n = diagnosis.startup_steps(self._facts.num_workers)
+        self._rows = RingBuffer(config.window, width=3)  # (wait, compute, 1 if start-up) seconds of completed steps
         self._steps = 0
         self._samples: int | None = 0  # None once a batch could not be counted
         self._wait_s = 0.0
         self._compute_s = 0.0
+        self._startup = [0, 0.0, 0.0]  # steps, wait, compute of start-up (epoch ends' shutdown wait included)
         self._first_batch_s = math.nan
         self._it: Any = None
+        self._pass_steps = 0  # steps in the current pass
         self._iter_wait = 0.0  # time spent in iter(loader), charged to the next step's wait
         self._pending_wait = 0.0  # wait of the step whose compute is still running
+        self._pending_startup = False  # whether that step is a start-up step
         self._t_out: float | None = None  # when the last batch was handed out; None if no step is running
-        self._last_log = (0, 0.0, 0.0, 0, time.perf_counter())  # steps, wait, compute, samples, time
+        self._stage_source = _stage_source(loader)
+        self._stage_base = self._stage_times()  # before monitoring: not this run's
+        self._stage_pass_start: dict[str, float] | None = None  # at the start of a pass still in start-up
+        self._stage_startup: dict[str, float] = {}  # stage seconds spent during start-up steps
+        self._last_log = (0, 0.0, 0.0, 0, time.perf_counter(), 0, 0.0, 0.0)  # totals + time + start-up at last log
         self._logged_steps = -1  # steps at the last logged report
         self._recorded_steps = -1  # steps at the last "total" row written to CSV / TensorBoard
         self._closed = False
-        self._csv_file = _csv_path(config.csv_path, self._rank)
+        self._csv_file = _per_rank_path(config.csv_path, self._rank)
+        self._json_file = _per_rank_path(config.json_path, self._rank)
         self._csv_started = False
         self._tb = _open_tensorboard(config.tensorboard_dir) if self._rank == 0 else None
 
@@ -139,6 +161,9 @@ class Monitor:
         # A pass abandoned mid-step (break, then a new for-loop): its last compute is unknown, so drop it rather
         # than charge whatever the user did in between (validation, checkpointing) as compute.
         self._t_out = None
+        self._end_startup()  # a pass abandoned during its start-up
+        self._pass_steps = 0
+        self._stage_pass_start = self._stage_times()
         start = time.perf_counter()
         self._it = iter(self.loader)
         self._iter_wait = time.perf_counter() - start  # e.g. DataLoader starting its workers: the GPU waits
@@ -152,14 +177,15 @@ class Monitor:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if self._t_out is not None:
-            compute = t0 - self._t_out
-            self._compute_s += compute
-            self._rows.append(self._pending_wait, compute)
+            self._finish_step(t0 - self._t_out)
         try:
             batch = next(self._it)
         except StopIteration:
-            self._wait_s += time.perf_counter() - t0 + self._iter_wait  # loader shutdown: idle, but not a step
+            idle = time.perf_counter() - t0 + self._iter_wait  # loader shutdown: idle, but not a step
+            self._wait_s += idle
+            self._startup[1] += idle  # an epoch boundary, reported with start-up
             self._iter_wait, self._t_out, self._it = 0.0, None, None
+            self._end_startup()
             self.report(aggregate=False)
             raise
         t1 = time.perf_counter()
@@ -168,6 +194,13 @@ class Monitor:
         self._wait_s += wait
         self._pending_wait = wait
         self._steps += 1
+        self._pass_steps += 1
+        self._pending_startup = self._pass_steps <= self._startup_n
+        if self._pending_startup:
+            self._startup[0] += 1
+            self._startup[1] += wait
+            if self._pass_steps == self._startup_n:
+                self._end_startup()
         if self._steps == 1:
             self._first_batch_s = wait
         if self._samples is not None:
@@ -198,11 +231,13 @@ class Monitor:
         elapsed = self._wait_s + self._compute_s
         fraction = self._wait_s / elapsed if elapsed > 0 and self._steps else math.nan  # no step, no verdict
         rows = self._rows.values()
-        step_ms = percentiles(rows.sum(axis=1) * 1e3, (50, 90))
-        wait_ms = percentiles(rows[:, 0] * 1e3, (50, 90, 100))
-        starving = fraction > self.config.starve_threshold
-        shares = self._stage_shares()
-        stage = max(shares, key=shares.__getitem__) if starving and shares else None
+        steady_rows = rows[rows[:, 2] == 0] if len(rows) else rows
+        step_ms = percentiles(steady_rows[:, :2].sum(axis=1) * 1e3, (50, 90))
+        wait_ms = percentiles(steady_rows[:, 0] * 1e3, (50, 90, 100))
+        stages = self._steady_stage_times()
+        judged = self._diagnose(self._steady(), self._startup_phase(), stages, self._facts)
+        starving = judged.state == diagnosis.STARVING
+        total = sum(stages.values()) if stages else 0.0
         return {
             "rank": self._rank,
             "world_size": self._world,
@@ -212,6 +247,8 @@ class Monitor:
             "wait_s": self._wait_s,
             "compute_s": self._compute_s,
             "data_wait_fraction": fraction,
+            "steady": _phase_dict(judged.steady),
+            "startup": _phase_dict(judged.startup),
             "steps_per_s": rate(self._steps, elapsed),
             "samples_per_s": None if self._samples is None else rate(self._samples, elapsed),
             "samples_per_s_if_fed": None if self._samples is None else rate(self._samples, self._compute_s),
@@ -222,11 +259,16 @@ class Monitor:
             "wait_ms_p90": wait_ms[90],
             "wait_ms_max": wait_ms[100],
             "starve_threshold": self.config.starve_threshold,
+            "state": judged.state,
+            "headline": judged.headline,
             "starving": starving,
-            "bottleneck": "input pipeline" if starving else "compute",
-            "bottleneck_stage": stage,
-            "stage_shares": shares,
-            "advice": list(advice_for(stage) if stage else _INPUT_ADVICE) if starving else [],
+            "bottleneck": _bottleneck(judged.state),
+            "bottleneck_stage": judged.stage if starving else None,
+            "stage_seconds": stages,
+            "stage_ms_per_batch": {k: v * 1e3 for k, v in judged.stage_costs.items()},
+            "stage_shares": {k: v / total for k, v in stages.items()} if total > 0 else {},
+            "num_workers": self._facts.num_workers,
+            "advice": list(judged.advice),
         }
 
     def report(self, *, aggregate: bool = True, log: bool = True) -> dict[str, Any]:
@@ -234,24 +276,39 @@ class Monitor:
         local = self.metrics()
         everyone = aggregate and self._aggregate
         ranks = self._gather(local) if everyone else [_rank_row(local)]
-        slowest = max(ranks, key=lambda r: r["wait_s"] / max(r["steps"], 1))
+        for row in ranks:
+            facts = replace(self._facts, num_workers=row["num_workers"], has_stage_times=row["has_stage_times"])
+            judged = self._diagnose(Phase(row["steady_steps"], row["steady_wait_s"], row["steady_compute_s"]),
+                                    Phase(row["startup_steps"], row["startup_wait_s"], row["startup_compute_s"]),
+                                    row["stage_seconds"] if row["has_stage_times"] else None, facts,
+                                    where=f" on rank {row['rank']}" if len(ranks) > 1 else "")
+            row.update(state=judged.state, headline=judged.headline, advice=list(judged.advice),
+                       stage=judged.stage if judged.state == diagnosis.STARVING else None,
+                       stage_ms_per_batch={k: v * 1e3 for k, v in judged.stage_costs.items()})
+        # Under DDP every rank runs at the pace of the slowest, which waits in next() while the others wait in
+        # all-reduce (counted as their compute): the slowest rank is the one with most steady data wait per step.
+        slowest = max(ranks, key=_wait_per_step)
         fractions = [r["data_wait_fraction"] for r in ranks if not math.isnan(r["data_wait_fraction"])]
-        worst = max(fractions, default=math.nan)
-        starving = worst > self.config.starve_threshold
         samples = [r["samples_per_s"] for r in ranks]
+        states = {r["state"] for r in ranks}
+        state = diagnosis.STARVING if diagnosis.STARVING in states else slowest["state"]
+        starving = state == diagnosis.STARVING
         result = {
             "scope": "all ranks" if everyone or self._world == 1 else f"rank {self._rank} of {self._world} only",
             "world_size": len(ranks),
             "ranks": ranks,
-            # Under DDP every rank runs at the pace of the slowest, which waits in next() while the others
-            # wait in all-reduce (counted as their compute): the slowest rank is the one with most data wait.
             "slowest_rank": slowest["rank"],
-            "data_wait_fraction": worst,
+            "state": state,
+            "headline": slowest["headline"],
+            "advice": slowest["advice"],
+            "data_wait_fraction": slowest["data_wait_fraction"],
+            "steady_data_wait_fraction": slowest["steady_data_wait_fraction"],
             "mean_data_wait_fraction": sum(fractions) / len(fractions) if fractions else math.nan,
             "steps_per_s": min(r["steps_per_s"] for r in ranks),
             "samples_per_s": None if any(math.isnan(s) for s in samples) else sum(samples),
             "starving": starving,
-            "bottleneck": "input pipeline" if starving else "compute",
+            "bottleneck": _bottleneck(state),
+            "bottleneck_stage": slowest["stage"],
             "local": local,
             "tuning": _tuning(self.loader),
         }
@@ -261,12 +318,7 @@ class Monitor:
             self._logged_steps = self._steps
         if self._steps != self._recorded_steps:  # a pass-end report followed by close() adds no new row
             self._recorded_steps = self._steps
-            self._write_row("total", local)
-            if self._tb is not None:
-                for key in ("data_wait_fraction", "steps_per_s", "samples_per_s"):
-                    if result[key] is not None:
-                        self._tb.add_scalar(f"stoker/total/{key}", result[key], self._steps)
-                self._tb.flush()
+            self._write_outputs(result, local)
         return result
 
     def close(self, *, aggregate: bool = True) -> dict[str, Any] | None:
@@ -274,9 +326,7 @@ class Monitor:
         if self._closed:
             return self.last_report
         if self._t_out is not None:
-            compute = time.perf_counter() - self._t_out
-            self._compute_s += compute
-            self._rows.append(self._pending_wait, compute)
+            self._finish_step(time.perf_counter() - self._t_out)
             self._t_out = None
         # Do not repeat the report a finished pass just logged, unless this one adds the other ranks.
         repeat = self._steps == self._logged_steps and not (aggregate and self._aggregate)
@@ -288,27 +338,96 @@ class Monitor:
 
     # ---- helpers ----
 
+    def _rank_for_outputs(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _finish_step(self, compute: float) -> None:
+        self._compute_s += compute
+        if self._pending_startup:
+            self._startup[2] += compute
+        self._rows.append(self._pending_wait, compute, float(self._pending_startup))
+
+    def _diagnose(self, steady: Phase, startup: Phase, stages: Mapping[str, float] | None, facts: RunFacts,
+                  where: str = "") -> diagnosis.Diagnosis:
+        return diagnosis.diagnose(steady, startup, stages, facts, self.config.starve_threshold,
+                                  min_steps=self.config.min_steady_steps, where=where)
+
+    def _steady(self) -> Phase:
+        steps, wait, compute = self._startup
+        return Phase(self._steps - steps, self._wait_s - wait, self._compute_s - compute)
+
+    def _startup_phase(self) -> Phase:
+        return Phase(*self._startup)
+
+    def _stage_times(self) -> dict[str, float] | None:
+        if self._stage_source is None:
+            return None
+        times = self._stage_source() if callable(self._stage_source) else self._stage_source
+        return {str(k): float(v) for k, v in times.items()}
+
+    def _end_startup(self) -> None:
+        """Charge the stage time since the pass started to start-up (once per pass)."""
+        if self._stage_pass_start is None:
+            return
+        now = self._stage_times() or {}
+        for name, seconds in now.items():
+            spent = seconds - self._stage_pass_start.get(name, 0.0)
+            self._stage_startup[name] = self._stage_startup.get(name, 0.0) + spent
+        self._stage_pass_start = None
+
+    def _steady_stage_times(self) -> dict[str, float]:
+        now = self._stage_times()
+        if now is None:
+            return {}
+        base, startup, pending = self._stage_base or {}, self._stage_startup, self._stage_pass_start or {}
+        steady = {}
+        for name, seconds in now.items():
+            value = seconds - base.get(name, 0.0) - startup.get(name, 0.0)
+            if self._stage_pass_start is not None:  # still in this pass's start-up
+                value -= seconds - pending.get(name, 0.0)
+            if value > 0:
+                steady[name] = value
+        return steady
+
     def _log_interval(self) -> None:
-        steps0, wait0, compute0, samples0, _ = self._last_log
+        steps0, wait0, compute0, samples0, _, ssteps0, swait0, scompute0 = self._last_log
         steps, wait = self._steps - steps0, self._wait_s - wait0
         elapsed = wait + self._compute_s - compute0
         fraction = wait / elapsed if elapsed > 0 else math.nan
+        # The running step's compute is not known yet, so the interval's steady part counts the steps it finished.
+        s_steps, s_wait, s_compute = self._startup
+        steady = Phase(steps - (s_steps - ssteps0), wait - (s_wait - swait0),
+                       elapsed - wait - (s_compute - scompute0))
+        starving = steady.steps > 0 and steady.fraction > self.config.starve_threshold
         samples_per_s = None if self._samples is None else rate(self._samples - samples0, elapsed)
+        stage = None
+        if starving:
+            costs = diagnosis.stage_costs(self._steady_stage_times(), max(self._steady().steps, 1),
+                                          self._facts.num_workers)
+            stage = diagnosis.slowest_stage(costs)
         row = {"steps": steps, "samples": None if self._samples is None else self._samples - samples0,
                "wait_s": wait, "compute_s": elapsed - wait, "data_wait_fraction": fraction,
-               "steps_per_s": rate(steps, elapsed), "samples_per_s": samples_per_s,
-               "starving": fraction > self.config.starve_threshold}
+               "steps_per_s": rate(steps, elapsed), "samples_per_s": samples_per_s, "starving": starving,
+               "state": "start-up" if steady.steps <= 0 else diagnosis.STARVING if starving else diagnosis.KEEPING_UP,
+               "stage": stage}
         line = (f"{self._prefix()}step {self._steps} | data wait {fraction:.1%} | "
                 f"{row['steps_per_s']:.1f} steps/s")
         if samples_per_s is not None:
             line += f" | {samples_per_s:,.0f} samples/s"
-        self._emit(line + (" | STARVING" if row["starving"] else ""))
+        if steady.steps <= 0:
+            line += " | start-up"
+        elif starving:
+            line += " | STARVING" + (f": {stage}" if stage else "")
+        self._emit(line)
         self._write_row("interval", row)
         if self._tb is not None:
             for key in ("data_wait_fraction", "steps_per_s", "samples_per_s"):
                 if row[key] is not None:
                     self._tb.add_scalar(f"stoker/{key}", row[key], self._steps)
-        self._last_log = (self._steps, self._wait_s, self._compute_s, self._samples or 0, time.perf_counter())
+        self._last_log = (self._steps, self._wait_s, self._compute_s, self._samples or 0, time.perf_counter(),
+                          *self._startup)
 
     def _prefix(self) -> str:
         return f"[stoker.monitor rank {self._rank}/{self._world}] " if self._world > 1 else "[stoker.monitor] "
@@ -325,20 +444,10 @@ class Monitor:
             # Logging is unconfigured and INFO would vanish; a monitor nobody sees is useless, so use stderr.
             print(text, file=sys.stderr, flush=True)
 
-    def _stage_shares(self) -> dict[str, float]:
-        source = getattr(self.loader, "stage_times", None)
-        if source is None:
-            source = getattr(getattr(self.loader, "dataset", None), "stage_times", None)
-        if source is None:
-            return {}
-        times = source() if callable(source) else source
-        total = sum(times.values())
-        return {name: seconds / total for name, seconds in times.items()} if total > 0 else {}
-
     def _gather(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         import torch.distributed as dist
 
-        values = [math.nan if local[key] is None else float(local[key]) for key in _GATHERED]
+        values = _gathered_values(local)
         device = torch.device("cpu")
         if dist.get_backend() == "nccl":  # NCCL only moves CUDA tensors
             device = torch.device("cuda", torch.cuda.current_device())
@@ -347,10 +456,29 @@ class Monitor:
         dist.all_gather(everyone, mine)
         rows = []
         for rank, tensor in enumerate(everyone):
-            row = dict(zip(_GATHERED, tensor.cpu().tolist()))
+            numbers = tensor.cpu().tolist()
+            row = dict(zip(_GATHERED, numbers))
             row["rank"] = rank
+            row["stage_seconds"] = {name: v for name, v in zip(STAGES, numbers[len(_GATHERED):])
+                                    if not math.isnan(v)}
             rows.append(_rank_row(row))
         return rows
+
+    def _write_outputs(self, result: dict[str, Any], local: dict[str, Any]) -> None:
+        self._write_row("total", {**local, "stage": local["bottleneck_stage"]})
+        if self._tb is not None:
+            for key in ("data_wait_fraction", "steady_data_wait_fraction", "steps_per_s", "samples_per_s"):
+                if result[key] is not None and not math.isnan(result[key]):
+                    self._tb.add_scalar(f"stoker/total/{key}", result[key], self._steps)
+            for row in result["ranks"]:
+                for stage, ms in row["stage_ms_per_batch"].items():
+                    self._tb.add_scalar(f"stoker/rank{row['rank']}/stage_ms_per_batch/{stage}", ms, self._steps)
+            self._tb.flush()
+        if self._json_file is not None:
+            with open(self._json_file, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2, default=str, allow_nan=True)
+        if self.config.plot is not None and self._rank == 0:
+            plot_ranks(result["ranks"], str(self.config.plot))
 
     def _write_row(self, kind: str, row: Mapping[str, Any]) -> None:
         if self._csv_file is None:
@@ -365,48 +493,28 @@ class Monitor:
             writer.writerow([extra[c] if c in extra else _csv_value(row.get(c)) for c in _CSV_COLUMNS])
 
 
-def format_report(report: Mapping[str, Any]) -> str:
-    """Render a `Monitor.report()` dict as a few lines of text."""
-    local, ranks = report["local"], report["ranks"]
-    elapsed = max(r["wait_s"] + r["compute_s"] for r in ranks)
-    steps = max(r["steps"] for r in ranks)
-    where = f" on {len(ranks)} ranks" if len(ranks) > 1 else ""
-    if report["scope"] != "all ranks":
-        where = f" ({report['scope']})"
-    state = "STARVING" if report["starving"] else "keeping up"
-    lines = [f"stoker.monitor report: {steps} steps in {elapsed:.1f} s{where}"]
-    wait = f"{report['data_wait_fraction']:.1%} of step time"
-    if len(ranks) > 1:
-        wait += f" on the slowest rank, mean {report['mean_data_wait_fraction']:.1%}"
-    lines.append(f"  data wait    {wait} -> {state} (threshold {local['starve_threshold']:.0%})")
-    throughput = f"{report['steps_per_s']:.1f} steps/s"
-    if report["samples_per_s"] is not None:
-        throughput += f", {report['samples_per_s']:,.0f} samples/s" + (" over all ranks" if len(ranks) > 1 else "")
-    if local["samples_per_s_if_fed"] is not None and len(ranks) == 1:
-        throughput += f" ({local['samples_per_s_if_fed']:,.0f} if data were free)"
-    lines.append(f"  throughput   {throughput}")
-    here = f"rank {local['rank']}: " if len(ranks) > 1 else ""
-    first = local["first_batch_s"]
-    first_text = f"{first:.2f} s" if first >= 1 else f"{first * 1e3:.1f} ms"
-    lines.append(f"  step time    {here}p50 {local['step_ms_p50']:.1f} ms; data wait p50 "
-                 f"{local['wait_ms_p50']:.1f} ms, p90 {local['wait_ms_p90']:.1f} ms; first batch {first_text}")
-    if len(ranks) > 1:
-        slow = ranks[report["slowest_rank"]]
-        fast = min(ranks, key=lambda r: r["wait_s"] / max(r["steps"], 1))
-        lines.append(f"  slowest rank {slow['rank']}: waits {1e3 * slow['wait_s'] / max(slow['steps'], 1):.1f} ms "
-                     f"per step for data (least: rank {fast['rank']}, "
-                     f"{1e3 * fast['wait_s'] / max(fast['steps'], 1):.1f} ms)")
-    bottleneck = report["bottleneck"]
-    if local["stage_shares"]:
-        shares = sorted(local["stage_shares"].items(), key=lambda kv: -kv[1])
-        bottleneck += " (loader time by stage: " + ", ".join(f"{k} {v:.0%}" for k, v in shares) + ")"
-    lines.append(f"  bottleneck   {bottleneck}")
-    if report["starving"]:
-        advice = local["advice"] or list(_INPUT_ADVICE)
-        lines.extend(f"  advice       {line}" for line in advice)
-    if report.get("tuning") is not None:  # an autotuned stoker.DataLoader: what it chose and why
-        lines.extend("  " + line for line in report["tuning"]["summary"].splitlines())
-    return "\n".join(lines)
+def _bottleneck(state: str) -> str:
+    return {diagnosis.STARVING: "input pipeline", diagnosis.KEEPING_UP: "compute"}.get(state, "not judged")
+
+
+def _phase_dict(phase: Phase) -> dict[str, Any]:
+    return {"steps": phase.steps, "wait_s": phase.wait_s, "compute_s": phase.compute_s,
+            "data_wait_fraction": phase.fraction}
+
+
+def _wait_per_step(row: Mapping[str, Any]) -> float:
+    if row["steady_steps"] > 0:
+        return row["steady_wait_s"] / row["steady_steps"]
+    return row["wait_s"] / max(row["steps"], 1) - 1e9  # ranks without a steady state come last
+
+
+def _gathered_values(local: Mapping[str, Any]) -> list[float]:
+    flat = {**local, "startup_steps": local["startup"]["steps"], "startup_wait_s": local["startup"]["wait_s"],
+            "startup_compute_s": local["startup"]["compute_s"],
+            "num_workers": local["num_workers"] if local["num_workers"] is not None else math.nan,
+            "has_stage_times": float(bool(local["stage_seconds"]))}
+    values = [math.nan if flat[key] is None else float(flat[key]) for key in _GATHERED]
+    return values + [float(local["stage_seconds"].get(name, math.nan)) for name in STAGES]
 
 
 def _tuning(loader: Any) -> dict[str, Any] | None:
@@ -419,12 +527,23 @@ def _tuning(loader: Any) -> dict[str, Any] | None:
 
 def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
     """Per-rank summary from the gathered numbers (or from local metrics)."""
+    if "startup" in values:  # local metrics: the same fields as one all_gather row
+        values = {**values, **dict(zip(_GATHERED, _gathered_values(values)))}
     row = {key: values[key] for key in _GATHERED}
     row["samples"] = math.nan if row["samples"] is None else row["samples"]
     row["rank"] = int(values["rank"])
     row["steps"] = int(row["steps"])
+    row["startup_steps"] = int(row["startup_steps"])
+    row["num_workers"] = None if math.isnan(row["num_workers"]) else int(row["num_workers"])
+    row["has_stage_times"] = bool(row["has_stage_times"])
+    row["stage_seconds"] = dict(values["stage_seconds"])
     elapsed = row["wait_s"] + row["compute_s"]
     row["data_wait_fraction"] = row["wait_s"] / elapsed if elapsed > 0 and row["steps"] else math.nan
+    row["steady_steps"] = row["steps"] - row["startup_steps"]
+    row["steady_wait_s"] = row["wait_s"] - row["startup_wait_s"]
+    row["steady_compute_s"] = row["compute_s"] - row["startup_compute_s"]
+    row["steady_data_wait_fraction"] = Phase(row["steady_steps"], row["steady_wait_s"],
+                                             row["steady_compute_s"]).fraction
     row["steps_per_s"] = rate(row["steps"], elapsed)
     row["samples_per_s"] = rate(row["samples"], elapsed)
     return row
@@ -461,7 +580,7 @@ def _distributed_info(config: MonitorConfig) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), config.distributed is not False
 
 
-def _csv_path(path: str | PathLike[str] | None, rank: int) -> str | None:
+def _per_rank_path(path: str | PathLike[str] | None, rank: int) -> str | None:
     if path is None:
         return None
     text = str(path)
@@ -484,3 +603,36 @@ def _open_tensorboard(directory: str | PathLike[str] | None) -> Any:
     except ImportError as exc:  # torch raises ImportError when the tensorboard package is missing
         raise MissingExtraError("monitor(tensorboard_dir=...)", "tensorboard", "tensorboard") from exc
     return SummaryWriter(log_dir=str(directory))
+
+
+def _stage_source(loader: Any) -> Any:
+    """The loader's (or its dataset's) `stage_times`: a method or a plain dict; None when it has none."""
+    source = getattr(loader, "stage_times", None)
+    if source is None:
+        source = getattr(getattr(loader, "dataset", None), "stage_times", None)
+    return source
+
+
+def _run_facts(loader: Any) -> RunFacts:
+    """What the advice may rely on, read from public attributes of the loader and its dataset."""
+    from stoker import storage
+
+    dataset = getattr(loader, "dataset", None)
+    workers = getattr(loader, "num_workers", None)
+    source = getattr(dataset, "source", None)
+    read = getattr(dataset, "read", None)
+    collate = getattr(loader, "collate_fn", None)
+    module = type(collate).__module__ if collate is not None else ""
+    backend = module.rsplit(".", 1)[-1] if module.startswith("stoker.augment.") else None
+    return RunFacts(
+        num_workers=workers if isinstance(workers, int) else None,
+        usable_cores=usable_cores(),
+        cuda=torch.cuda.is_available(),
+        has_stage_times=_stage_source(loader) is not None,
+        remote=isinstance(source, str) and not storage.is_local(source),
+        source=storage.redact(source) if isinstance(source, str) else None,
+        parallel_reads=getattr(read, "parallel_reads", None),
+        cache_dir=getattr(dataset, "cache_dir", None),
+        backend=backend,
+        pin_memory=bool(getattr(loader, "pin_memory", False)),
+    )

@@ -1,0 +1,206 @@
+"""The monitor's verdict: is a training loop starving, which stage of the loader is to blame, and what to change.
+
+Pure functions over numbers the monitor measured, so every rule is tested from a table:
+
+- start-up (the first batches of each pass, while workers start and open their first shards) is reported apart;
+  only the steady state decides STARVING, and a run with too few steady steps is called too short to judge;
+- the stage is named from the loader's `stage_times()` (busy seconds per stage, summed over its workers): a stage
+  that runs in every worker costs the loop its time divided by the workers, one in the training process all of it;
+- the advice is in stoker's own knobs and only what this run can still change (no "more workers" when the loader
+  already has a worker per usable core, no GPU backend without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Stages of the per-stage clock contract, in pipeline order; the training process's own wait is measured apart.
+STAGES = ("fetch", "read", "decode", "augment", "transform", "collate", "handoff", "pin")
+# Stages that run in the training process, one batch after another, whatever the number of workers.
+MAIN_PROCESS_STAGES = frozenset({"pin"})
+# Fewer steady steps than this and a fraction of step time is mostly noise: the report says so instead of judging.
+MIN_STEADY_STEPS = 10
+
+STARVING, KEEPING_UP, TOO_SHORT = "STARVING", "keeping up", "too short to judge"
+
+_DESCRIPTIONS = {
+    "fetch": "remote reads",
+    "read": "local shard reads",
+    "decode": "decode",
+    "augment": "augment",
+    "transform": "the transform / collate_fn",
+    "collate": "collate",
+    "handoff": "handing batches to the training process",
+    "pin": "pin_memory in the training process",
+}
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the monitor knows about the loader it watches; advice is only given where these make it true."""
+
+    num_workers: int | None = None  # None: not a loader with workers (a generator, a list)
+    usable_cores: int = 1
+    cuda: bool = False  # a CUDA GPU is available to this process
+    has_stage_times: bool = False  # the loader exposes stoker's per-stage clocks
+    remote: bool = False  # shards come from object storage
+    source: str | None = None  # the dataset's location, credentials already removed
+    parallel_reads: int | None = None  # ReadOptions.parallel_reads, when known
+    cache_dir: str | None = None
+    backend: str | None = None  # stoker's augment backend ("pil", "dali", "kornia"), when it is the collate_fn
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps of one phase (start-up or steady state) and where their time went."""
+
+    steps: int
+    wait_s: float
+    compute_s: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of this phase's time spent waiting for data; NaN with no steps."""
+        elapsed = self.wait_s + self.compute_s
+        return self.wait_s / elapsed if self.steps and elapsed > 0 else math.nan
+
+
+def startup_steps(num_workers: int | None) -> int:
+    """Steps at the start of each pass counted as start-up: each worker's first batch carries its start-up."""
+    return max(1, num_workers or 0)
+
+
+def state(steady: Phase, threshold: float, min_steps: int = MIN_STEADY_STEPS) -> str:
+    """STARVING, keeping up, or too short to judge, from the steady state alone."""
+    if steady.steps < min_steps or math.isnan(steady.fraction):
+        return TOO_SHORT
+    return STARVING if steady.fraction > threshold else KEEPING_UP
+
+
+def stage_costs(stage_times: Mapping[str, float], batches: int, num_workers: int | None) -> dict[str, float]:
+    """Seconds each stage costs the training loop per batch: worker stages run `num_workers` at a time."""
+    if batches < 1:
+        return {}
+    lanes = max(1, num_workers or 0)
+    return {name: seconds / batches / (1 if name in MAIN_PROCESS_STAGES else lanes)
+            for name, seconds in stage_times.items() if seconds > 0}
+
+
+def slowest_stage(costs: Mapping[str, float]) -> str | None:
+    """The stage with the largest cost per batch, or None when nothing was timed."""
+    return max(costs, key=costs.__getitem__) if costs else None
+
+
+def describe(stage: str, facts: RunFacts) -> str:
+    """The stage in words, with what this run is doing there (e.g. "decode (CPU, pil, 2 workers)")."""
+    text = _DESCRIPTIONS.get(stage, stage)
+    workers = f"{facts.num_workers} worker{'s' if facts.num_workers != 1 else ''}" if facts.num_workers \
+        else "in the training process" if facts.num_workers == 0 else ""
+    if stage == "fetch":
+        details = [facts.source or "object storage"]
+        if facts.parallel_reads is not None:
+            details.append(f"{facts.parallel_reads} reads in flight per shard")
+        return f"{text} ({', '.join(details)})"
+    if stage in ("decode", "augment", "transform", "collate"):
+        parts = ["CPU" if facts.backend in (None, "pil") else "GPU", facts.backend or "", workers]
+        return f"{text} ({', '.join(p for p in parts if p)})"
+    return text
+
+
+def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
+    """What to change for a loop starved at `stage` (None: the loader did not say where its time goes)."""
+    more_workers = _more_workers(facts)
+    if stage is None:
+        lines = [] if facts.has_stage_times else [
+            "This loader does not report per-stage times, so only the training process's wait is known: use "
+            "stoker.DataLoader over a StreamingDataset to have the stage named, or run `stoker bench DATASET`."]
+        return tuple(lines + more_workers)
+    if stage == "fetch":
+        lines = []
+        if facts.parallel_reads is not None:
+            lines.append(f"Raise ReadOptions.parallel_reads (now {facts.parallel_reads}) and prefetch_shards: "
+                         "object stores serve each connection slowly but many in parallel.")
+        else:
+            lines.append("Raise ReadOptions.parallel_reads and prefetch_shards: object stores serve each connection "
+                         "slowly but many in parallel.")
+        if facts.cache_dir is None:
+            lines.append("Give StreamingDataset a cache_dir on local disk, so epochs after the first read locally.")
+        return tuple(lines + more_workers)
+    if stage == "read":
+        lines = ["Keep the shards on local NVMe (or in the page cache: enough free RAM for the dataset); "
+                 + ("cache_dir is where remote shards land, put it on the fastest disk." if facts.remote
+                    else "network file systems page in slowly.")]
+        return tuple(lines + more_workers)
+    if stage in ("decode", "augment", "transform"):
+        lines = []
+        if stage in ("decode", "transform"):
+            lines.append("Pack with `pack-dataset --max-side N` (N near the model's input side) so each image "
+                         "decodes fewer pixels.")
+        if facts.cuda and facts.backend != "dali" and stage in ("decode", "transform"):
+            lines.append("Decode on the GPU: build_transform(spec, backend='dali') (pip install 'stoker[gpu]').")
+        if facts.cuda and facts.backend not in ("dali", "kornia") and stage in ("augment", "transform"):
+            lines.append("Augment on the GPU: build_transform(spec, backend='kornia').")
+        if stage == "transform" and facts.backend is None:
+            lines.append("Your transform runs once per sample in Python: do the work per batch (one tensor op on "
+                         "the stacked batch) or use stoker.build_transform, which decodes and augments per batch.")
+        return tuple(lines + more_workers)
+    if stage == "collate":
+        return ("collate_fn is the slow part: stack once per batch and move per-sample conversions (float, "
+                "normalize) to the GPU after the copy.", *more_workers)
+    if stage == "handoff":
+        return ("Batches are slow to move from the workers: hand out uint8 (4x fewer bytes than float32) and "
+                "convert on the device; drop columns the model does not use (StreamingDataset(columns=...)).",)
+    if stage == "pin":
+        if not facts.cuda:
+            return ("pin_memory=True costs a copy of every batch and only helps a copy to a CUDA GPU, which this "
+                    "process does not have: set pin_memory=False.",)
+        return ("pin_memory copies every batch in the training process: hand out uint8 and convert on the "
+                "device, so fewer bytes are pinned.",)
+    return (f"Stage {stage!r} has no built-in advice: profile it (py-spy, torch.profiler).", *more_workers)
+
+
+def _more_workers(facts: RunFacts) -> list[str]:
+    if facts.num_workers is None or facts.num_workers >= facts.usable_cores:
+        return []  # another worker would only share a core with one that is already busy
+    if facts.num_workers == 0:
+        return [f"Set num_workers (0 now: every batch is loaded in the training process; this machine lets it use "
+                f"{facts.usable_cores} cores)."]
+    return [f"Raise num_workers ({facts.num_workers} now, {facts.usable_cores} usable cores)."]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The monitor's verdict for one rank."""
+
+    state: str  # STARVING, keeping up, too short to judge
+    steady: Phase
+    startup: Phase
+    stage: str | None  # the stage that costs the loop most per batch, when the loader reports stage times
+    stage_costs: Mapping[str, float]  # seconds per batch each stage costs the loop (see `stage_costs`)
+    headline: str  # one line, e.g. "STARVING 62% of step time: decode (CPU, pil, 2 workers)"
+    advice: tuple[str, ...]
+
+
+def diagnose(steady: Phase, startup: Phase, stage_times: Mapping[str, float] | None, facts: RunFacts,
+             threshold: float, *, min_steps: int = MIN_STEADY_STEPS, where: str = "") -> Diagnosis:
+    """Judge one rank: the state from the steady state, the stage and advice only when it is starving.
+
+    `stage_times` are the busy seconds per stage over the steady steps (None when the loader reports none);
+    `where` is appended to the headline's figure, e.g. " on rank 3".
+    """
+    verdict = state(steady, threshold, min_steps)
+    costs = stage_costs(stage_times or {}, steady.steps, facts.num_workers)
+    stage = slowest_stage(costs)
+    if verdict == TOO_SHORT:
+        headline = (f"{TOO_SHORT}: {steady.steps} steady step{'s' if steady.steps != 1 else ''} after start-up "
+                    f"(at least {min_steps} needed)")
+        return Diagnosis(verdict, steady, startup, stage, costs, headline, ())
+    headline = f"{verdict} ({steady.fraction:.1%} of step time waiting for data{where})"
+    if verdict == KEEPING_UP:
+        return Diagnosis(verdict, steady, startup, stage, costs, headline, ())
+    if stage is not None:
+        headline = f"{verdict} {steady.fraction:.0%} of step time{where}: {describe(stage, facts)}"
+    return Diagnosis(verdict, steady, startup, stage, costs, headline, advice(stage, facts))

@@ -1,0 +1,149 @@
+"""The monitor's verdict as pure functions: start-up apart, short runs not judged, the stage and advice named."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stoker.perf.diagnosis import (
+    KEEPING_UP,
+    STARVING,
+    TOO_SHORT,
+    Phase,
+    RunFacts,
+    advice,
+    describe,
+    diagnose,
+    slowest_stage,
+    stage_costs,
+    startup_steps,
+    state,
+)
+
+
+@pytest.mark.parametrize(
+    ("steady", "expected"),
+    [
+        (Phase(100, 0.5, 9.5), KEEPING_UP),  # 5.0% is not above 5%
+        (Phase(100, 0.6, 9.4), STARVING),
+        (Phase(9, 9.0, 1.0), TOO_SHORT),  # 90% waiting, but 9 steps are not a steady state
+        (Phase(10, 9.0, 1.0), STARVING),
+        (Phase(0, 0.0, 0.0), TOO_SHORT),
+        (Phase(50, 0.0, 0.0), TOO_SHORT),  # no time at all: no fraction to judge
+    ],
+)
+def test_state_comes_from_the_steady_state_alone(steady, expected) -> None:
+    assert state(steady, 0.05) == expected
+
+
+def test_the_reported_short_run_is_not_starving_because_of_its_first_batch() -> None:
+    # 15 steps of 50 ms; the first batch waited 50 ms, the others ~0.5 ms: 7.6% overall, ~1% steady
+    steady, startup = Phase(14, 14 * 0.0005, 14 * 0.05), Phase(1, 0.05, 0.05)
+    overall = (steady.wait_s + startup.wait_s) / (steady.wait_s + startup.wait_s + steady.compute_s + 0.05)
+    assert overall > 0.05
+    verdict = diagnose(steady, startup, None, RunFacts(), 0.05)
+    assert verdict.state == KEEPING_UP and verdict.advice == ()
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(None, 1), (0, 1), (1, 1), (4, 4)])
+def test_startup_is_one_batch_per_worker(workers, expected) -> None:
+    assert startup_steps(workers) == expected
+
+
+@pytest.mark.parametrize(
+    ("times", "batches", "workers", "expected"),
+    [
+        # 4 workers share decode; pin runs in the training process, so it costs its whole time per batch
+        ({"decode": 4.0, "pin": 1.5}, 100, 4, {"decode": 0.01, "pin": 0.015}),
+        ({"decode": 4.0, "pin": 1.5}, 100, 0, {"decode": 0.04, "pin": 0.015}),
+        ({"read": 1.0, "collate": 0.0}, 10, 2, {"read": 0.05}),  # a stage that never ran is left out
+        ({"read": 1.0}, 0, 2, {}),
+    ],
+)
+def test_stage_costs_per_batch(times, batches, workers, expected) -> None:
+    costs = stage_costs(times, batches, workers)
+    assert costs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("costs", "expected"),
+    [({"decode": 0.01, "pin": 0.015}, "pin"), ({"fetch": 0.2, "decode": 0.01}, "fetch"), ({}, None)],
+)
+def test_slowest_stage(costs, expected) -> None:
+    assert slowest_stage(costs) == expected
+
+
+CPU = RunFacts(num_workers=2, usable_cores=8, cuda=False, has_stage_times=True, backend="pil")
+FULL = RunFacts(num_workers=8, usable_cores=8, cuda=False, has_stage_times=True, backend="pil")
+GPU = RunFacts(num_workers=8, usable_cores=8, cuda=True, has_stage_times=True, backend="pil")
+REMOTE = RunFacts(num_workers=8, usable_cores=8, has_stage_times=True, remote=True, source="s3://bucket/data",
+                  parallel_reads=8, cache_dir=None)
+DALI = RunFacts(num_workers=8, usable_cores=8, cuda=True, has_stage_times=True, backend="dali")
+PLAIN = RunFacts(num_workers=0, usable_cores=4)
+GENERATOR = RunFacts(num_workers=None, usable_cores=4)
+
+
+@pytest.mark.parametrize(
+    ("stage", "facts", "present", "absent"),
+    [
+        ("decode", CPU, ["--max-side", "Raise num_workers (2 now, 8 usable cores)"], ["dali", "kornia"]),
+        ("decode", FULL, ["--max-side"], ["num_workers", "dali"]),  # workers == cores: no "more workers"
+        ("decode", GPU, ["--max-side", "backend='dali'"], ["num_workers"]),
+        ("decode", DALI, ["--max-side"], ["'dali'"]),  # already decoding on the GPU
+        ("augment", GPU, ["backend='kornia'"], ["--max-side"]),
+        ("augment", FULL, [], ["kornia", "num_workers"]),
+        ("transform", RunFacts(num_workers=2, usable_cores=2, has_stage_times=True), ["per batch"], ["num_workers"]),
+        ("collate", CPU, ["stack once", "Raise num_workers"], []),
+        ("fetch", REMOTE, ["ReadOptions.parallel_reads (now 8)", "cache_dir"], ["num_workers"]),
+        ("read", FULL, ["NVMe"], ["num_workers"]),
+        ("handoff", CPU, ["uint8"], ["num_workers"]),
+        ("pin", CPU, ["pin_memory=False"], []),
+        ("pin", GPU, ["uint8"], ["pin_memory=False"]),
+        (None, PLAIN, ["does not report per-stage times", "Set num_workers (0 now", "4 cores"], []),
+        (None, GENERATOR, ["does not report per-stage times"], ["num_workers"]),
+        (None, FULL, [], ["num_workers", "does not report"]),
+    ],
+)
+def test_advice_is_in_stokers_knobs_and_true_for_the_run(stage, facts, present, absent) -> None:
+    text = "\n".join(advice(stage, facts))
+    for words in present:
+        assert words in text
+    for words in absent:
+        assert words not in text
+
+
+@pytest.mark.parametrize(
+    ("stage", "facts", "expected"),
+    [
+        ("decode", CPU, "decode (CPU, pil, 2 workers)"),
+        ("fetch", REMOTE, "remote reads (s3://bucket/data, 8 reads in flight per shard)"),
+        ("transform", PLAIN, "the transform / collate_fn (CPU, in the training process)"),
+        ("collate", GENERATOR, "collate (CPU)"),
+    ],
+)
+def test_describe(stage, facts, expected) -> None:
+    assert describe(stage, facts) == expected
+
+
+def test_diagnose_names_the_stage_with_its_figure_and_rank() -> None:
+    steady = Phase(100, 6.2, 3.8)
+    verdict = diagnose(steady, Phase(2, 1.0, 0.1), {"decode": 30.0, "read": 2.0}, CPU, 0.05, where=" on rank 3")
+    assert verdict.state == STARVING and verdict.stage == "decode"
+    assert verdict.headline == "STARVING 62% of step time on rank 3: decode (CPU, pil, 2 workers)"
+    assert verdict.stage_costs["decode"] == pytest.approx(0.15)
+    assert any("--max-side" in line for line in verdict.advice)
+
+
+def test_diagnose_without_stage_times_says_so() -> None:
+    verdict = diagnose(Phase(50, 5.0, 5.0), Phase(1, 0.1, 0.1), None, PLAIN, 0.05)
+    assert verdict.state == STARVING and verdict.stage is None
+    assert verdict.headline == "STARVING (50.0% of step time waiting for data)"
+    assert any("does not report per-stage times" in line for line in verdict.advice)
+
+
+def test_too_short_run_gives_no_advice_and_says_why() -> None:
+    verdict = diagnose(Phase(3, 3.0, 0.3), Phase(4, 1.0, 0.1), {"decode": 1.0}, CPU, 0.05)
+    assert verdict.state == TOO_SHORT and verdict.advice == ()
+    assert verdict.headline == "too short to judge: 3 steady steps after start-up (at least 10 needed)"
+    assert math.isclose(verdict.startup.fraction, 1.0 / 1.1)
