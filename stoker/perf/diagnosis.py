@@ -143,6 +143,9 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
             lines.append("Decode on the GPU: build_transform(spec, backend='dali') (pip install 'stoker[gpu]').")
         if facts.cuda and facts.backend not in ("dali", "kornia") and stage in ("augment", "transform"):
             lines.append("Augment on the GPU: build_transform(spec, backend='kornia').")
+        if stage == "augment":
+            lines.append("Make each sample cheaper to augment: a smaller output (TransformSpec size), and no "
+                         "colour jitter if it is on (the costliest op on a CPU).")
         if stage == "transform" and facts.backend is None:
             lines.append("Your transform runs once per sample in Python: do the work per batch (one tensor op on "
                          "the stacked batch) or use stoker.build_transform, which decodes and augments per batch.")
@@ -153,6 +156,14 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
     if stage == "handoff":
         return ("Batches are slow to move from the workers: hand out uint8 (4x fewer bytes than float32) and "
                 "convert on the device; drop columns the model does not use (StreamingDataset(columns=...)).",)
+    if stage == "h2d":
+        return ("Copy with pin_memory=True and .to(device, non_blocking=True) so the copy overlaps compute; hand "
+                "out uint8 and convert on the device (4x fewer bytes than float32).",)
+    if stage == "loader":
+        lines = ["Every stage alone is faster than the loader end to end: the time goes between them (handing "
+                 "batches to the training process, waiting on the next shard). Raise prefetch_factor, and hand "
+                 "out uint8 so each batch is cheaper to move."]
+        return tuple(lines + more_workers)
     if stage == "pin":
         if not facts.cuda:
             return ("pin_memory=True costs a copy of every batch and only helps a copy to a CUDA GPU, which this "

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from stoker.perf.bench import BenchOptions, Consumption, _make_loader, usable_cores
+from stoker.perf.loaders import count_items, make_loader
+from stoker.perf.stages import BenchOptions
+from stoker.perf.timing import usable_cores
+from stoker.perf.verdict import Consumption
 
 PREFETCHES = (2, 4, 8)
 SPARE = 1.10  # feed the consumer with this much to spare
@@ -52,7 +55,8 @@ def measure(source: str, options: BenchOptions, image: bool, batch: int, workers
             prefetch: int | None) -> Trial:
     """Items/s of one setting over `options.seconds` after its first batch (epochs wrap around)."""
     try:
-        loader, _ = _make_loader(source, options, image, batch, workers, prefetch or 2)
+        loader, _ = make_loader(source, image=image, batch_size=batch, workers=workers, prefetch=prefetch or 2,
+                                size=options.size, storage_options=options.storage_options)
         start = time.perf_counter()
         batches = iter(loader)
         next(batches)
@@ -63,7 +67,7 @@ def measure(source: str, options: BenchOptions, image: bool, batch: int, workers
             if got is None:
                 batches = iter(loader)
                 continue
-            items += len(got["label"]) if image else int(got["lengths"].sum())
+            items += count_items(got, image)
         rate = items / (time.perf_counter() - start)
         del batches, loader  # stop the workers before the next setting starts its own
     except Exception as exc:  # noqa: BLE001 - one failing setting is reported, the others still run
@@ -71,11 +75,10 @@ def measure(source: str, options: BenchOptions, image: bool, batch: int, workers
     return Trial(workers, prefetch, rate, first)
 
 
-def sweep(source: str, options: BenchOptions, *, consumption: Consumption | None = None) -> Sweep:
+def sweep_settings(source: str, options: BenchOptions, *, consumption: Consumption | None = None) -> Sweep:
     """Measure every setting of `settings()` on `source` and pick one (see the module docstring)."""
     from stoker.formats.manifest import Manifest
 
-    options.check()
     manifest = Manifest.load(source, options.storage_options)
     image = manifest.kind == "image"
     batch = options.batch_size or (64 if image else 32)
