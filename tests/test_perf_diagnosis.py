@@ -94,7 +94,7 @@ GENERATOR = RunFacts(num_workers=None, usable_cores=4)
         ("augment", GPU, ["backend='kornia'"], ["--max-side"]),
         ("augment", FULL, [], ["kornia", "num_workers"]),
         ("transform", RunFacts(num_workers=2, usable_cores=2, has_stage_times=True), ["per batch"], ["num_workers"]),
-        ("collate", CPU, ["stack once", "Raise num_workers"], []),
+        ("collate", CPU, ["uint8 rather than float", "Raise num_workers"], []),
         ("fetch", REMOTE, ["ReadOptions.parallel_reads (now 8)", "cache_dir"], ["num_workers"]),
         ("read", FULL, ["NVMe"], ["num_workers"]),
         ("handoff", CPU, ["uint8"], ["num_workers"]),

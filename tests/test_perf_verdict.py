@@ -21,7 +21,7 @@ from stoker.perf.verdict import consumption_from_step, format_table, judge_pipel
         # h2d overlaps with the workers' work, so it limits alone
         ({"read": 60_000, "decode": 9_000, "h2d": 5_000}, 2_500, 4, False, "h2d", 5_000, "pin_memory"),
         ({"read": 60_000, "augment": 3_000}, 2_500, 2, False, "augment", 2_857, "TransformSpec"),
-        ({"read": 60_000, "collate": 1_000}, 2_500, 1, False, "collate", 984, "stack once"),
+        ({"read": 60_000, "collate": 1_000}, 2_500, 1, False, "collate", 984, "uint8"),
         # every stage alone is fast but the loader end to end is not: the time goes between stages
         ({"read": 20_000, "decode": 20_000, "loader": 3_000}, 2_500, 2, False, "loader", 3_000, "prefetch_factor"),
         # loader close to the stages one after another (8,571): the stage taking most of the time is named

@@ -151,8 +151,9 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
                          "the stacked batch) or use stoker.build_transform, which decodes and augments per batch.")
         return tuple(lines + more_workers)
     if stage == "collate":
-        return ("collate_fn is the slow part: stack once per batch and move per-sample conversions (float, "
-                "normalize) to the GPU after the copy.", *more_workers)
+        return ("Collating samples into batches is the slow part: make each sample smaller before it is stacked "
+                "(uint8 rather than float, cropped to the model's input) and convert on the GPU after the copy.",
+                *more_workers)
     if stage == "handoff":
         return ("Batches are slow to move from the workers: hand out uint8 (4x fewer bytes than float32) and "
                 "convert on the device; drop columns the model does not use (StreamingDataset(columns=...)).",)

@@ -1,0 +1,128 @@
+"""stoker.monitor on stoker.DataLoader with real parts: real JPEGs through stoker's Pillow transform, a costly
+collate of large samples, a slow training step, a fast everything, and two real gloo ranks of which one is slow.
+
+Each case asserts the verdict and the stage the report names, never a time: the slow part is made several times
+slower than everything else, so a busy machine cannot reorder the stages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import stoker
+from _datasets import make_dataset
+from _distributed import run_gloo_ranks
+from stoker.formats.pack import pack_dataset
+from stoker.perf.diagnosis import KEEPING_UP, STARVING
+from stoker.synthetic import make_image_tree
+
+STEPS_AT_LEAST = 20  # more than start-up plus the steady steps the verdict needs
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> str:
+    """Real JPEGs of 300-500 px: decoding and augmenting them is most of the loader's work."""
+    root = tmp_path_factory.mktemp("monitor-jpegs")
+    make_image_tree(str(root / "raw"), num_classes=4, per_class=50, min_side=300, max_side=500, seed=0)
+    pack_dataset(str(root / "raw"), str(root / "shards"), format="arrow", shard_size=1 << 20, overwrite=True,
+                 progress=False)
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> str:
+    return make_dataset(tmp_path_factory.mktemp("monitor-rows"), rows=(200, 200))
+
+
+def watch(loader, step_s: float, lines: list[str]) -> dict:
+    with stoker.monitor(loader, log=lines.append, log_every=0) as m:
+        for _ in m:
+            time.sleep(step_s)  # the training step
+    return m.last_report
+
+
+def big_sample(sample: dict) -> dict:
+    """A cheap transform whose output is large (4 MB of float32): collating 16 of them dominates the loader."""
+    return {"x": torch.empty(1 << 20), "label": sample["label"]}
+
+
+def test_costly_decode_and_augment_names_the_transform(jpegs) -> None:
+    transform = stoker.build_transform(stoker.TransformSpec(size=224), backend="pil", seed=0)
+    loader = stoker.DataLoader(stoker.StreamingDataset(jpegs, seed=0), batch_size=8, num_workers=2,
+                               collate_fn=transform)
+    lines: list[str] = []
+    report = watch(loader, 0.001, lines)
+    text = "\n".join(lines)
+    assert report["local"]["steps"] >= STEPS_AT_LEAST
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", text
+    assert "the transform / collate_fn (CPU, pil, 2 workers)" in report["headline"]
+    assert any("--max-side" in line for line in report["advice"])
+    assert "STARVING" in text and "transform" in text
+
+
+def test_costly_collate_names_collate(rows) -> None:
+    loader = stoker.DataLoader(stoker.StreamingDataset(rows, seed=0, transform=big_sample), batch_size=16,
+                               num_workers=2)
+    lines: list[str] = []
+    report = watch(loader, 0.001, lines)
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "collate", "\n".join(lines)
+    assert any("uint8 rather than float" in line for line in report["advice"])
+
+
+def test_slow_training_step_is_not_starving(rows) -> None:
+    loader = stoker.DataLoader(stoker.StreamingDataset(rows, seed=0), batch_size=16, num_workers=2)
+    lines: list[str] = []
+    report = watch(loader, 0.03, lines)
+    assert report["state"] == KEEPING_UP and report["bottleneck"] == "compute", "\n".join(lines)
+    assert report["advice"] == [] and report["bottleneck_stage"] is None
+    # start-up is reported apart: the first batch of each worker, never part of the verdict
+    assert report["ranks"][0]["startup_steps"] == 2
+
+
+def test_fast_everything_is_not_starving(rows) -> None:
+    weights = torch.randn(256, 256)
+    loader = stoker.DataLoader(stoker.StreamingDataset(rows, seed=0), batch_size=16, num_workers=2)
+    lines: list[str] = []
+    with stoker.monitor(loader, log=lines.append, log_every=0) as m:
+        for batch in m:
+            x = torch.randn(64, 256)
+            for _ in range(40):  # a few ms of real compute per step
+                x = torch.tanh(x @ weights)
+    report = m.last_report
+    assert report["state"] == KEEPING_UP, "\n".join(lines)
+    assert report["local"]["stage_seconds"]  # the loader's clocks were read, and still no stage is blamed
+    assert report["bottleneck_stage"] is None
+
+
+def _rank_main(rank: int, out: str, jpegs: str) -> None:
+    spec = stoker.TransformSpec(size=224 if rank == 1 else 32)
+    transform = stoker.build_transform(spec, backend="pil", seed=0)
+    # Rank 1 decodes and augments full-size JPEGs; rank 0 only reads its rows (no transform at all).
+    loader = stoker.DataLoader(stoker.StreamingDataset(jpegs, seed=0), batch_size=8, num_workers=1,
+                               collate_fn=transform if rank == 1 else _labels_only)
+    lines: list[str] = []
+    with stoker.monitor(loader, log=lines.append, log_every=0) as m:
+        for _ in m:
+            time.sleep(0.002)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"report": m.last_report, "lines": lines}, default=str))
+
+
+def _labels_only(samples: list[dict]) -> dict:
+    return {"label": torch.tensor([int(s["label"]) for s in samples])}
+
+
+def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(jpegs, tmp_path) -> None:
+    run_gloo_ranks(_rank_main, 2, str(tmp_path), jpegs, timeout=120)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in reports:
+        report = result["report"]
+        assert report["slowest_rank"] == 1
+        assert report["state"] == STARVING and report["bottleneck_stage"] == "transform"
+        assert report["headline"].startswith("STARVING") and "on rank 1" in report["headline"]
+        assert [r["state"] for r in report["ranks"]][1] == STARVING
+    assert "on rank 1" in "\n".join(reports[0]["lines"])
