@@ -119,6 +119,7 @@ def test_advice_is_in_stokers_knobs_and_true_for_the_run(stage, facts, present, 
         ("decode", CPU, "decode (CPU, pil, 2 workers)"),
         ("fetch", REMOTE, "remote reads (s3://bucket/data, 8 reads in flight per shard)"),
         ("transform", PLAIN, "the transform / collate_fn (CPU, in the training process)"),
+        ("transform", CPU, "decode and augment in stoker's transform (CPU, pil, 2 workers)"),
         ("collate", GENERATOR, "collate (CPU)"),
     ],
 )

@@ -319,3 +319,31 @@ def test_empty_loader_reports_without_crashing() -> None:
     assert list(m) == []
     assert m.metrics()["steps"] == 0 and m.metrics()["starving"] is False
     assert lines and lines[0].startswith("stoker.monitor report: 0 steps")
+
+
+def test_json_report_and_stage_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    json_path, png = tmp_path / "report-{rank}.json", tmp_path / "stages.png"
+    lines: list[str] = []
+    run(monitor(StagedLoader(15, 0.01), log=lines.append, log_every=5, json_path=json_path, plot=png,
+                csv_path=tmp_path / "m.csv"), compute=0.001)
+    import json
+
+    saved = json.loads((tmp_path / "report-0.json").read_text())
+    assert saved["state"] == "STARVING" and saved["bottleneck_stage"] == "decode"
+    assert saved["ranks"][0]["stage_ms_per_batch"]["decode"] == pytest.approx(6.0)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["state"] for row in rows] == ["STARVING", "STARVING", "STARVING", "STARVING"]
+    assert rows[-1]["stage"] == "decode"
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path) -> None:
+    from stoker.perf import monitor_report
+
+    real = monitor_report.importlib.util.find_spec
+    monkeypatch.setattr(monitor_report.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else real(name))
+    with pytest.raises(MissingExtraError, match=r"stoker\[plot\]"):
+        monitor([], plot=tmp_path / "x.png")

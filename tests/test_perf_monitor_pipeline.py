@@ -60,7 +60,7 @@ def test_costly_decode_and_augment_names_the_transform(jpegs) -> None:
     text = "\n".join(lines)
     assert report["local"]["steps"] >= STEPS_AT_LEAST
     assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", text
-    assert "the transform / collate_fn (CPU, pil, 2 workers)" in report["headline"]
+    assert "decode and augment in stoker's transform (CPU, pil, 2 workers)" in report["headline"]
     assert any("--max-side" in line for line in report["advice"])
     assert "STARVING" in text and "transform" in text
 
@@ -124,5 +124,6 @@ def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(jpegs, tmp_path) -> Non
         assert report["slowest_rank"] == 1
         assert report["state"] == STARVING and report["bottleneck_stage"] == "transform"
         assert report["headline"].startswith("STARVING") and "on rank 1" in report["headline"]
+        assert "stoker's transform (CPU, pil, 1 worker)" in report["headline"]  # rank 1's own facts
         assert [r["state"] for r in report["ranks"]][1] == STARVING
     assert "on rank 1" in "\n".join(reports[0]["lines"])

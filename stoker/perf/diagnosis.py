@@ -24,6 +24,7 @@ MAIN_PROCESS_STAGES = frozenset({"pin"})
 MIN_STEADY_STEPS = 10
 
 STARVING, KEEPING_UP, TOO_SHORT = "STARVING", "keeping up", "too short to judge"
+BACKENDS = ("pil", "dali", "kornia")  # stoker's augment backends, in the order ranks exchange them
 
 _DESCRIPTIONS = {
     "fetch": "remote reads",
@@ -97,6 +98,8 @@ def slowest_stage(costs: Mapping[str, float]) -> str | None:
 def describe(stage: str, facts: RunFacts) -> str:
     """The stage in words, with what this run is doing there (e.g. "decode (CPU, pil, 2 workers)")."""
     text = _DESCRIPTIONS.get(stage, stage)
+    if stage == "transform" and facts.backend is not None:
+        text = "decode and augment in stoker's transform"
     workers = f"{facts.num_workers} worker{'s' if facts.num_workers != 1 else ''}" if facts.num_workers \
         else "in the training process" if facts.num_workers == 0 else ""
     if stage == "fetch":

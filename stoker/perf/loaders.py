@@ -42,3 +42,17 @@ def make_loader(source: str, *, image: bool, batch_size: int, workers: int, pref
 def count_items(batch: Any, image: bool) -> int:
     """Items in a batch of `make_loader`'s loader: images, or real (unpadded) tokens."""
     return len(batch["label"]) if image else int(batch["lengths"].sum())
+
+
+# Where the work of each `stoker bench` stage happens in `make_loader`'s loader, by the names of the loader's own
+# stage clocks (`DataLoader.stage_times()`): the image transform and pad_collate are the loader's collate_fn, so
+# decode, augment and collate all run inside its "transform" stage.
+_CLOCK_STAGE = {"read": "read", "decode": "transform", "augment": "transform", "collate": "transform",
+                "h2d": "pin", "loader": "handoff"}
+
+
+def clock_stage(bench_stage: str, remote: bool = False) -> str | None:
+    """The stage of the loader's clock (as `stoker.monitor` names it) where bench stage `bench_stage` runs."""
+    if bench_stage == "read" and remote:
+        return "fetch"
+    return _CLOCK_STAGE.get(bench_stage)

@@ -36,7 +36,7 @@ _LOGGER = logging.getLogger("stoker.monitor")
 # Per-rank numbers exchanged with one all_gather of a float64 tensor, in this order, then one per stage of STAGES
 # (NaN for a stage that did not run).
 _GATHERED = ("steps", "samples", "wait_s", "compute_s", "first_batch_s", "step_ms_p50", "wait_ms_p50", "wait_ms_p90",
-             "startup_steps", "startup_wait_s", "startup_compute_s", "num_workers", "has_stage_times")
+             "startup_steps", "startup_wait_s", "startup_compute_s", "num_workers", "has_stage_times", "backend")
 
 _CSV_COLUMNS = ("kind", "rank", "unix_time", "step", "steps", "samples", "wait_s", "compute_s",
                 "data_wait_fraction", "steps_per_s", "samples_per_s", "starving", "state", "stage")
@@ -149,6 +149,7 @@ class Monitor:
         self._last_log = (0, 0.0, 0.0, 0, time.perf_counter(), 0, 0.0, 0.0)  # totals + time + start-up at last log
         self._logged_steps = -1  # steps at the last logged report
         self._recorded_steps = -1  # steps at the last "total" row written to CSV / TensorBoard
+        self._saved: tuple[int, bool] | None = None  # (steps, all ranks) of the report last saved as JSON / PNG
         self._closed = False
         self._csv_file = _per_rank_path(config.csv_path, self._rank)
         self._json_file = _per_rank_path(config.json_path, self._rank)
@@ -268,6 +269,7 @@ class Monitor:
             "stage_ms_per_batch": {k: v * 1e3 for k, v in judged.stage_costs.items()},
             "stage_shares": {k: v / total for k, v in stages.items()} if total > 0 else {},
             "num_workers": self._facts.num_workers,
+            "backend": self._facts.backend,
             "advice": list(judged.advice),
         }
 
@@ -277,7 +279,8 @@ class Monitor:
         everyone = aggregate and self._aggregate
         ranks = self._gather(local) if everyone else [_rank_row(local)]
         for row in ranks:
-            facts = replace(self._facts, num_workers=row["num_workers"], has_stage_times=row["has_stage_times"])
+            facts = replace(self._facts, num_workers=row["num_workers"], has_stage_times=row["has_stage_times"],
+                            backend=row["backend"])
             judged = self._diagnose(Phase(row["steady_steps"], row["steady_wait_s"], row["steady_compute_s"]),
                                     Phase(row["startup_steps"], row["startup_wait_s"], row["startup_compute_s"]),
                                     row["stage_seconds"] if row["has_stage_times"] else None, facts,
@@ -319,6 +322,9 @@ class Monitor:
         if self._steps != self._recorded_steps:  # a pass-end report followed by close() adds no new row
             self._recorded_steps = self._steps
             self._write_outputs(result, local)
+        if (self._steps, everyone) != self._saved:  # the all-ranks report replaces this rank's pass-end one
+            self._saved = (self._steps, everyone)
+            self._save(result)
         return result
 
     def close(self, *, aggregate: bool = True) -> dict[str, Any] | None:
@@ -474,11 +480,13 @@ class Monitor:
                 for stage, ms in row["stage_ms_per_batch"].items():
                     self._tb.add_scalar(f"stoker/rank{row['rank']}/stage_ms_per_batch/{stage}", ms, self._steps)
             self._tb.flush()
+
+    def _save(self, result: dict[str, Any]) -> None:
         if self._json_file is not None:
             with open(self._json_file, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=2, default=str, allow_nan=True)
         if self.config.plot is not None and self._rank == 0:
-            plot_ranks(result["ranks"], str(self.config.plot))
+            plot_ranks(result["ranks"], str(self.config.plot), f"stoker.monitor: {result['headline']}")
 
     def _write_row(self, kind: str, row: Mapping[str, Any]) -> None:
         if self._csv_file is None:
@@ -512,7 +520,8 @@ def _gathered_values(local: Mapping[str, Any]) -> list[float]:
     flat = {**local, "startup_steps": local["startup"]["steps"], "startup_wait_s": local["startup"]["wait_s"],
             "startup_compute_s": local["startup"]["compute_s"],
             "num_workers": local["num_workers"] if local["num_workers"] is not None else math.nan,
-            "has_stage_times": float(bool(local["stage_seconds"]))}
+            "has_stage_times": float(bool(local["stage_seconds"])),
+            "backend": float(diagnosis.BACKENDS.index(local["backend"])) if local["backend"] else math.nan}
     values = [math.nan if flat[key] is None else float(flat[key]) for key in _GATHERED]
     return values + [float(local["stage_seconds"].get(name, math.nan)) for name in STAGES]
 
@@ -536,6 +545,7 @@ def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
     row["startup_steps"] = int(row["startup_steps"])
     row["num_workers"] = None if math.isnan(row["num_workers"]) else int(row["num_workers"])
     row["has_stage_times"] = bool(row["has_stage_times"])
+    row["backend"] = None if math.isnan(row["backend"]) else diagnosis.BACKENDS[int(row["backend"])]
     row["stage_seconds"] = dict(values["stage_seconds"])
     elapsed = row["wait_s"] + row["compute_s"]
     row["data_wait_fraction"] = row["wait_s"] / elapsed if elapsed > 0 and row["steps"] else math.nan
@@ -622,8 +632,7 @@ def _run_facts(loader: Any) -> RunFacts:
     source = getattr(dataset, "source", None)
     read = getattr(dataset, "read", None)
     collate = getattr(loader, "collate_fn", None)
-    module = type(collate).__module__ if collate is not None else ""
-    backend = module.rsplit(".", 1)[-1] if module.startswith("stoker.augment.") else None
+    backend = getattr(collate, "backend", None) if type(collate).__module__.startswith("stoker.augment.") else None
     return RunFacts(
         num_workers=workers if isinstance(workers, int) else None,
         usable_cores=usable_cores(),
@@ -633,6 +642,6 @@ def _run_facts(loader: Any) -> RunFacts:
         source=storage.redact(source) if isinstance(source, str) else None,
         parallel_reads=getattr(read, "parallel_reads", None),
         cache_dir=getattr(dataset, "cache_dir", None),
-        backend=backend,
+        backend=backend if backend in diagnosis.BACKENDS else None,
         pin_memory=bool(getattr(loader, "pin_memory", False)),
     )

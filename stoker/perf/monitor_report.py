@@ -21,7 +21,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     slow = next(r for r in ranks if r["rank"] == report["slowest_rank"])
     lines = [f"stoker.monitor report: {steps} steps in {elapsed:.1f} s{where}",
              f"  verdict      {report['headline']} (threshold {local['starve_threshold']:.0%}, steady state only)"]
-    steady = f"{slow['steady_steps']} steps"
+    steady = _steps(slow["steady_steps"])
     if slow["steady_steps"] > 0 and not math.isnan(slow["steady_data_wait_fraction"]):
         steady += f", data wait {slow['steady_data_wait_fraction']:.1%} of step time"
     if len(ranks) > 1:
@@ -30,9 +30,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         if means:
             steady += f"; mean over ranks {sum(means) / len(means):.1%}"
     lines.append(f"  steady state {steady}")
-    first = local["first_batch_s"]
+    first = slow["first_batch_s"]
     first_text = "-" if math.isnan(first) else f"{first:.2f} s" if first >= 1 else f"{first * 1e3:.1f} ms"
-    lines.append(f"  start-up     {slow['startup_steps']} steps (first batches of each pass), waited "
+    lines.append(f"  start-up     {_steps(slow['startup_steps'])} (first batches of each pass), waited "
                  f"{slow['startup_wait_s']:.2f} s; first batch {first_text}; not counted in the verdict")
     throughput = f"{report['steps_per_s']:.1f} steps/s"
     if report["samples_per_s"] is not None:
@@ -62,7 +62,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_ranks(ranks: Sequence[Mapping[str, Any]], path: str | None) -> None:
+def plot_ranks(ranks: Sequence[Mapping[str, Any]], path: str | None, title: str = "") -> None:
     """Save stacked bars of each rank's time per steady step (data wait, compute, loader stages) to `path`.
 
     With `path` None only checks that matplotlib is installed.
@@ -82,7 +82,7 @@ def plot_ranks(ranks: Sequence[Mapping[str, Any]], path: str | None) -> None:
     ax_step.set_xlim(0, max((w + c for w, c in zip(wait, compute)), default=1) * 1.35 or 1)
     ax_step.set_xlabel("ms per steady step (axis from 0)")
     ax_step.set_title("training process: wait vs compute")
-    ax_step.legend(loc="lower right", fontsize=8)
+    ax_step.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
     ax_step.invert_yaxis()
     left = [0.0] * len(ranks)
     palette = ["#ee7733", "#009988", "#33bbee", "#ee3377", "#bbbbbb", "#0077bb", "#aa3377", "#117733"]
@@ -96,11 +96,17 @@ def plot_ranks(ranks: Sequence[Mapping[str, Any]], path: str | None) -> None:
     ax_stage.set_xlabel("loader ms per batch by stage (axis from 0; worker stages / workers)")
     ax_stage.set_title("loader stages" if stages else "loader stages: not reported by this loader")
     if stages:
-        ax_stage.legend(loc="lower right", fontsize=8)
+        ax_stage.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8, frameon=False)
     ax_stage.invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.3)
     plt.close(fig)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
 
 
 def _per_step(row: Mapping[str, Any], key: str) -> float:
