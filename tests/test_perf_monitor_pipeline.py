@@ -39,7 +39,7 @@ def rows(tmp_path_factory) -> str:
     return make_dataset(tmp_path_factory.mktemp("monitor-rows"), rows=(200, 200))
 
 
-def watch(loader, step_s: float, lines: list[str]) -> dict:
+def watch(loader, step_s: float, lines: list[str]) -> dict:  # noqa: D103
     with stoker.monitor(loader, log=lines.append, log_every=0) as m:
         for _ in m:
             time.sleep(step_s)  # the training step
@@ -127,3 +127,22 @@ def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(jpegs, tmp_path) -> Non
         assert "stoker's transform (CPU, pil, 1 worker)" in report["headline"]  # rank 1's own facts
         assert [r["state"] for r in report["ranks"]][1] == STARVING
     assert "on rank 1" in "\n".join(reports[0]["lines"])
+
+
+def test_slow_object_store_names_remote_reads(jpegs, object_store, tmp_path) -> None:
+    # Shards of a few images each, so fetching goes on all run long rather than only during start-up; 100 ms
+    # before every first byte and 1 MB/s per connection: fetching dwarfs everything else.
+    small = str(tmp_path / "small")
+    pack_dataset(str(Path(jpegs).parent / "raw"), small, format="arrow", shard_size=64 << 10, progress=False)
+    store = object_store(small, latency=0.1, rate=1e6)
+    # No shuffle: a shuffle window wider than this small dataset would fetch every shard during start-up.
+    dataset = stoker.StreamingDataset(store.url("s3"), shuffle=False, storage_options=store.storage_options(),
+                                      cache_dir=str(tmp_path / "cache"))
+    loader = stoker.DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=_labels_only)
+    lines: list[str] = []
+    report = watch(loader, 0.001, lines)
+    text = "\n".join(lines)
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "fetch", text
+    assert "remote reads (s3://" in report["headline"] and "8 reads in flight per shard" in report["headline"]
+    assert any("ReadOptions.parallel_reads (now 8)" in line for line in report["advice"])
+    assert not any("cache_dir" in line for line in report["advice"])  # it has one already
