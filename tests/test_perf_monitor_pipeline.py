@@ -39,7 +39,7 @@ def rows(tmp_path_factory) -> str:
     return make_dataset(tmp_path_factory.mktemp("monitor-rows"), rows=(200, 200))
 
 
-def watch(loader, step_s: float, lines: list[str]) -> dict:  # noqa: D103
+def watch(loader, step_s: float, lines: list[str]) -> dict:
     with stoker.monitor(loader, log=lines.append, log_every=0) as m:
         for _ in m:
             time.sleep(step_s)  # the training step

@@ -27,9 +27,11 @@ import torch
 from stoker.errors import ConfigError, MissingExtraError
 from stoker.perf import diagnosis
 from stoker.perf.diagnosis import STAGES, Phase, RunFacts
+from stoker.perf.loader_facts import count_samples, run_facts, sample_counter, stage_source, tuning
 from stoker.perf.monitor_report import format_report, plot_ranks
 from stoker.perf.stats import RingBuffer, percentiles, rate
-from stoker.perf.timing import usable_cores
+
+__all__ = ["Monitor", "MonitorConfig", "count_samples", "format_report", "monitor"]
 
 _LOGGER = logging.getLogger("stoker.monitor")
 
@@ -76,29 +78,6 @@ class MonitorConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def count_samples(batch: Any) -> int | None:
-    """Return the number of samples in `batch`, or None if it cannot tell.
-
-    A tensor or array counts its first dimension; a dict counts its first countable value; a list or tuple whose
-    first element is a tensor, array, dict or sequence is read as the fields of one batch (inputs, targets) and
-    counted by that element; any other list or tuple counts its length.
-    """
-    shape = getattr(batch, "shape", None)
-    if shape is not None:
-        return int(shape[0]) if len(shape) else None
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            count = count_samples(value)
-            if count is not None:
-                return count
-        return None
-    if isinstance(batch, (list, tuple)):
-        if batch and (hasattr(batch[0], "shape") or isinstance(batch[0], (Mapping, list, tuple))):
-            return count_samples(batch[0])
-        return len(batch)
-    return None
-
-
 def monitor(loader: Iterable[Any], config: MonitorConfig | None = None, **options: Any) -> Monitor:
     """Wrap `loader` so iterating it measures data wait; keywords override fields of `config` (MonitorConfig)."""
     config = config or MonitorConfig()
@@ -126,8 +105,8 @@ class Monitor:
             plot_ranks([], None)  # a missing extra fails now, not after the whole run
         self._sync_every = _cuda_sync_every(config)
         self._rank, self._world, self._aggregate = _distributed_info(config)
-        self._count = _sample_counter(config.batch_size)
-        self._facts = _run_facts(loader)
+        self._count = sample_counter(config.batch_size)
+        self._facts = run_facts(loader)
         self._startup_n = diagnosis.startup_steps(self._facts.num_workers)
         self._rows = RingBuffer(config.window, width=3)  # (wait, compute, 1 if start-up) seconds of completed steps
         self._steps = 0
@@ -142,7 +121,7 @@ class Monitor:
         self._pending_wait = 0.0  # wait of the step whose compute is still running
         self._pending_startup = False  # whether that step is a start-up step
         self._t_out: float | None = None  # when the last batch was handed out; None if no step is running
-        self._stage_source = _stage_source(loader)
+        self._stage_source = stage_source(loader)
         self._stage_base = self._stage_times()  # before monitoring: not this run's
         self._stage_pass_start: dict[str, float] | None = None  # at the start of a pass still in start-up
         self._stage_startup: dict[str, float] = {}  # stage seconds spent during start-up steps
@@ -313,7 +292,7 @@ class Monitor:
             "bottleneck": _bottleneck(state),
             "bottleneck_stage": slowest["stage"],
             "local": local,
-            "tuning": _tuning(self.loader),
+            "tuning": tuning(self.loader),
         }
         self.last_report = result
         if log and (not everyone or self._rank == 0):  # an all-ranks report is logged once, by rank 0
@@ -526,14 +505,6 @@ def _gathered_values(local: Mapping[str, Any]) -> list[float]:
     return values + [float(local["stage_seconds"].get(name, math.nan)) for name in STAGES]
 
 
-def _tuning(loader: Any) -> dict[str, Any] | None:
-    """The loader's `tuning_report()` as a dict with its text under "summary" (stoker.DataLoader with
-    num_workers="auto"), else None; a dict, so that the report stays plain data (JSON, CSV, all-ranks)."""
-    tuning_report = getattr(loader, "tuning_report", None)
-    report = tuning_report() if callable(tuning_report) else None
-    return None if report is None else {"summary": str(report), **report.to_dict()}
-
-
 def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
     """Per-rank summary from the gathered numbers (or from local metrics)."""
     if "startup" in values:  # local metrics: the same fields as one all_gather row
@@ -557,14 +528,6 @@ def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
     row["steps_per_s"] = rate(row["steps"], elapsed)
     row["samples_per_s"] = rate(row["samples"], elapsed)
     return row
-
-
-def _sample_counter(batch_size: int | Callable[[Any], int] | None) -> Callable[[Any], int | None]:
-    if batch_size is None:
-        return count_samples
-    if callable(batch_size):
-        return batch_size
-    return lambda _batch: batch_size
 
 
 def _cuda_sync_every(config: MonitorConfig) -> int:
@@ -613,35 +576,3 @@ def _open_tensorboard(directory: str | PathLike[str] | None) -> Any:
     except ImportError as exc:  # torch raises ImportError when the tensorboard package is missing
         raise MissingExtraError("monitor(tensorboard_dir=...)", "tensorboard", "tensorboard") from exc
     return SummaryWriter(log_dir=str(directory))
-
-
-def _stage_source(loader: Any) -> Any:
-    """The loader's (or its dataset's) `stage_times`: a method or a plain dict; None when it has none."""
-    source = getattr(loader, "stage_times", None)
-    if source is None:
-        source = getattr(getattr(loader, "dataset", None), "stage_times", None)
-    return source
-
-
-def _run_facts(loader: Any) -> RunFacts:
-    """What the advice may rely on, read from public attributes of the loader and its dataset."""
-    from stoker import storage
-
-    dataset = getattr(loader, "dataset", None)
-    workers = getattr(loader, "num_workers", None)
-    source = getattr(dataset, "source", None)
-    read = getattr(dataset, "read", None)
-    collate = getattr(loader, "collate_fn", None)
-    backend = getattr(collate, "backend", None) if type(collate).__module__.startswith("stoker.augment.") else None
-    return RunFacts(
-        num_workers=workers if isinstance(workers, int) else None,
-        usable_cores=usable_cores(),
-        cuda=torch.cuda.is_available(),
-        has_stage_times=_stage_source(loader) is not None,
-        remote=isinstance(source, str) and not storage.is_local(source),
-        source=storage.redact(source) if isinstance(source, str) else None,
-        parallel_reads=getattr(read, "parallel_reads", None),
-        cache_dir=getattr(dataset, "cache_dir", None),
-        backend=backend if backend in diagnosis.BACKENDS else None,
-        pin_memory=bool(getattr(loader, "pin_memory", False)),
-    )
