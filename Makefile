@@ -6,16 +6,22 @@ EXTRAS ?= dev,gpu,jpeg,tokenizers,ray,plot
 
 .PHONY: demo test bench clean object-store
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The demo needs stoker's core dependencies only; the tests also need every extra (DALI, Ray, ...).
+$(VENV)/.core: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch (a local wheel on this project's machines); a plain `torch` would pull the CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.1"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.core
 	$(VENV)/bin/stoker demo
+	@echo "stoker and pack-dataset are in $(VENV)/bin: run 'source $(VENV)/bin/activate' to put them on PATH"
 
 # The loopback object store of the remote tests and benchmarks (stoker/testing/object_store.py): Debian's nginx with
 # its echo module, installed when missing (CI runs as root on a fresh Debian machine; elsewhere through sudo).

@@ -7,8 +7,10 @@ import os
 import re
 import sys
 
-from stoker.options import parse_size as size_in_bytes
+from stoker import __version__
 from stoker.errors import ConfigError, StokerError
+from stoker.options import parse_size as size_in_bytes
+
 
 def parse_size(text: str) -> int:
     """'256MB' -> 268435456: `stoker.options.parse_size` for argparse."""
@@ -155,12 +157,14 @@ def _guard(run, args: argparse.Namespace) -> int:
 def pack_main(argv: list[str] | None = None) -> int:
     """Entry point of the `pack-dataset` console script."""
     parser = _pack_parser(argparse.ArgumentParser(prog="pack-dataset", description="Pack a raw dataset into shards."))
+    parser.add_argument("--version", action="version", version=f"pack-dataset (stoker {__version__})")
     return _guard(_run_pack, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `stoker` console script."""
     parser = argparse.ArgumentParser(prog="stoker", description="Keep accelerators fed.")
+    parser.add_argument("--version", action="version", version=f"stoker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _pack_parser(sub.add_parser("pack", help="same as pack-dataset")).set_defaults(run=_run_pack)
     p = sub.add_parser("inspect", help="summarise a packed dataset")

@@ -28,14 +28,21 @@ def _train_images(shards: str) -> None:
     import stoker
     from stoker.perf.monitor import format_report
 
-    transform = stoker.build_transform(stoker.TransformSpec(size=128, mode="train"), backend="pil", seed=0)
+    transform = stoker.build_transform(stoker.TransformSpec(size=128, mode="train"), backend="auto", seed=0)
+    if transform.backend != "pil":
+        why = f"a CUDA GPU and {transform.backend} are available"
+    elif torch.cuda.is_available():
+        why = "a CUDA GPU, but neither DALI nor Kornia installed (pip install 'stoker[gpu]')"
+    else:
+        why = "no CUDA GPU, so Pillow on the CPU"
+    print(f"decode backend: {transform.backend} (picked by backend='auto': {why})")
     loader = stoker.DataLoader(stoker.StreamingDataset(shards, seed=0), batch_size=64, num_workers=2, collate_fn=transform)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
     images = 0
     with stoker.monitor(loader, log=lambda line: None) as watched:
         for batch in watched:
-            logits = model(batch["image"].float().div_(255))
-            torch.nn.functional.cross_entropy(logits, batch["label"]).backward()
+            logits = model(batch["image"].cpu().float().div_(255))  # a GPU backend hands out CUDA tensors
+            torch.nn.functional.cross_entropy(logits, batch["label"].cpu()).backward()
             images += len(batch["label"])
         report = watched.report(log=False)
     print(f"trained one epoch on {images:,} decoded 128x128 images, batches of 64 from 2 worker processes")
