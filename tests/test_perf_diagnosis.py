@@ -99,6 +99,8 @@ GENERATOR = RunFacts(num_workers=None, usable_cores=4)
         ("read", FULL, ["NVMe"], ["num_workers"]),
         ("handoff", CPU, ["uint8"], ["num_workers"]),
         ("pin", CPU, ["pin_memory=False"], []),
+        ("loader", FULL, ["prefetch_factor", "already use every core (8 workers, 8 usable cores)"], ["Raise num"]),
+        ("loader", CPU, ["prefetch_factor", "Raise num_workers"], ["every core"]),
         ("pin", GPU, ["uint8"], ["pin_memory=False"]),
         (None, PLAIN, ["does not report per-stage times", "Set num_workers (0 now", "4 cores"], []),
         (None, GENERATOR, ["does not report per-stage times"], ["num_workers"]),

@@ -167,6 +167,10 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         lines = ["Every stage alone is faster than the loader end to end: the time goes between them (handing "
                  "batches to the training process, waiting on the next shard). Raise prefetch_factor, and hand "
                  "out uint8 so each batch is cheaper to move."]
+        if facts.num_workers is not None and facts.num_workers >= facts.usable_cores:
+            lines.append(f"The workers already use every core ({facts.num_workers} workers, {facts.usable_cores} "
+                         "usable cores), so the training process competes with them for CPU: a machine with more "
+                         "cores than workers is needed to reach the stages' rates.")
         return tuple(lines + more_workers)
     if stage == "pin":
         if not facts.cuda:
