@@ -132,7 +132,8 @@ def test_cli_json_against_a_reference_fleet_names_a_measured_stage(packed_images
     assert verdict["required_rate"] == 7_000_000
     measured = [s["name"] for s in data["stages"] if s["available"] and not s["reference"]]
     assert verdict["bottleneck"] in measured
-    assert verdict["advice"][0].startswith(f"Stage '{verdict['bottleneck']}'")
+    first = verdict["advice"][0]
+    assert first.startswith(f"Stage '{verdict['bottleneck']}'") or first.startswith("The loader delivers")
 
 
 def test_cli_table_on_packed_text(packed_text: Path, capsys) -> None:

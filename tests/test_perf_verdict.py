@@ -42,6 +42,17 @@ def test_verdict_table(rates, consumption, gpus, keeps_up, bottleneck, pipeline,
     assert any(advice_word in line for line in v.advice), v.advice
 
 
+@pytest.mark.parametrize(("busy", "bottleneck", "words"), [
+    (None, "loader", "lost between stages"),
+    (0.3, "loader", "lost between stages"),  # workers idle most of the time: the time goes between stages
+    (0.95, "decode", "ran slower inside the loader"),  # workers busy in their stages: the stages are the limit
+])
+def test_the_loaders_own_clocks_decide_between_glue_and_stages(busy, bottleneck, words) -> None:
+    v = judge_pipeline({"read": 20_000, "decode": 15_000, "loader": 3_000}, 5_000, loader_busy=busy)
+    assert v.bottleneck == bottleneck and v.pipeline_rate == 3_000
+    assert words in v.advice[0]
+
+
 def test_a_stage_above_the_need_is_never_called_too_slow() -> None:
     # the bench case from the field: decode alone 3,922 img/s, the loader 2,171, the need 2,500
     v = judge_pipeline({"read": 20_000, "decode": 3_922, "augment": 9_000, "collate": 40_000, "loader": 2_171},

@@ -32,7 +32,8 @@ def judge(stages: Sequence[StageResult], consumption: Consumption, unit: str,
         raise ConfigError("no stage could be measured, so there is nothing to judge; see the notes of each stage")
     if consumption.unit != unit:
         raise ConfigError(f"the consumption rate is in {consumption.unit} but the stages are measured in {unit}")
-    return judge_pipeline(rates, consumption.rate, consumption.num_gpus, unit=unit, facts=facts)
+    busy = next((s.busy for s in stages if s.name == "loader" and s.rate is not None), None)
+    return judge_pipeline(rates, consumption.rate, consumption.num_gpus, unit=unit, facts=facts, loader_busy=busy)
 
 
 def bench_pipeline(stages: Sequence[Stage], seconds: float = DEFAULT_SECONDS, *,

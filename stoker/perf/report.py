@@ -121,8 +121,9 @@ def plot_bench(report: BenchReport, path: str) -> None:
     top = max(values + ([verdict.required_rate] if verdict is not None else []), default=1.0)
     ax.set_xlim(0, top * 1.3)
     for i, value in enumerate(values):
-        ax.text(value, i, f" {value:,.0f}" + ("  (noisy)" if unstable[i] else ""), va="center", fontsize=8)
-    ax.set_xlabel(f"{report.unit} (linear axis from 0)")
+        ax.text(value, i, f" {value:,.0f}" + ("  (rough)" if unstable[i] else ""), va="center", fontsize=8)
+    ax.set_xlabel(f"{report.unit} (linear axis from 0)" + ("; rough: rounds disagreed or too few batches"
+                                                            if any(unstable) else ""))
     if verdict is not None and report.consumption is not None:
         c = report.consumption
         gpus = f"{c.num_gpus} GPU" + ("s" if c.num_gpus > 1 else "")

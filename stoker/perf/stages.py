@@ -5,7 +5,7 @@
     decode     reduced-size JPEG decode, as the Pillow backend does it             } timed per core with the
     augment    the rest of the Pillow backend's real `render` (crop, resize, flip, } backend's own code, then
                jitter)                                                             } multiplied by the loader
-    collate    the real transform's batch call beyond its per-sample renders       } workers
+    collate    stacking the rendered samples into the batch                        } workers
     h2d        pinned host-to-device copy of a batch (only with a CUDA GPU)
     loader     the real loader end to end, with its workers
 """
@@ -31,6 +31,7 @@ from stoker.perf.timing import Stage, StageResult, time_stage, unavailable, usab
 DEFAULT_SECONDS = 3.0
 _CHUNK = 8 << 20  # raw reads: large sequential requests, as `dd bs=8M` would do
 _BUFFERED_SAMPLES = 512  # samples held in memory for the CPU stages, so they never touch storage
+_HANDOFF_STAGES = ("handoff", "pin")  # the loader's clocks of moving batches, partly in the training process
 MIN_LOADER_BATCHES = 20  # fewer batches per round and the loader's rate is mostly its start-up and epoch ends
 
 
@@ -167,7 +168,7 @@ def _image_stages(samples: list[dict[str, Any]], options: BenchOptions, batch: i
     out = []
     items = sum(i for i, _ in rounds)
     for name in names:
-        # augment and collate are differences of two timings: a round can come out at or below zero under noise,
+        # augment is the difference of two timings: a round can come out at or below zero under noise,
         # so the rate is taken over all rounds together and the spread over the rounds that measured something.
         total = sum(s[name] for _, s in rounds)
         per_lane = items / total if total > 0 else math.inf
@@ -176,7 +177,7 @@ def _image_stages(samples: list[dict[str, Any]], options: BenchOptions, batch: i
         stable = len(rates) == len(rounds) and scatter is not None and scatter <= STABLE_SPREAD
         notes = [f"x {lanes} workers"] if lanes > 1 else []
         notes.append({"decode": "header probe + reduced-size decode", "augment": "render() minus its decode",
-                      "collate": "transform(batch) minus its renders"}[name])
+                      "collate": "stacking the rendered batch"}[name])
         limits = stage_limits("decode") if name == "decode" else ()
         if limits:
             notes.append(f"published: {limits[0].low:,.0f}-{limits[0].high:,.0f} img/s per core")
@@ -184,7 +185,7 @@ def _image_stages(samples: list[dict[str, Any]], options: BenchOptions, batch: i
             notes.append("noisy: rounds differ " + (f"by {scatter:.0%}" if scatter is not None and
                                                      len(rates) == len(rounds) else "in sign") + " (rate over all rounds)")
         if not math.isfinite(per_lane):
-            out.append(unavailable(name, "too small to measure apart from decode; its time is within the noise"))
+            out.append(unavailable(name, "render() took no longer than its decode alone: within the noise"))
             continue
         out.append(StageResult(name, per_lane * lanes, per_lane, lanes, None, items, total, "; ".join(notes),
                                spread=scatter, rounds=len(rounds), stable=stable))
@@ -193,43 +194,45 @@ def _image_stages(samples: list[dict[str, Any]], options: BenchOptions, batch: i
 
 def _time_pil_pieces(samples: list[dict[str, Any]], options: BenchOptions, batch: int,
                      seconds: float) -> tuple[int, dict[str, float]]:
-    """(images, seconds per piece) of the real Pillow transform on in-memory batches for about `seconds`.
+    """(images, seconds per piece) of the real Pillow backend on in-memory batches for about `seconds`.
 
-    Three timings of the same batch: each sample's decode (header probe and `decode_for_box`), each sample's
-    whole `render` (decode included), and the transform's real batch call; augment is render minus decode,
-    collate the batch call minus the renders.
+    Two timings of each sample: its decode alone (header probe and `decode_for_box`) and its whole real `render`
+    (decode included); augment is render minus decode. Collate is stacking the rendered samples into the uint8
+    batch with its labels, as the transform hands it out.
     """
+    import torch
+
     from stoker.augment.base import Planned
     from stoker.augment.decode import decode_for_box, probe
     from stoker.augment.params import sample_params, sample_rng
     from stoker.augment.pil import render
-    from stoker.augment.registry import build_transform
     from stoker.augment.spec import TransformSpec
 
     spec = TransformSpec(size=options.size)
-    transform = build_transform(spec, backend="pil", seed=0)
     out_size = (spec.width, spec.height)
-    decode = rendered = whole = 0.0
+    decode = rendered = stacking = 0.0
     images = 0
     deadline = time.perf_counter() + seconds
-    for group in _batches(samples, batch):
+    for epoch, group in enumerate(_batches(samples, batch)):
+        pixels = []
         for sample in group:
-            params_of = (lambda h: sample_params(spec, sample_rng(0, transform.epoch, sample), h.width, h.height))
             t0 = time.perf_counter()
             image, header = probe(sample["image"], spec.max_pixels)
-            decode_for_box(image, header, params_of(header).box, out_size)
+            params = sample_params(spec, sample_rng(0, epoch, sample), header.width, header.height)
+            decode_for_box(image, header, params.box, out_size)
             t1 = time.perf_counter()
             image, header = probe(sample["image"], spec.max_pixels)
-            render(Planned(sample, image, header, params_of(header)), out_size)
+            pixels.append(render(Planned(sample, image, header, params), out_size))
             t2 = time.perf_counter()
             decode, rendered = decode + t1 - t0, rendered + t2 - t1
         t0 = time.perf_counter()
-        transform(group)
-        whole += time.perf_counter() - t0
+        torch.stack(pixels)
+        torch.tensor([int(s["label"]) for s in group], dtype=torch.int64)
+        stacking += time.perf_counter() - t0
         images += len(group)
         if time.perf_counter() >= deadline:
             break
-    return images, {"decode": decode, "augment": rendered - decode, "collate": whole - rendered}
+    return images, {"decode": decode, "augment": rendered - decode, "collate": stacking}
 
 
 def _h2d(samples: list[dict[str, Any]], image: bool, options: BenchOptions, batch: int) -> StageResult:
@@ -288,10 +291,19 @@ def _loader(source: str, options: BenchOptions, image: bool, batch: int, workers
         return count_items(got, image), 0
 
     note = f"end to end: {name}, {workers} workers, batch {batch}; first batch after {first:.2f} s"
+    clocks = getattr(loader, "stage_times", None)
+    before = clocks() if clocks is not None else None
     try:
         result = time_stage(Stage("loader", step, note=note), options.seconds)
+        after = clocks() if clocks is not None else None
     finally:
         del batches, loader  # shuts the worker processes down now, not at interpreter exit
+    if before is not None and after is not None and result.seconds > 0:
+        # The workers' own clocks: busy in their stages nearly all the time means the loader's time is in the
+        # stages (slower than alone when the cores are shared), not lost between them.
+        work = sum(after[k] - before.get(k, 0.0) for k in after if k not in _HANDOFF_STAGES)
+        busy = min(1.0, work / (max(workers, 1) * result.seconds))
+        result = replace(result, busy=busy, note=f"{result.note}; workers busy {busy:.0%} of the time in stages")
     per_round = counted / max(result.rounds, 1)
     short = []
     if per_round < MIN_LOADER_BATCHES:

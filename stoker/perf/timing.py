@@ -53,13 +53,14 @@ class StageResult:
     spread: float | None = None  # (max - min) / median of the rounds kept; None with one round
     rounds: int = 1
     stable: bool = True  # the rounds agreed within STABLE_SPREAD
+    busy: float | None = None  # end-to-end stages: share of the time its workers were busy in stage work
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate, "per_lane": self.per_lane, "lanes": self.lanes,
                 "mb_per_s": None if self.bytes_per_s is None else self.bytes_per_s / 1e6, "items": self.items,
                 "seconds": self.seconds, "note": self.note, "reference": self.reference,
                 "available": self.rate is not None, "spread": self.spread, "rounds": self.rounds,
-                "stable": self.stable}
+                "stable": self.stable, "busy": self.busy}
 
 
 def unavailable(name: str, reason: str) -> StageResult:

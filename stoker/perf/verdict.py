@@ -117,10 +117,13 @@ def judge_pipeline(
     *,
     unit: str | None = None,
     facts: RunFacts | None = None,
+    loader_busy: float | None = None,
 ) -> Verdict:
     """Judge whether stages running at `stage_rates` (items/s each) can feed `num_gpus` GPUs.
 
     `facts` (workers, cores, GPU) decide which advice is true for the run; without them, none about workers.
+    `loader_busy` is the share of the loader's time its workers spent in stage work (from its stage clocks): near
+    1, a loader slower than its stages alone still spends its time in them, so no time is lost between stages.
     """
     if isinstance(consumption, ConsumptionRate):
         unit = unit or consumption.unit
@@ -151,7 +154,8 @@ def judge_pipeline(
     if whole:
         loader = min(whole, key=whole.__getitem__)
         pipeline_rate = whole[loader]
-        if limit is None or pipeline_rate < _GLUE_LOSS * min(explained.values()):
+        glue = pipeline_rate < _GLUE_LOSS * min(explained.values())
+        if limit is None or (glue and (loader_busy is None or loader_busy < _GLUE_LOSS)):
             limit = loader
     else:
         pipeline_rate = min(explained.values())
@@ -164,7 +168,8 @@ def judge_pipeline(
             f"Keeps up with {pipeline_rate / required:.1f}x headroom; it would starve beyond "
             f"{pipeline_rate / consumption:.1f} GPUs, first at stage {limit!r}.",)
     else:
-        lines = (_shortfall(limit, kind, rates, pipeline_rate, worker_rate, workers, required, num_gpus, unit),
+        lines = (_shortfall(limit, kind, rates, pipeline_rate, worker_rate, workers, required, num_gpus, unit,
+                            loader_busy),
                  *_advice(kind, facts))
     return Verdict(
         stage_rates=rates, consumption_rate=float(consumption), num_gpus=num_gpus, unit=unit,
@@ -185,10 +190,14 @@ def _advice(kind: str | None, facts: RunFacts | None) -> tuple[str, ...]:
 
 def _shortfall(stage: str, kind: str | None, rates: Mapping[str, float], pipeline_rate: float,
                worker_rate: float | None, workers: Mapping[str, float], required: float, num_gpus: int,
-               unit: str) -> str:
+               unit: str, loader_busy: float | None) -> str:
     gpus = f"{num_gpus} GPU" + ("s" if num_gpus > 1 else "")
     need = f"the {required:,.0f} {unit} needed by {gpus}"
     rate = rates[stage]
+    if kind == "loader" and rate > 0 and worker_rate:
+        return (f"The loader delivers {pipeline_rate:,.0f} {unit} end to end, {required / rate:.1f}x below {need}, "
+                f"although its stages one after another explain {worker_rate:,.0f} {unit}: the time is lost "
+                "between stages.")
     if rate == 0:
         return f"Stage {stage!r} delivers nothing, so the pipeline cannot feed {gpus}."
     if rate < required:
@@ -199,10 +208,12 @@ def _shortfall(stage: str, kind: str | None, rates: Mapping[str, float], pipelin
                      f"takes ~{math.ceil(required / per_core.high)}-{math.ceil(required / per_core.low)} cores "
                      "of decode.")
         return text
-    if kind == "loader":
-        return (f"The loader delivers {pipeline_rate:,.0f} {unit} end to end, below {need}, although its stages "
-                f"one after another explain {worker_rate or 0:,.0f} {unit}: the time is lost between stages.")
     share = (1.0 / rate) / sum(1.0 / r for r in workers.values()) if stage in workers else 1.0
+    if worker_rate is not None and pipeline_rate < _GLUE_LOSS * worker_rate and loader_busy is not None:
+        return (f"The pipeline delivers {pipeline_rate:,.0f} {unit}, below {need}, and less than its stages alone "
+                f"({worker_rate:,.0f} {unit} one after another); its workers were busy in their stages "
+                f"{loader_busy:.0%} of the time, so the stages ran slower inside the loader (cores shared with the "
+                f"training process or other jobs). {stage!r} takes {share:.0%} of each item's stage time.")
     return (f"The pipeline delivers {pipeline_rate:,.0f} {unit}, below {need}. No stage alone is below the need "
             f"({rate:,.0f} {unit} for {stage!r}), but each worker runs {', '.join(workers)} one after another "
             f"({worker_rate or 0:,.0f} {unit} together) and {stage!r} takes {share:.0%} of that time.")
