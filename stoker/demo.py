@@ -26,7 +26,7 @@ def _train_images(shards: str) -> None:
     import torch
 
     import stoker
-    from stoker.perf.monitor import format_report
+    from stoker.perf.monitor_report import format_report
 
     transform = stoker.build_transform(stoker.TransformSpec(size=128, mode="train"), backend="auto", seed=0)
     if transform.backend != "pil":

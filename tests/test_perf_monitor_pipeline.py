@@ -146,3 +146,43 @@ def test_slow_object_store_names_remote_reads(jpegs, object_store, tmp_path) -> 
     assert "remote reads (s3://" in report["headline"] and "8 reads in flight per shard" in report["headline"]
     assert any("ReadOptions.parallel_reads (now 8)" in line for line in report["advice"])
     assert not any("cache_dir" in line for line in report["advice"])  # it has one already
+
+
+class Squares(torch.utils.data.Dataset):
+    """A map-style dataset of the user's own, slow to index: torch's workers cannot send stage clocks for it."""
+
+    def __len__(self) -> int:
+        return 160
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.004)
+        return torch.full((4,), float(i * i))
+
+
+def test_users_own_dataset_gets_the_training_process_view() -> None:
+    loader = stoker.DataLoader(Squares(), batch_size=8, num_workers=1)
+    lines: list[str] = []
+    report = watch(loader, 0.001, lines)
+    assert report["state"] == STARVING and report["bottleneck_stage"] is None, "\n".join(lines)
+    assert any("does not report per-stage times" in line for line in report["advice"])
+
+
+def _slow_start(worker_id: int) -> None:
+    time.sleep(0.3)  # a worker that takes its time to start: connections, caches, imports
+
+
+def test_a_short_run_is_not_starving_because_of_start_up(rows) -> None:
+    dataset = stoker.StreamingDataset(rows, seed=0)
+    loader = stoker.DataLoader(dataset, batch_size=16, num_workers=2, worker_init_fn=_slow_start)
+    lines: list[str] = []
+    with stoker.monitor(loader, log=lines.append, log_every=0) as m:
+        for step, _ in enumerate(m):
+            time.sleep(0.01)
+            if step == 23:  # tens of steps
+                break
+    report = m.last_report
+    # Counting start-up, the loop waited for data most of its time; the steady state did not.
+    assert report["local"]["data_wait_fraction"] > 0.5
+    assert report["state"] == KEEPING_UP, "\n".join(lines)
+    assert report["ranks"][0]["startup_wait_s"] >= 0.3
+    assert "not counted in the verdict" in "\n".join(lines)

@@ -215,7 +215,9 @@ class Monitor:
         step_ms = percentiles(steady_rows[:, :2].sum(axis=1) * 1e3, (50, 90))
         wait_ms = percentiles(steady_rows[:, 0] * 1e3, (50, 90, 100))
         stages = self._steady_stage_times()
-        judged = self._diagnose(self._steady(), self._startup_phase(), stages, self._facts)
+        # A stoker.DataLoader over a map-style dataset with workers has the method but nothing to report.
+        judged = self._diagnose(self._steady(), self._startup_phase(), stages or None,
+                                replace(self._facts, has_stage_times=bool(stages)))
         starving = judged.state == diagnosis.STARVING
         total = sum(stages.values()) if stages else 0.0
         return {
