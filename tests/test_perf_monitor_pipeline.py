@@ -177,12 +177,12 @@ def test_a_short_run_is_not_starving_because_of_start_up(rows) -> None:
     lines: list[str] = []
     with stoker.monitor(loader, log=lines.append, log_every=0) as m:
         for step, _ in enumerate(m):
-            time.sleep(0.01)
-            if step == 23:  # tens of steps
+            time.sleep(0.03)
+            if step == 19:  # tens of steps
                 break
     report = m.last_report
-    # Counting start-up, the loop waited for data most of its time; the steady state did not.
-    assert report["local"]["data_wait_fraction"] > 0.5
+    # Counting start-up (0.3 s against 0.6 s of steps), the loop waited a third of its time; the steady state did not.
+    assert report["local"]["data_wait_fraction"] > 0.25
     assert report["state"] == KEEPING_UP, "\n".join(lines)
     assert report["ranks"][0]["startup_wait_s"] >= 0.3
     assert "not counted in the verdict" in "\n".join(lines)
