@@ -78,7 +78,9 @@ CPU = RunFacts(num_workers=2, usable_cores=8, cuda=False, has_stage_times=True, 
 FULL = RunFacts(num_workers=8, usable_cores=8, cuda=False, has_stage_times=True, backend="pil")
 GPU = RunFacts(num_workers=8, usable_cores=8, cuda=True, has_stage_times=True, backend="pil")
 REMOTE = RunFacts(num_workers=8, usable_cores=8, has_stage_times=True, remote=True, source="s3://bucket/data",
-                  parallel_reads=8, cache_dir=None)
+                  parallel_reads=8, prefetch_shards=2, part_size=16 << 20, shard_bytes=256e6, cache_dir=None)
+SMALL_SHARDS = RunFacts(num_workers=8, usable_cores=8, has_stage_times=True, remote=True, source="s3://b/d",
+                        parallel_reads=8, prefetch_shards=2, part_size=16 << 20, shard_bytes=1e6, cache_dir="/c")
 DALI = RunFacts(num_workers=8, usable_cores=8, cuda=True, has_stage_times=True, backend="dali")
 PLAIN = RunFacts(num_workers=0, usable_cores=4)
 GENERATOR = RunFacts(num_workers=None, usable_cores=4)
@@ -96,6 +98,8 @@ GENERATOR = RunFacts(num_workers=None, usable_cores=4)
         ("transform", RunFacts(num_workers=2, usable_cores=2, has_stage_times=True), ["per batch"], ["num_workers"]),
         ("collate", CPU, ["uint8 rather than float", "Raise num_workers"], []),
         ("fetch", REMOTE, ["ReadOptions.parallel_reads (now 8)", "cache_dir"], ["num_workers"]),
+        # shards smaller than one ranged read: parallel_reads cannot help, prefetch_shards and bigger shards can
+        ("fetch", SMALL_SHARDS, ["prefetch_shards (now 2)", "--shard-size"], ["parallel_reads", "cache_dir"]),
         ("read", FULL, ["NVMe"], ["num_workers"]),
         ("handoff", CPU, ["uint8"], ["num_workers"]),
         ("pin", CPU, ["pin_memory=False"], []),
@@ -119,7 +123,8 @@ def test_advice_is_in_stokers_knobs_and_true_for_the_run(stage, facts, present, 
     ("stage", "facts", "expected"),
     [
         ("decode", CPU, "decode (CPU, pil, 2 workers)"),
-        ("fetch", REMOTE, "remote reads (s3://bucket/data, 8 reads in flight per shard)"),
+        ("fetch", REMOTE, "remote reads (s3://bucket/data, 8 reads in flight per shard, 2 shards fetched ahead)"),
+        ("fetch", SMALL_SHARDS, "remote reads (s3://b/d, 1 read in flight per shard, 2 shards fetched ahead)"),
         ("transform", PLAIN, "the transform / collate_fn (CPU, in the training process)"),
         ("transform", CPU, "decode and augment in stoker's transform (CPU, pil, 2 workers)"),
         ("collate", GENERATOR, "collate (CPU)"),

@@ -49,6 +49,9 @@ class RunFacts:
     remote: bool = False  # shards come from object storage
     source: str | None = None  # the dataset's location, credentials already removed
     parallel_reads: int | None = None  # ReadOptions.parallel_reads, when known
+    prefetch_shards: int | None = None  # ReadOptions.prefetch_shards
+    part_size: int | None = None  # ReadOptions.part_size: bytes per ranged read
+    shard_bytes: float | None = None  # mean shard size
     cache_dir: str | None = None
     backend: str | None = None  # stoker's augment backend ("pil", "dali", "kornia"), when it is the collate_fn
     pin_memory: bool = False
@@ -104,8 +107,11 @@ def describe(stage: str, facts: RunFacts) -> str:
         else "in the training process" if facts.num_workers == 0 else ""
     if stage == "fetch":
         details = [facts.source or "object storage"]
-        if facts.parallel_reads is not None:
-            details.append(f"{facts.parallel_reads} reads in flight per shard")
+        reads = _reads_per_shard(facts)
+        if reads is not None:
+            details.append(f"{reads} read{'s' if reads != 1 else ''} in flight per shard")
+        if facts.prefetch_shards is not None:
+            details.append(f"{facts.prefetch_shards} shards fetched ahead")
         return f"{text} ({', '.join(details)})"
     if stage in ("decode", "augment", "transform", "collate"):
         parts = ["CPU" if facts.backend in (None, "pil") else "GPU", facts.backend or "", workers]
@@ -123,7 +129,14 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         return tuple(lines + more_workers)
     if stage == "fetch":
         lines = []
-        if facts.parallel_reads is not None:
+        reads = _reads_per_shard(facts)
+        if reads is not None and facts.parallel_reads is not None and reads < facts.parallel_reads:
+            # Small shards: one ranged read each, so parallel_reads cannot add requests in flight.
+            lines.append(f"Shards ({facts.shard_bytes / 1e6:,.1f} MB on average) are smaller than one ranged read, "
+                         f"so each is a single request: raise ReadOptions.prefetch_shards (now "
+                         f"{facts.prefetch_shards}) to have more in flight, or pack larger shards "
+                         "(`pack-dataset --shard-size`) to pay the per-request latency less often.")
+        elif facts.parallel_reads is not None:
             lines.append(f"Raise ReadOptions.parallel_reads (now {facts.parallel_reads}) and prefetch_shards: "
                          "object stores serve each connection slowly but many in parallel.")
         else:
@@ -179,6 +192,14 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         return ("pin_memory copies every batch in the training process: hand out uint8 and convert on the "
                 "device, so fewer bytes are pinned.",)
     return (f"Stage {stage!r} has no built-in advice: profile it (py-spy, torch.profiler).", *more_workers)
+
+
+def _reads_per_shard(facts: RunFacts) -> int | None:
+    if facts.parallel_reads is None:
+        return None
+    if facts.shard_bytes is None or not facts.part_size:
+        return facts.parallel_reads
+    return max(1, min(facts.parallel_reads, math.ceil(facts.shard_bytes / facts.part_size)))
 
 
 def _more_workers(facts: RunFacts) -> list[str]:

@@ -69,6 +69,9 @@ def run_facts(loader: Any) -> RunFacts:
         remote=isinstance(source, str) and not storage.is_local(source),
         source=storage.redact(source) if isinstance(source, str) else None,
         parallel_reads=getattr(read, "parallel_reads", None),
+        prefetch_shards=getattr(read, "prefetch_shards", None),
+        part_size=getattr(read, "part_size", None),
+        shard_bytes=_mean_shard_bytes(dataset),
         cache_dir=getattr(dataset, "cache_dir", None),
         backend=backend if backend in diagnosis.BACKENDS else None,
         pin_memory=bool(getattr(loader, "pin_memory", False)),
@@ -81,3 +84,9 @@ def tuning(loader: Any) -> dict[str, Any] | None:
     tuning_report = getattr(loader, "tuning_report", None)
     report = tuning_report() if callable(tuning_report) else None
     return None if report is None else {"summary": str(report), **report.to_dict()}
+
+
+def _mean_shard_bytes(dataset: Any) -> float | None:
+    shards = getattr(getattr(dataset, "manifest", None), "shards", None)
+    sizes = [s.bytes for s in shards or () if getattr(s, "rows", 0)]
+    return sum(sizes) / len(sizes) if sizes else None
