@@ -175,7 +175,8 @@ def test_cli_rejects_a_unit_mismatch(packed_text: Path, capsys) -> None:
 
 def test_plot_without_matplotlib_names_the_extra(packed_images: Path, capsys, monkeypatch, tmp_path) -> None:
     real = monitor_report.importlib.util.find_spec
-    monkeypatch.setattr(monitor_report.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    monkeypatch.setattr(monitor_report.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else real(name))
     assert main(["bench", str(packed_images), "--plot", str(tmp_path / "x.png")]) == 2
     assert "stoker[plot]" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

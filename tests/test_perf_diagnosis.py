@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -99,7 +100,9 @@ GENERATOR = RunFacts(num_workers=None, usable_cores=4)
         ("collate", CPU, ["uint8 rather than float", "Raise num_workers"], []),
         ("fetch", REMOTE, ["ReadOptions.parallel_reads (now 8)", "cache_dir"], ["num_workers"]),
         # shards smaller than one ranged read: parallel_reads cannot help, prefetch_shards and bigger shards can
-        ("fetch", SMALL_SHARDS, ["prefetch_shards (now 2)", "--shard-size"], ["parallel_reads", "cache_dir"]),
+        ("fetch", SMALL_SHARDS, ["Shards (1.0 MB on average)", "prefetch_shards (now 2)", "--shard-size"],
+         ["parallel_reads", "cache_dir"]),
+        ("fetch", replace(SMALL_SHARDS, shard_bytes=64e3), ["Shards (64 kB on average)"], ["parallel_reads"]),
         ("read", FULL, ["NVMe"], ["num_workers"]),
         ("handoff", CPU, ["uint8"], ["num_workers"]),
         ("pin", CPU, ["pin_memory=False"], []),

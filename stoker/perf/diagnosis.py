@@ -132,7 +132,9 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         reads = _reads_per_shard(facts)
         if reads is not None and facts.parallel_reads is not None and reads < facts.parallel_reads:
             # Small shards: one ranged read each, so parallel_reads cannot add requests in flight.
-            lines.append(f"Shards ({facts.shard_bytes / 1e6:,.1f} MB on average) are smaller than one ranged read, "
+            mean = facts.shard_bytes
+            size = f"{mean / 1e6:,.1f} MB" if mean >= 1e6 else f"{mean / 1e3:,.0f} kB"
+            lines.append(f"Shards ({size} on average) are smaller than one ranged read, "
                          f"so each is a single request: raise ReadOptions.prefetch_shards (now "
                          f"{facts.prefetch_shards}) to have more in flight, or pack larger shards "
                          "(`pack-dataset --shard-size`) to pay the per-request latency less often.")

@@ -182,8 +182,8 @@ def _image_stages(samples: list[dict[str, Any]], options: BenchOptions, batch: i
         if limits:
             notes.append(f"published: {limits[0].low:,.0f}-{limits[0].high:,.0f} img/s per core")
         if not stable:
-            notes.append("noisy: rounds differ " + (f"by {scatter:.0%}" if scatter is not None and
-                                                     len(rates) == len(rounds) else "in sign") + " (rate over all rounds)")
+            how = f"by {scatter:.0%}" if scatter is not None and len(rates) == len(rounds) else "in sign"
+            notes.append(f"noisy: rounds differ {how} (rate over all rounds)")
         if not math.isfinite(per_lane):
             out.append(unavailable(name, "render() took no longer than its decode alone: within the noise"))
             continue
