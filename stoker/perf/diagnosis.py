@@ -16,8 +16,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Stages of the per-stage clock contract, in pipeline order; the training process's own wait is measured apart.
-STAGES = ("fetch", "read", "decode", "augment", "transform", "collate", "handoff", "pin")
 # Stages that run in the training process, one batch after another, whatever the number of workers.
 MAIN_PROCESS_STAGES = frozenset({"pin"})
 # Fewer steady steps than this and a fraction of step time is mostly noise: the report says so instead of judging.

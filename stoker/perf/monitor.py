@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from stoker.clock import STAGES
 from stoker.errors import ConfigError, MissingExtraError
 from stoker.perf import diagnosis
-from stoker.perf.diagnosis import STAGES, Phase, RunFacts
+from stoker.perf.diagnosis import Phase, RunFacts
 from stoker.perf.loader_facts import count_samples, run_facts, sample_counter, stage_source, tuning
 from stoker.perf.monitor_report import format_report, plot_ranks
 from stoker.perf.stats import RingBuffer, percentiles, rate
