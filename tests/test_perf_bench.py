@@ -123,6 +123,9 @@ def test_cli_json_on_packed_images_keeps_up_with_a_slow_step(packed_images: Path
     assert data["consumption"]["rate"] == pytest.approx(0.8)  # 8 images per 10 s step
     assert data["verdict"]["keeps_up"] is True
     assert data["settings"]["samples"] == 16 and data["machine"]["cores"] >= 1
+    # 2 batches an epoch and 0.15 s of loading: the loader's rate says it is too small and too short to judge
+    assert "too small to judge: 2 batches per epoch" in stages["loader"]["note"]
+    assert "too short to judge" in stages["loader"]["note"] and stages["loader"]["stable"] is False
 
 
 def test_cli_json_against_a_reference_fleet_names_a_measured_stage(packed_images: Path, capsys) -> None:
