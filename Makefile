@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,gpu,jpeg,tokenizers,ray,plot
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean object-store
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/stoker demo
 
-test: $(VENV)/.installed
+# The loopback object store of the remote tests and benchmarks (stoker/testing/object_store.py): Debian's nginx with
+# its echo module, installed when missing (CI runs as root on a fresh Debian machine; elsewhere through sudo).
+NGINX_PACKAGES := nginx-light libnginx-mod-http-echo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+object-store:
+	@test -x /usr/sbin/nginx -a -f /usr/lib/nginx/modules/ngx_http_echo_module.so || \
+		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(NGINX_PACKAGES))
+
+test: $(VENV)/.installed object-store
 	$(VENV)/bin/pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed object-store
 	$(PY) benchmarks/run_all.py   # every benchmark (peers.py too when .venv-bench exists: docs/bench.md)
 
 clean:

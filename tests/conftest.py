@@ -41,3 +41,23 @@ def packed_text(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory, sha
     dst = tmp_path_factory.mktemp(f"text-{shard_format}")
     pack_dataset(str(text_corpus), str(dst), format=shard_format, shard_size=32 << 10, workers=1, progress=False)
     return dst
+
+
+@pytest.fixture
+def object_store():
+    """Start a loopback object store (nginx: `stoker.testing.object_store.ObjectStore`) over a directory:
+    `object_store(directory, latency=0.02, rate=100e6)`; every store started is stopped at the end of the test."""
+    from stoker.testing.object_store import INSTALL_HINT, ObjectStore, available
+
+    if not available():
+        pytest.skip(f"no nginx with the echo module: {INSTALL_HINT}")
+    started: list[ObjectStore] = []
+
+    def start(directory, **kwargs) -> ObjectStore:
+        store = ObjectStore(directory, **kwargs).start()
+        started.append(store)
+        return store
+
+    yield start
+    for store in started:
+        store.stop()

@@ -1,0 +1,241 @@
+"""A real object store on loopback with S3's shape: nginx over a directory, a first-byte delay and a per-connection
+rate, readable as a path-style S3 endpoint (HEAD and ranged GET) and as plain http URLs.
+
+    with ObjectStore("/data/packed", latency=0.02, rate=100e6) as store:
+        StreamingDataset(store.url("s3"), storage_options=store.storage_options())
+        StreamingDataset(store.url("http"))
+
+nginx costs almost no CPU, so unlike a Python server it is not itself the limit: what a reader gets from it is what
+its own parallelism allows (20 ms before every first byte, 100 MB/s per connection, as S3 roughly gives). It needs
+Debian's `nginx-light` and `libnginx-mod-http-echo` (`make test` installs them). Read-only: writes, listings and
+faults are what the moto-based tests are for.
+
+    python -m stoker.testing.object_store DIR [--latency-ms 20] [--rate-mb 100] [--port 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+NGINX = "/usr/sbin/nginx"
+ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
+KEY, SECRET, REGION = "testing", "testing", "us-east-1"
+INSTALL_HINT = "install Debian's nginx-light and libnginx-mod-http-echo (`make test` does)"
+
+
+def available() -> bool:
+    """Whether nginx and its echo module (for the first-byte delay) are installed."""
+    return bool(shutil.which("nginx") or os.path.exists(NGINX)) and os.path.exists(ECHO_MODULE)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        # SIGTERM, not SIGKILL: nginx's master then stops its workers before it exits.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ObjectStore:
+    """nginx serving `directory` as bucket `bucket` on a free 127.0.0.1 port; `latency` seconds before every first
+    byte, `rate` bytes/s per connection (0: unlimited)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, latency: float = 0.02, rate: float = 100e6,
+                 bucket: str = "data", port: int | None = None, workers: int = 2) -> None:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"bucket {bucket!r} must be a plain name")
+        self.directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no directory {self.directory} to serve")
+        self.latency, self.rate, self.bucket, self.workers = float(latency), float(rate), bucket, int(workers)
+        self.port = port or 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tmp: str | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, scheme: str = "s3", path: str = "") -> str:
+        """`s3://bucket/path` or `http://127.0.0.1:port/bucket/path` for `path` relative to the directory."""
+        path = path.strip("/")
+        base = f"s3://{self.bucket}" if scheme == "s3" else f"{self.endpoint_url}/{self.bucket}"
+        if scheme not in ("s3", "http"):
+            raise ValueError(f"scheme must be 's3' or 'http', not {scheme!r}")
+        return f"{base}/{path}" if path else base
+
+    def storage_options(self, **extra: Any) -> dict[str, Any]:
+        """s3fs options for this endpoint (any key and secret do; nginx checks none)."""
+        return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": REGION},
+                **extra}
+
+    def _config(self, port: int) -> str:
+        assert self._tmp is not None
+        tmp = self._tmp
+        # echo_sleep takes at most three decimals (milliseconds).
+        delay = f"echo_sleep {self.latency:.3f}; echo_exec @files;" if self.latency >= 0.0005 else "try_files $uri =404;"
+        rate = f"limit_rate {int(self.rate)};" if self.rate > 0 else ""
+        return f"""
+load_module {ECHO_MODULE};
+daemon off;
+user root;
+worker_processes {self.workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {tmp}/root;
+        location / {{ {delay} }}
+        location @files {{ {rate} }}
+        # A listing of the bucket (what s3fs asks after a HEAD answered 404) is always empty: listing and
+        # writing are what the moto-based tests cover.
+        location ~ ^/{self.bucket}/?$ {{
+            default_type application/xml;
+            return 200 '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>{self.bucket}</Name><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>';
+        }}
+    }}
+}}
+"""
+
+    def start(self, timeout: float = 30.0) -> ObjectStore:
+        """Start nginx and wait (at most `timeout` seconds) until it answers."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if not available():
+            raise RuntimeError(f"no nginx with the echo module: {INSTALL_HINT}")
+        self._tmp = tempfile.mkdtemp(prefix="stoker-store-")
+        os.makedirs(os.path.join(self._tmp, "root"))
+        os.symlink(self.directory, os.path.join(self._tmp, "root", self.bucket))
+        last = ""
+        for _ in range(5):  # a free port can be taken between the probe and nginx's bind: try another
+            port = self.port or free_port()
+            conf = os.path.join(self._tmp, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(self._config(port))
+            log = open(os.path.join(self._tmp, "stderr.log"), "wb")
+            # Its own session, so that stop() can make sure no worker outlives the master.
+            self.process = subprocess.Popen([NGINX, "-c", conf, "-p", self._tmp, "-e", os.path.join(self._tmp, "error.log")],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+            log.close()
+            self.port = port
+            if self._wait_ready(timeout):
+                return self
+            last = self._log_tail()
+            self._kill()
+            self.port = 0 if not self.port else self.port
+        self.stop()
+        raise RuntimeError(f"nginx did not start on 127.0.0.1: {last}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                return False
+            try:
+                urllib.request.urlopen(f"{self.endpoint_url}/.stoker-ready", timeout=2).close()
+                return True
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return True  # it answers, and a missing file is a 404: ready
+                raise RuntimeError(f"nginx answers {exc.code} to a plain GET: {self._log_tail()}") from None
+            except OSError:
+                time.sleep(0.02)
+        return False
+
+    def _log_tail(self) -> str:
+        text = ""
+        for name in ("stderr.log", "error.log"):
+            try:
+                with open(os.path.join(self._tmp or "", name), errors="replace") as f:
+                    text += f.read()[-1000:]
+            except OSError:
+                pass
+        return text.strip()
+
+    def _kill(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()  # nginx's fast shutdown: the master stops its workers, then exits
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # any worker the master left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self) -> None:
+        """Stop nginx and its workers and remove its files; returns once they are gone."""
+        self._kill()
+        self.process = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> ObjectStore:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a directory as a loopback object store (nginx) until Ctrl-C.")
+    parser.add_argument("directory")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="delay before every first byte")
+    parser.add_argument("--rate-mb", type=float, default=100.0, help="MB/s per connection (0: unlimited)")
+    parser.add_argument("--bucket", default="data")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    store = ObjectStore(args.directory, latency=args.latency_ms / 1000, rate=args.rate_mb * 1e6, bucket=args.bucket,
+                        port=args.port or None)
+    with store:
+        print(f"serving {store.directory} at {store.endpoint_url} ({args.latency_ms:g} ms first byte, "
+              f"{args.rate_mb:g} MB/s per connection)")
+        print(f"  s3:   {store.url('s3')}  storage_options={store.storage_options()}")
+        print(f"  http: {store.url('http')}", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM}) if hasattr(signal, "sigwait") else time.sleep(1e9)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    main()
