@@ -64,15 +64,23 @@ def test_both_clients_read_ranges_and_report_missing_objects_and_short_reads(tmp
         client.read("blob", 99_990, 100_010)
 
 
-def test_workers_forked_after_the_parent_read_through_obstore_still_deliver(tmp_path, object_store):
-    # obstore's runtime threads do not survive a fork: a worker forked from a process that used it must read through
-    # fsspec instead, or its first read would hang.
+@pytest.mark.parametrize("parent_use", ["stoker", "obstore"])
+def test_workers_forked_after_the_parent_used_obstore_still_deliver(tmp_path, object_store, parent_use):
+    # obstore's runtime threads do not survive a fork: a worker forked from a process that used it (through stoker
+    # or directly) must read through fsspec instead, or its first read would hang.
     local = make_dataset(tmp_path / "src" / "ds", rows=(20, 20, 20), payload=(100, 1000))
     store = object_store(os.path.dirname(local), latency=0.002)
     kwargs = dict(storage_options=store.storage_options(), cache_dir=str(tmp_path / "cache"), shuffle=False,
                   read=ReadOptions(attempts=1, read_timeout=5, shard_timeout=20))
-    in_parent = [s["key"] for s in StreamingDataset(store.url("s3", "ds"), **kwargs)]
-    assert in_parent == [f"{i:06d}" for i in range(60)]
+    in_parent = [f"{i:06d}" for i in range(60)]
+    if parent_use == "stoker":
+        assert [s["key"] for s in StreamingDataset(store.url("s3", "ds"), **kwargs)] == in_parent
+    else:
+        import obstore
+        from obstore.store import HTTPStore
+
+        plain = HTTPStore.from_url(store.url("http"), client_options={"allow_http": "true"})
+        assert bytes(obstore.get_range(plain, "ds/manifest.json", start=0, end=1)) == b"{"
     kwargs["cache_dir"] = str(tmp_path / "cache2")  # downloaded again, by the workers this time
     loader = DataLoader(StreamingDataset(store.url("s3", "ds"), **kwargs), batch_size=7, num_workers=2,
                         multiprocessing_context="fork", timeout=60)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +26,32 @@ from typing import Any
 from stoker import cache, storage
 from stoker.formats.manifest import Manifest
 
-# The process that started obstore's runtime; a process forked from it must not use obstore (its threads are gone).
-_obstore_started_in: list[int | None] = [None]
+# obstore's runtime threads do not survive a fork: a process forked while they ran (by stoker or anyone else in the
+# parent) hangs on its first request. Whether they ran is looked up at each fork, in the parent.
+_runtime_at_fork: list[bool] = [False]
+_obstore_unusable: list[bool] = [False]
+
+
+def _runtime_running() -> bool:
+    if "obstore" not in sys.modules:
+        return False
+    try:
+        return any("tokio" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return True  # no /proc: assume it ran
+
+
+def _before_fork() -> None:
+    _runtime_at_fork[0] = _runtime_running()
+
+
+def _after_fork_in_child() -> None:
+    _obstore_unusable[0] = _obstore_unusable[0] or _runtime_at_fork[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
 
 # s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
 _S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "use_ssl"}
@@ -57,7 +82,6 @@ def range_client(url: str, storage_options: dict[str, Any] | None, *, connect_ti
         import obstore
 
         def read_obstore(path: str, start: int, end: int) -> Any:
-            _obstore_started_in[0] = os.getpid()
             return obstore.get_range(store, path, start=start, end=end)
 
         return RangeClient("obstore", read_obstore)
@@ -73,7 +97,7 @@ def range_client(url: str, storage_options: dict[str, Any] | None, *, connect_ti
 def _obstore_for(url: str, options: dict[str, Any], connect_timeout: float, read_timeout: float,
                  pool: int) -> Any | None:
     """An obstore store for the prefix `url`, or None where fsspec must read it."""
-    if _obstore_started_in[0] not in (None, os.getpid()):
+    if _obstore_unusable[0]:
         return None  # forked from a process whose obstore runtime was running: its threads are not here
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol not in ("s3", "s3a", "http", "https"):
