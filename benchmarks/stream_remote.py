@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -47,21 +48,26 @@ def packed_images(per_class: int, shard_mb: int) -> Path:
     return dst
 
 
-def client_rates(store, prefix: str, shards: list[tuple[str, int]]) -> dict[str, float]:
-    """MB/s of plain parallel 8 MB ranged GETs of every shard under `prefix`: s3fs 16 threads, obstore 16 and 32."""
+def client_rates(endpoint_url: str, bucket: str, prefix: str, shards: list[tuple[str, int]]) -> dict[str, float]:
+    """MB/s of plain parallel 8 MB ranged GETs of every shard under `prefix`: s3fs 16 threads, obstore 16 and 32.
+
+    Run in a spawned process: obstore's runtime threads would not survive the loader's forks in this one (stoker
+    then reads through fsspec in its workers, as it must).
+    """
     import obstore
     import s3fs
     from obstore.store import S3Store
 
     spans = [(name, s, min(s + PART, size)) for name, size in shards for s in range(0, size, PART)]
     total = sum(size for _, size in shards)
-    fs = s3fs.S3FileSystem(**store.storage_options(config_kwargs={"max_pool_connections": 64}))
-    ob = S3Store(store.bucket, prefix=prefix, config={"endpoint": store.endpoint_url, "region": "us-east-1",
+    fs = s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": endpoint_url, "region_name": "us-east-1"},
+                           config_kwargs={"max_pool_connections": 64})
+    ob = S3Store(bucket, prefix=prefix, config={"endpoint": endpoint_url, "region": "us-east-1",
                                         "access_key_id": "k", "secret_access_key": "s",
                                         "virtual_hosted_style_request": False},
                  client_options={"allow_http": "true", "pool_max_idle_per_host": "64"})
     readers = {
-        "s3fs, 16 threads": (16, lambda sp: len(fs.cat_file(f"{store.bucket}/{prefix}/{sp[0]}", start=sp[1], end=sp[2]))),
+        "s3fs, 16 threads": (16, lambda sp: len(fs.cat_file(f"{bucket}/{prefix}/{sp[0]}", start=sp[1], end=sp[2]))),
         "obstore, 16 threads": (16, lambda sp: len(obstore.get_range(ob, sp[0], start=sp[1], end=sp[2]))),
         "obstore, 32 threads": (32, lambda sp: len(obstore.get_range(ob, sp[0], start=sp[1], end=sp[2]))),
     }
@@ -131,7 +137,8 @@ def main() -> None:
         for latency in args.latencies:
             with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
                 store_url = store.url("s3", packed.name)
-                rates = client_rates(store, packed.name, shards)
+                with mp.get_context("spawn").Pool(1) as pool:
+                    rates = pool.apply(client_rates, (store.endpoint_url, store.bucket, packed.name, shards))
                 cache = os.path.join(tmp, f"cache-{latency:g}")
                 rate, first, nbytes = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
                                                 cache_dir=cache)
