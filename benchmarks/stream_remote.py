@@ -73,25 +73,34 @@ def client_rates(endpoint_url: str, bucket: str, prefix: str, shards: list[tuple
     }
     rates = {}
     for label, (threads, read) in readers.items():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         with cf.ThreadPoolExecutor(threads) as pool:
             got = sum(pool.map(read, spans))
         assert got == total, (label, got, total)
-        rates[label] = total / (time.perf_counter() - start) / 1e6
+        rates[label] = (total / (time.perf_counter() - start) / 1e6, (_cpu() - cpu) / (total / 1e9))
     return rates
 
 
-def raw_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int]:
-    """(MB/s of sample bytes, seconds to the first batch, bytes) of one epoch of raw samples, timed from iter()."""
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process and of its children that have exited (the loader's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def raw_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int, float]:
+    """(MB/s of sample bytes, seconds to the first batch, bytes, CPU seconds per GB) of one epoch of raw samples,
+    timed from iter(); the CPU time counts this process and the workers (they exit at the end of the epoch)."""
     import stoker
 
     loader = stoker.DataLoader(stoker.StreamingDataset(source, seed=0, **kwargs), batch_size=64, num_workers=workers,
                                prefetch_factor=4)
-    start, first, nbytes = time.perf_counter(), None, 0
+    start, first, nbytes, cpu = time.perf_counter(), None, 0, _cpu()
     for batch in loader:
         first = time.perf_counter() - start if first is None else first
         nbytes += sum(len(image) for image in batch["image"])
-    return nbytes / (time.perf_counter() - start) / 1e6, first or 0.0, nbytes
+    seconds = time.perf_counter() - start
+    del loader  # its workers exit and are waited for, so their CPU time is counted
+    return nbytes / seconds / 1e6, first or 0.0, nbytes, (_cpu() - cpu) / (nbytes / 1e9)
 
 
 def pipeline_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int]:
@@ -130,9 +139,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
 
     raw_epoch(str(packed), args.workers)  # pages the shards into the page cache: "local" is the best case
-    local_rate, local_first, local_bytes = raw_epoch(str(packed), args.workers)
-    print(f"local disk (page cache): {local_rate:,.0f} MB/s, first batch {local_first:.2f} s", flush=True)
-    lines, first_at = [], {}
+    local_rate, local_first, local_bytes, local_cpu = raw_epoch(str(packed), args.workers)
+    print(f"local disk (page cache): {local_rate:,.0f} MB/s ({local_cpu:.1f} CPU-s/GB), first batch "
+          f"{local_first:.2f} s", flush=True)
+    lines = []
     with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
         for latency in args.latencies:
             with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
@@ -140,7 +150,7 @@ def main() -> None:
                 with mp.get_context("spawn").Pool(1) as pool:
                     rates = pool.apply(client_rates, (store.endpoint_url, store.bucket, packed.name, shards))
                 cache = os.path.join(tmp, f"cache-{latency:g}")
-                rate, first, nbytes = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
+                rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
                                                 cache_dir=cache)
                 assert nbytes == local_bytes, (nbytes, local_bytes)
                 shutil.rmtree(cache)
@@ -154,11 +164,11 @@ def main() -> None:
                     finally:
                         shutil.rmtree(cache)
                     tmpfs = f", cache on tmpfs {shm_rate:,.0f} MB/s"
-            best_label, best = max(rates.items(), key=lambda item: item[1])
-            first_at[latency] = first
-            print(f"{latency:g} ms: " + ", ".join(f"{label} {value:,.0f}" for label, value in rates.items())
-                  + f" MB/s; stoker cold cache {rate:,.0f} MB/s, first batch {first:.2f} s{tmpfs}; machine load "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            best_label, (best, _) = max(rates.items(), key=lambda item: item[1][0])
+            print(f"{latency:g} ms: " + ", ".join(f"{label} {value:,.0f} MB/s ({c:.1f} CPU-s/GB)"
+                                                   for label, (value, c) in rates.items())
+                  + f"; stoker cold cache {rate:,.0f} MB/s ({cpu:.1f} CPU-s/GB), first batch {first:.2f} s{tmpfs}; "
+                  f"machine load {os.getloadavg()[0]:.1f}", flush=True)
             lines.append(f"ratio raw bytes store/best plain client ({best_label}) at {latency:g} ms: "
                          f"{rate / best:.2f}x" + (" (goal >= 0.8x)" if latency == 20 else ""))
             lines.append(f"ratio raw bytes store/local at {latency:g} ms: {rate / local_rate:.2f}x")
