@@ -25,13 +25,19 @@ S3 = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0
     ("s3://bucket/ds", {"anon": True, "client_kwargs": {"region_name": "eu-west-1"}}, "obstore"),
     ("s3://bucket/ds", {**S3, "profile": "dev"}, "fsspec"),  # botocore's profiles: s3fs reads them
     ("s3://bucket/ds", {**S3, "requester_pays": True}, "fsspec"),  # an option obstore is not given: fsspec
+    ("s3://bucket/ds", {**S3, "use_ssl": False}, "fsspec"),
+    ("s3://bucket/ds", {**S3, "client_kwargs": {**S3["client_kwargs"], "verify": "/etc/ca.pem"}}, "fsspec"),
+    ("s3://bucket/ds", {**S3, "config_kwargs": {"s3": {"use_accelerate_endpoint": True}}}, "fsspec"),
+    ("s3://bucket/ds", {"key": "k", "secret": "s"}, "fsspec"),  # no region, no endpoint: s3fs asks the bucket
     ("http://127.0.0.1:9/ds", None, "obstore"),
     ("http://user:pw@127.0.0.1:9/ds", None, "fsspec"),
     ("http://127.0.0.1:9/ds?sig=1", None, "fsspec"),
     ("http://127.0.0.1:9/ds", {"headers": {"Authorization": "x"}}, "fsspec"),
     ("memory://bucket/ds", None, "fsspec"),
 ])
-def test_the_client_is_obstore_only_where_it_understands_every_option(url, options, client):
+def test_the_client_is_obstore_only_where_it_understands_every_option(url, options, client, monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
     assert range_client(url, options, **TIMEOUTS).name == client
 
 

@@ -36,7 +36,11 @@ def _runtime_running() -> bool:
     if "obstore" not in sys.modules:
         return False
     try:
-        return any("tokio" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                if "tokio" in comm.read():
+                    return True
+        return False
     except OSError:
         return True  # no /proc: assume it ran
 
@@ -54,7 +58,7 @@ if hasattr(os, "register_at_fork"):
 
 
 # s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
-_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "use_ssl"}
+_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
 _S3_CLIENT_KWARGS = {"endpoint_url", "region_name", "verify"}
 _S3_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "max_pool_connections", "s3"}
 
@@ -125,6 +129,11 @@ def _s3_store(S3Store: Any, url: str, options: dict[str, Any], client: dict[str,
     config_kwargs = dict(options.get("config_kwargs") or {})
     if set(options) - _S3_KEYS or set(client_kwargs) - _S3_CLIENT_KWARGS or set(config_kwargs) - _S3_CONFIG_KWARGS:
         return None
+    if set(config_kwargs.get("s3") or {}) - {"addressing_style"} or client_kwargs.get("verify") not in (None, True, False):
+        return None  # other botocore S3 settings, or a CA bundle: botocore knows them
+    for name in ("connect_timeout", "read_timeout"):  # the caller's own settings win, as they do for s3fs
+        if name in config_kwargs:
+            client["connect_timeout" if name == "connect_timeout" else "timeout"] = f"{float(config_kwargs[name])}s"
     bucket, _, prefix = url.split("://", 1)[1].partition("/")
     if not bucket:
         return None
