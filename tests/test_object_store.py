@@ -103,3 +103,20 @@ def test_packed_dataset_streams_exactly_through_the_store(local, tmp_path, objec
                           shuffle_buffer=50, seed=1, read=ReadOptions(part_size=8192))
     got = samples(DataLoader(ds, batch_size=8, num_workers=2))
     assert got == expected
+
+
+@pytest.mark.parametrize("scheme", ["s3", "http"])
+def test_packed_dataset_streams_exactly_over_https(local, tmp_path, object_store, scheme):
+    store = object_store(os.path.dirname(local), latency=0.002, tls=True)
+    assert store.endpoint_url.startswith("https://")
+    # A self-signed certificate: s3 options say verify=False (obstore then accepts it), http ones ssl=False (aiohttp).
+    options = store.storage_options() if scheme == "s3" else {"ssl": False}
+    if scheme == "s3":
+        from stoker.dataloader.remote import range_client
+
+        client = range_client(store.url("s3"), options, connect_timeout=2, read_timeout=5, pool=2)
+        assert client.name == "obstore" and bytes(client.read("ds/manifest.json", 0, 1)) == b"{"
+    expected = samples(DataLoader(StreamingDataset(local, shuffle=False), batch_size=8))
+    ds = StreamingDataset(store.url(scheme, "ds"), storage_options=options, cache_dir=str(tmp_path / "cache"),
+                          shuffle_buffer=50, seed=2)
+    assert samples(DataLoader(ds, batch_size=8, num_workers=2)) == expected
