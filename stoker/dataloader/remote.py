@@ -3,7 +3,8 @@
 An object store answers each request after tens of milliseconds and carries about 100 MB/s per connection, so a
 reader keeps up only with many ranged reads in flight: bandwidth x latency bytes, plus enough connections to sum to
 the bandwidth. `RemoteShards` downloads shards into the `ShardCache` as parts of `ReadOptions.part_size`, up to
-`parallel_reads` of them in flight in each process, spread over the shard being read and the prefetched ones.
+`parallel_reads` of them in flight per shard, for the shard being read and the prefetched ones at once
+(`prefetch_shards + 1` shards per process).
 
 The ranged reads go through obstore (Rust's `object_store`) where it can serve the URL: its requests run without
 the GIL, so a worker's download threads do not queue behind each other or behind the worker's own batch work
