@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/stoker demo
 
-# The loopback object store of the remote tests and benchmarks (stoker/testing/object_store.py): Debian's nginx with
+# The loopback object store of the remote tests and benchmarks (stoker/testing.py): Debian's nginx with
 # its echo module, installed when missing (CI runs as root on a fresh Debian machine; elsewhere through sudo).
 NGINX_PACKAGES := nginx-light libnginx-mod-http-echo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -451,7 +451,7 @@ def run(cfg: Config, peers: tuple[Peer, ...], work: Path) -> dict[str, Any]:
 
 
 # The S3 leg still runs against moto behind this delay proxy: the peers upload and list, which the nginx store
-# (stoker.testing.object_store) does not serve.
+# (stoker.testing) does not serve.
 async def _proxy(listen_port: int, target_port: int, delay: float, ready: mp.Event) -> None:
     loop = asyncio.get_running_loop()
 

@@ -1,5 +1,5 @@
 """Soak: many epochs with persistent workers over local data, S3 (moto on loopback) and an object store with S3's
-latency (nginx, 20 ms first byte, 100 MB/s per connection: stoker.testing.object_store); resources must stay flat.
+latency (nginx, 20 ms first byte, 100 MB/s per connection: stoker.testing); resources must stay flat.
 
 Per epoch it prints samples/s, the main process's RSS, the workers' summed RSS, open file descriptors and threads
 (main process plus workers). The verdict compares the last epoch with the second (the first warms caches and pools):
@@ -29,7 +29,7 @@ from s3_server import S3Server
 
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
-from stoker.testing.object_store import ObjectStore
+from stoker.testing import ObjectStore
 
 MB = 1 << 20
 

@@ -1,6 +1,6 @@
 """Packed JPEG shards read from a loopback object store with S3's shape, against plain clients and local disk.
 
-The store is nginx (`stoker.testing.object_store`): a first-byte delay on every request and 100 MB/s per
+The store is nginx (`stoker.testing`): a first-byte delay on every request and 100 MB/s per
 connection, costing almost no CPU, so it is not itself the limit. On the same >= 400 MB packed image dataset, at each
 latency (5, 20, 80 ms):
 
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import stoker
-    from stoker.testing.object_store import ObjectStore
+    from stoker.testing import ObjectStore
 
     packed = packed_images(args.per_class, args.shard_mb)
     manifest = stoker.Manifest.load(str(packed))

@@ -69,12 +69,12 @@ def test_stop_leaves_no_process_and_no_file(tmp_path, object_store):
 
 
 def test_the_command_line_serves_until_interrupted(tmp_path):
-    from stoker.testing.object_store import available
+    from stoker.testing import available
 
     if not available():
         pytest.skip("no nginx with the echo module")
     (tmp_path / "hello.txt").write_bytes(b"hello")
-    proc = subprocess.Popen([sys.executable, "-m", "stoker.testing.object_store", str(tmp_path), "--latency-ms", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "stoker.testing", str(tmp_path), "--latency-ms", "1"],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         first = proc.stdout.readline()

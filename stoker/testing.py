@@ -1,4 +1,6 @@
-"""A real object store on loopback with S3's shape: nginx over a directory, a first-byte delay and a per-connection
+"""Helpers for tests and benchmarks (the library itself never imports this module).
+
+A real object store on loopback with S3's shape: nginx over a directory, a first-byte delay and a per-connection
 rate, readable as a path-style S3 endpoint (HEAD and ranged GET) and as plain http URLs.
 
     with ObjectStore("/data/packed", latency=0.02, rate=100e6) as store:
@@ -10,7 +12,7 @@ its own parallelism allows (20 ms before every first byte, 100 MB/s per connecti
 Debian's `nginx-light` and `libnginx-mod-http-echo` (`make test` installs them). Read-only: writes, listings and
 faults are what the moto-based tests are for.
 
-    python -m stoker.testing.object_store DIR [--latency-ms 20] [--rate-mb 100] [--port 0]
+    python -m stoker.testing DIR [--latency-ms 20] [--rate-mb 100] [--port 0]
 """
 
 from __future__ import annotations
