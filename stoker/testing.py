@@ -35,12 +35,12 @@ from typing import Any
 NGINX = "/usr/sbin/nginx"
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 KEY, SECRET, REGION = "testing", "testing", "us-east-1"
-INSTALL_HINT = "install Debian's nginx-light and libnginx-mod-http-echo (`make test` does)"
+INSTALL_HINT = "install Debian's nginx-light, libnginx-mod-http-echo and openssl (`make test` does)"
 
 
-def available() -> bool:
-    """Whether nginx and its echo module (for the first-byte delay) are installed."""
-    return bool(shutil.which("nginx") or os.path.exists(NGINX)) and os.path.exists(ECHO_MODULE)
+def available(tls: bool = False) -> bool:
+    """Whether nginx and its echo module (for the first-byte delay), and openssl for `tls`, are installed."""
+    return os.path.exists(NGINX) and os.path.exists(ECHO_MODULE) and (not tls or shutil.which("openssl") is not None)
 
 
 def free_port() -> int:
@@ -144,8 +144,8 @@ http {{
         """Start nginx and wait (at most `timeout` seconds) until it answers."""
         if self.process is not None and self.process.poll() is None:
             return self
-        if not available():
-            raise RuntimeError(f"no nginx with the echo module: {INSTALL_HINT}")
+        if not available(self.tls):
+            raise RuntimeError(f"no nginx with the echo module (or no openssl for https): {INSTALL_HINT}")
         self._tmp = tempfile.mkdtemp(prefix="stoker-store-")
         os.makedirs(os.path.join(self._tmp, "root"))
         os.symlink(self.directory, os.path.join(self._tmp, "root", self.bucket))
