@@ -70,6 +70,7 @@ class ObjectStore:
         self.latency, self.rate, self.bucket, self.workers = float(latency), float(rate), bucket, int(workers)
         self.tls = tls  # https with a self-signed certificate for 127.0.0.1 (clients must not verify it)
         self.port = port or 0
+        self._fixed_port = port  # None: a free port is picked at each start
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: str | None = None
 
@@ -153,7 +154,7 @@ http {{
             self._make_certificate()
         last = ""
         for _ in range(5):  # a free port can be taken between the probe and nginx's bind: try another
-            port = self.port or free_port()
+            port = self._fixed_port or free_port()
             conf = os.path.join(self._tmp, "nginx.conf")
             with open(conf, "w") as f:
                 f.write(self._config(port))
@@ -168,7 +169,6 @@ http {{
                 return self
             last = self._log_tail()
             self._kill()
-            self.port = 0 if not self.port else self.port
         self.stop()
         raise RuntimeError(f"nginx did not start on 127.0.0.1: {last}")
 
