@@ -23,12 +23,13 @@ demo: $(VENV)/.core
 	$(VENV)/bin/stoker demo
 	@echo "stoker and pack-dataset are in $(VENV)/bin: run 'source $(VENV)/bin/activate' to put them on PATH"
 
-# The loopback object store of the remote tests and benchmarks (stoker/testing/object_store.py): Debian's nginx with
-# its echo module, installed when missing (CI runs as root on a fresh Debian machine; elsewhere through sudo).
-NGINX_PACKAGES := nginx-light libnginx-mod-http-echo
+# The loopback object store of the remote tests and benchmarks (stoker/testing.py): Debian's nginx with
+# its echo module, and openssl for its https certificate, installed when missing (CI runs as root on a fresh Debian
+# machine; elsewhere through sudo).
+NGINX_PACKAGES := nginx-light libnginx-mod-http-echo openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 object-store:
-	@test -x /usr/sbin/nginx -a -f /usr/lib/nginx/modules/ngx_http_echo_module.so || \
+	@test -x /usr/sbin/nginx -a -f /usr/lib/nginx/modules/ngx_http_echo_module.so -a -x /usr/bin/openssl || \
 		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(NGINX_PACKAGES))
 
 test: $(VENV)/.installed object-store

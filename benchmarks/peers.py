@@ -28,9 +28,11 @@ The machine may be shared: compare ratios from one run; `--rounds` keeps each me
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import io
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -448,6 +450,68 @@ def run(cfg: Config, peers: tuple[Peer, ...], work: Path) -> dict[str, Any]:
     return results
 
 
+# The S3 leg still runs against moto behind this delay proxy: the peers upload and list, which the nginx store
+# (stoker.testing) does not serve.
+async def _proxy(listen_port: int, target_port: int, delay: float, ready: mp.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, pause: float) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def pump() -> None:
+            while data := await src.read(1 << 16):
+                queue.put_nowait((loop.time() + pause, data))  # each chunk leaves `pause` after it arrived
+            queue.put_nowait((0.0, b""))
+
+        async def drain() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pump(), drain())
+        except (ConnectionError, OSError):
+            dst.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(client_r, server_w, delay), pipe(server_r, client_w, 0.0))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+    ready.set()
+    async with server:
+        await server.serve_forever()
+
+
+def _run_proxy(listen_port: int, target_port: int, delay: float, ready: mp.Event) -> None:
+    asyncio.run(_proxy(listen_port, target_port, delay, ready))
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that delays client-to-server bytes by `delay` seconds (own process)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        from s3_server import free_port
+
+        self.port = free_port()
+        ctx = mp.get_context("fork")
+        ready = ctx.Event()
+        self.process = ctx.Process(target=_run_proxy, args=(self.port, target_port, delay, ready), daemon=True)
+        self.process.start()
+        if not ready.wait(30):
+            raise RuntimeError("delay proxy did not start within 30 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
 def _keep_best(row: dict[str, Any], loads: dict[str, Any]) -> None:
     for mode, (rate, first, count) in loads.items():
         if rate > row.get(mode, 0):
@@ -462,7 +526,6 @@ def _s3_rounds(cfg: Config, peers: tuple[Peer, ...], work: Path, rows: dict[str,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     try:
         from s3_server import KEY, REGION, SECRET, S3Server
-        from stream_s3 import DelayProxy
         import boto3  # noqa: F401 - the uploads below
     except ImportError as exc:
         return f"not run: {exc} (needs moto[server], boto3 and s3fs in {sys.executable})"

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
-TIMEOUT_S = {"peers.py": 900, "autotune.py": 900, "plan_scale.py": 900}  # seconds per script (default 300): one runaway must not eat the whole run
+TIMEOUT_S = {"peers.py": 900, "autotune.py": 900, "plan_scale.py": 900, "stream_remote.py": 1200}  # seconds per script (default 300): one runaway must not eat the whole run
 
 # Reduced sizes for the default run; scripts not listed run with their defaults.
 QUICK: dict[str, list[str]] = {
@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "monitor_overhead.py": ["--pairs", "8"],
     "stream_local.py": ["--mb", "256", "--epochs", "2"],
     "integrity.py": ["--mb", "256", "--images", "256", "--rounds", "2"],
+    "stream_remote.py": ["--latencies", "20", "80", "--pipeline-latencies", "20"],
     "worker_memory.py": ["--samples", "100000", "--epochs", "4"],
     "peers.py": ["--per-class", "100", "--rounds", "2"],
     "autotune.py": ["--epochs", "6", "--rounds", "2"],

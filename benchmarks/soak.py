@@ -1,4 +1,5 @@
-"""Soak: many epochs with persistent workers over local and S3 (moto on loopback) data; resources must stay flat.
+"""Soak: many epochs with persistent workers over local data, S3 (moto on loopback) and an object store with S3's
+latency (nginx, 20 ms first byte, 100 MB/s per connection: stoker.testing); resources must stay flat.
 
 Per epoch it prints samples/s, the main process's RSS, the workers' summed RSS, open file descriptors and threads
 (main process plus workers). The verdict compares the last epoch with the second (the first warms caches and pools):
@@ -28,6 +29,7 @@ from s3_server import S3Server
 
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
+from stoker.testing import ObjectStore
 
 MB = 1 << 20
 
@@ -87,20 +89,28 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--shards", type=int, default=24)
     parser.add_argument("--rows", type=int, default=400, help="samples per shard")
-    parser.add_argument("--only", choices=["local", "s3"])
+    parser.add_argument("--only", choices=["local", "s3", "store"])
     args = parser.parse_args()
     total = args.shards * args.rows
     ok = True
     with tempfile.TemporaryDirectory(prefix="stoker-soak-") as tmp:
         local = make_dataset(Path(tmp) / "data", rows=(args.rows,) * args.shards, payload=(500, 3000),
                              batch_bytes=64 << 10)
-        if args.only != "s3":
+        size = sum(f.stat().st_size for f in Path(local).iterdir())
+        if args.only in (None, "local"):
             ok &= soak("local", local, args.epochs, args.workers, total)
-        if args.only != "local":
+        if args.only in (None, "store"):
+            with ObjectStore(tmp, latency=0.02, rate=100e6) as store:
+                nginx = psutil.Process(store.process.pid)
+                # A cache smaller than the dataset: every epoch evicts and downloads again, through obstore.
+                ok &= soak("store", store.url("s3", "data"), args.epochs, args.workers, total,
+                           exclude={nginx.pid, *(c.pid for c in nginx.children(recursive=True))},
+                           storage_options=store.storage_options(), cache_dir=os.path.join(tmp, "store-cache"),
+                           cache_limit=size // 2)
+        if args.only in (None, "s3"):
             with S3Server() as s3:
                 s3.create_bucket("data")
                 s3.upload_dir(local, "s3://data/ds")
-                size = sum(f.stat().st_size for f in Path(local).iterdir())
                 # A cache smaller than the dataset: every epoch evicts and downloads again.
                 ok &= soak("s3", "s3://data/ds", args.epochs, args.workers, total, exclude={s3.process.pid},
                            storage_options=s3.storage_options(), cache_dir=os.path.join(tmp, "cache"),

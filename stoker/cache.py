@@ -8,7 +8,7 @@ Safe with many threads, processes and jobs on one machine:
   files whose lock is held; evicting a file another process has open is harmless on POSIX (its pages stay valid);
 - temporary files carry a per-writer unique name; orphans of crashed writers are removed during eviction.
 
-Downloads are parallel ranged reads through fsspec, each retried with exponential backoff, all bounded by one
+Downloads are parallel ranged reads (through the client `dataloader.remote` chooses), each retried with exponential backoff, all bounded by one
 deadline, hashed in order and checked against the manifest's sha256; a mismatch is fetched once more, then an error.
 """
 
@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import fsspec
 from filelock import FileLock, Timeout
 
 from stoker import storage
@@ -249,13 +248,13 @@ def retry(fn: Callable[[], Any], *, attempts: int, backoff: float, deadline: flo
     ) from None
 
 
-def read_part(fs: fsspec.AbstractFileSystem, path: str, span: tuple[int, int], attempts: int, backoff: float,
-              deadline: float, what: str) -> bytes:
-    """Bytes span[0]:span[1] of `path`, retried with exponential backoff; errors name `what`."""
+def read_part(read: Callable[[int, int], Any], span: tuple[int, int], attempts: int, backoff: float,
+              deadline: float, what: str) -> Any:
+    """`read(start, end)` for span (start, end), retried with exponential backoff; errors name `what`."""
     start, end = span
     try:
-        return retry(lambda: storage.read_range(fs, path, start, end), attempts=attempts, backoff=backoff,
-                     deadline=deadline, what=f"{what}: reading bytes {start}-{end}")
+        return retry(lambda: read(start, end), attempts=attempts, backoff=backoff, deadline=deadline,
+                     what=f"{what}: reading bytes {start}-{end}")
     except FileNotFoundError as exc:
         if isinstance(exc, ShardNotFoundError):
             raise
@@ -264,9 +263,10 @@ def read_part(fs: fsspec.AbstractFileSystem, path: str, span: tuple[int, int], a
         ) from None
 
 
-def download(fs: fsspec.AbstractFileSystem, path: str, dst: str, size: int, *, pool: IOPool, part_size: int,
-             parallel: int, attempts: int, backoff: float, deadline: float, what: str) -> str:
-    """Write `path` (of `size` bytes) to local `dst` with up to `parallel` ranged reads in flight; return its sha256."""
+def download(read: Callable[[int, int], Any], dst: str, size: int, *, pool: IOPool, part_size: int, parallel: int,
+             attempts: int, backoff: float, deadline: float, what: str) -> str:
+    """Write an object of `size` bytes to local `dst` with up to `parallel` ranged reads `read(start, end)` in
+    flight; return its sha256."""
     spans = collections.deque((s, min(s + part_size, size)) for s in range(0, size, part_size))
     pending: collections.deque[tuple[int, cf.Future[bytes]]] = collections.deque()
     digest = hashlib.sha256()
@@ -275,7 +275,7 @@ def download(fs: fsspec.AbstractFileSystem, path: str, dst: str, size: int, *, p
         while spans or pending:
             while spans and len(pending) < parallel:
                 span = spans.popleft()
-                pending.append((span[0], pool.submit(read_part, fs, path, span, attempts, backoff, deadline, what)))
+                pending.append((span[0], pool.submit(read_part, read, span, attempts, backoff, deadline, what)))
             start, future = pending.popleft()
             data = wait(future, deadline, what)
             digest.update(data)  # in order, while later parts are still in flight

@@ -205,10 +205,3 @@ def remote_options(
         options["client_kwargs"] = client
     return options
 
-
-def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of `path`; a short read (object smaller than expected) is an error, not silent."""
-    data = fs.cat_file(path, start=start, end=end)
-    if len(data) != end - start:
-        raise EOFError(f"{path}: asked for bytes {start}-{end}, got {len(data)} bytes")
-    return data

@@ -45,9 +45,9 @@ def packed_text(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory, sha
 
 @pytest.fixture
 def object_store():
-    """Start a loopback object store (nginx: `stoker.testing.object_store.ObjectStore`) over a directory:
+    """Start a loopback object store (nginx: `stoker.testing.ObjectStore`) over a directory:
     `object_store(directory, latency=0.02, rate=100e6)`; every store started is stopped at the end of the test."""
-    from stoker.testing.object_store import INSTALL_HINT, ObjectStore, available
+    from stoker.testing import INSTALL_HINT, ObjectStore, available
 
     if not available():
         pytest.skip(f"no nginx with the echo module: {INSTALL_HINT}")

@@ -69,12 +69,12 @@ def test_stop_leaves_no_process_and_no_file(tmp_path, object_store):
 
 
 def test_the_command_line_serves_until_interrupted(tmp_path):
-    from stoker.testing.object_store import available
+    from stoker.testing import available
 
     if not available():
         pytest.skip("no nginx with the echo module")
     (tmp_path / "hello.txt").write_bytes(b"hello")
-    proc = subprocess.Popen([sys.executable, "-m", "stoker.testing.object_store", str(tmp_path), "--latency-ms", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "stoker.testing", str(tmp_path), "--latency-ms", "1"],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         first = proc.stdout.readline()
@@ -103,3 +103,20 @@ def test_packed_dataset_streams_exactly_through_the_store(local, tmp_path, objec
                           shuffle_buffer=50, seed=1, read=ReadOptions(part_size=8192))
     got = samples(DataLoader(ds, batch_size=8, num_workers=2))
     assert got == expected
+
+
+@pytest.mark.parametrize("scheme", ["s3", "http"])
+def test_packed_dataset_streams_exactly_over_https(local, tmp_path, object_store, scheme):
+    store = object_store(os.path.dirname(local), latency=0.002, tls=True)
+    assert store.endpoint_url.startswith("https://")
+    # A self-signed certificate: s3 options say verify=False (obstore then accepts it), http ones ssl=False (aiohttp).
+    options = store.storage_options() if scheme == "s3" else {"ssl": False}
+    if scheme == "s3":
+        from stoker.dataloader.remote import range_client
+
+        client = range_client(store.url("s3"), options, connect_timeout=2, read_timeout=5, pool=2)
+        assert client.name == "obstore" and bytes(client.read("ds/manifest.json", 0, 1)) == b"{"
+    expected = samples(DataLoader(StreamingDataset(local, shuffle=False), batch_size=8))
+    ds = StreamingDataset(store.url(scheme, "ds"), storage_options=options, cache_dir=str(tmp_path / "cache"),
+                          shuffle_buffer=50, seed=2)
+    assert samples(DataLoader(ds, batch_size=8, num_workers=2)) == expected

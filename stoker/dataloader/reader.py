@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from stoker import cache, storage
+from stoker.dataloader import remote
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
 from stoker.formats.conform import Rules, check_batch, check_schema
@@ -38,7 +39,7 @@ class ReadOptions:
 
     prefetch_shards: int = 2  # shards fetched ahead of the ones being read
     parallel_reads: int = 8  # ranged reads in flight per shard
-    part_size: int = 16 << 20  # bytes per ranged read
+    part_size: int = 8 << 20  # bytes per ranged read: ~80 ms at 100 MB/s, several per shard in flight
     attempts: int = 3  # tries per ranged read before giving up
     backoff: float = 0.5  # seconds before the first retry, doubled after each
     connect_timeout: float = 10.0  # per request, passed to the storage client
@@ -395,34 +396,11 @@ class ShardSource:
         self._pending: dict[int, Any] = {}
         self._idle: collections.OrderedDict[tuple[int, tuple[str, ...]], OpenShard] = collections.OrderedDict()
         if not self.local:
-            opts = storage.remote_options(url, storage_options, connect_timeout=options.connect_timeout,
-                                          read_timeout=options.read_timeout)
-            self._fs, self._root = storage.filesystem(url, opts)
-            self._cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
-            self._parts = cache.IOPool(options.parallel_reads * (options.prefetch_shards + 1), "stoker-read")
-            self._fetchers = cache.IOPool(options.prefetch_shards + 1, "stoker-prefetch")
+            shard_cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
+            self._remote = remote.RemoteShards(url, manifest, storage_options, shard_cache, options)
 
     def _shard_url(self, shard: int) -> str:
         return storage.join(self.url, self.manifest.shards[shard].name)
-
-    def _fetch(self, shard: int) -> str:
-        """Local path of a remote shard, downloading it into the cache if needed."""
-        info = self.manifest.shards[shard]
-        key = f"{info.sha256[:32]}-{info.name}"
-        where = f"shard {info.name} ({storage.redact(self._shard_url(shard))})"
-        deadline = time.monotonic() + self.options.shard_timeout
-        path = storage.join(self._root, info.name)
-        opts = self.options
-
-        def fetch(dst: str) -> str:
-            return cache.download(self._fs, path, dst, info.bytes, pool=self._parts, part_size=opts.part_size,
-                                  parallel=opts.parallel_reads, attempts=opts.attempts, backoff=opts.backoff,
-                                  deadline=deadline, what=where)
-
-        def fill(tmp: str) -> None:
-            cache.fill_verified(tmp, fetch, info.sha256, info.name, where)
-
-        return self._cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Start reading `shards` in the background (download into the cache, or page-cache readahead)."""
@@ -434,7 +412,7 @@ class ShardSource:
                 _readahead(storage.local_path(self._shard_url(shard)))
                 self._pending[shard] = None
             else:
-                self._pending[shard] = self._fetchers.submit(self._fetch, shard)
+                self._pending[shard] = self._remote.submit(shard)
 
     def forget(self, shards: Sequence[int]) -> None:
         """Drop finished prefetches of shards that will not be read again soon."""
@@ -460,10 +438,10 @@ class ShardSource:
         for attempt in range(2):
             future = self._pending.pop(shard, None)
             if future is None:
-                future = self._fetchers.submit(self._fetch, shard)
+                future = self._remote.submit(shard)
             waited = time.perf_counter()
             try:
-                path = cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
+                path = self._remote.wait(future, name)
             finally:
                 self.fetch_seconds += time.perf_counter() - waited
             try:
@@ -471,12 +449,12 @@ class ShardSource:
                                  self.manifest.rules, check=self._check)
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
-                    raise ConfigError(f"cache {self._cache.directory} evicts shard {name} before it can be opened; "
+                    raise ConfigError(f"cache {self._remote.cache.directory} evicts shard {name} before it can be opened; "
                                       "raise cache_limit") from None
             except ShardError:
                 if attempt:  # issue 9: refetched and still unreadable: the stored shard itself is bad
                     raise
-                self._cache.evict(os.path.basename(path), 2 * self.options.shard_timeout)  # damaged cache entry
+                self._remote.cache.evict(os.path.basename(path), 2 * self.options.shard_timeout)  # damaged cache entry
         raise AssertionError("unreachable")
 
     def release(self, shard: int, opened: OpenShard) -> None:
@@ -496,8 +474,7 @@ class ShardSource:
             opened.close()
         self._idle.clear()
         if not self.local and os.getpid() == self._pid:
-            self._parts.close()
-            self._fetchers.close()
+            self._remote.close()
         self._pending.clear()
 
 

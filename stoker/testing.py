@@ -1,4 +1,6 @@
-"""A real object store on loopback with S3's shape: nginx over a directory, a first-byte delay and a per-connection
+"""Helpers for tests and benchmarks (the library itself never imports this module).
+
+A real object store on loopback with S3's shape: nginx over a directory, a first-byte delay and a per-connection
 rate, readable as a path-style S3 endpoint (HEAD and ranged GET) and as plain http URLs.
 
     with ObjectStore("/data/packed", latency=0.02, rate=100e6) as store:
@@ -10,7 +12,7 @@ its own parallelism allows (20 ms before every first byte, 100 MB/s per connecti
 Debian's `nginx-light` and `libnginx-mod-http-echo` (`make test` installs them). Read-only: writes, listings and
 faults are what the moto-based tests are for.
 
-    python -m stoker.testing.object_store DIR [--latency-ms 20] [--rate-mb 100] [--port 0]
+    python -m stoker.testing DIR [--latency-ms 20] [--rate-mb 100] [--port 0]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,12 +35,12 @@ from typing import Any
 NGINX = "/usr/sbin/nginx"
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 KEY, SECRET, REGION = "testing", "testing", "us-east-1"
-INSTALL_HINT = "install Debian's nginx-light and libnginx-mod-http-echo (`make test` does)"
+INSTALL_HINT = "install Debian's nginx-light, libnginx-mod-http-echo and openssl (`make test` does)"
 
 
-def available() -> bool:
-    """Whether nginx and its echo module (for the first-byte delay) are installed."""
-    return bool(shutil.which("nginx") or os.path.exists(NGINX)) and os.path.exists(ECHO_MODULE)
+def available(tls: bool = False) -> bool:
+    """Whether nginx and its echo module (for the first-byte delay), and openssl for `tls`, are installed."""
+    return os.path.exists(NGINX) and os.path.exists(ECHO_MODULE) and (not tls or shutil.which("openssl") is not None)
 
 
 def free_port() -> int:
@@ -58,33 +61,38 @@ class ObjectStore:
     byte, `rate` bytes/s per connection (0: unlimited)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, latency: float = 0.02, rate: float = 100e6,
-                 bucket: str = "data", port: int | None = None, workers: int = 2) -> None:
+                 bucket: str = "data", port: int | None = None, workers: int = 2, tls: bool = False) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"bucket {bucket!r} must be a plain name")
         self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no directory {self.directory} to serve")
         self.latency, self.rate, self.bucket, self.workers = float(latency), float(rate), bucket, int(workers)
+        self.tls = tls  # https with a self-signed certificate for 127.0.0.1 (clients must not verify it)
         self.port = port or 0
+        self._fixed_port = port  # None: a free port is picked at each start
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: str | None = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, scheme: str = "s3", path: str = "") -> str:
-        """`s3://bucket/path` or `http://127.0.0.1:port/bucket/path` for `path` relative to the directory."""
-        path = path.strip("/")
-        base = f"s3://{self.bucket}" if scheme == "s3" else f"{self.endpoint_url}/{self.bucket}"
+        """`s3://bucket/path`, or `http(s)://127.0.0.1:port/bucket/path` (scheme "http"), for `path` relative to the
+        directory."""
         if scheme not in ("s3", "http"):
             raise ValueError(f"scheme must be 's3' or 'http', not {scheme!r}")
+        path = path.strip("/")
+        base = f"s3://{self.bucket}" if scheme == "s3" else f"{self.endpoint_url}/{self.bucket}"
         return f"{base}/{path}" if path else base
 
     def storage_options(self, **extra: Any) -> dict[str, Any]:
         """s3fs options for this endpoint (any key and secret do; nginx checks none)."""
-        return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": REGION},
-                **extra}
+        client: dict[str, Any] = {"endpoint_url": self.endpoint_url, "region_name": REGION}
+        if self.tls:
+            client["verify"] = False  # the certificate is self-signed
+        return {"key": KEY, "secret": SECRET, "client_kwargs": client, **extra}
 
     def _config(self, port: int) -> str:
         assert self._tmp is not None
@@ -92,6 +100,11 @@ class ObjectStore:
         # echo_sleep takes at most three decimals (milliseconds).
         delay = f"echo_sleep {self.latency:.3f}; echo_exec @files;" if self.latency >= 0.0005 else "try_files $uri =404;"
         rate = f"limit_rate {int(self.rate)};" if self.rate > 0 else ""
+        listen = f"127.0.0.1:{port} reuseport"
+        tls = ""
+        if self.tls:
+            listen += " ssl"
+            tls = f"ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem;"
         return f"""
 load_module {ECHO_MODULE};
 daemon off;
@@ -113,7 +126,8 @@ http {{
     keepalive_timeout 60s;
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        listen {listen};
+        {tls}
         root {tmp}/root;
         location / {{ {delay} }}
         location @files {{ {rate} }}
@@ -131,14 +145,16 @@ http {{
         """Start nginx and wait (at most `timeout` seconds) until it answers."""
         if self.process is not None and self.process.poll() is None:
             return self
-        if not available():
-            raise RuntimeError(f"no nginx with the echo module: {INSTALL_HINT}")
+        if not available(self.tls):
+            raise RuntimeError(f"no nginx with the echo module (or no openssl for https): {INSTALL_HINT}")
         self._tmp = tempfile.mkdtemp(prefix="stoker-store-")
         os.makedirs(os.path.join(self._tmp, "root"))
         os.symlink(self.directory, os.path.join(self._tmp, "root", self.bucket))
+        if self.tls:
+            self._make_certificate()
         last = ""
         for _ in range(5):  # a free port can be taken between the probe and nginx's bind: try another
-            port = self.port or free_port()
+            port = self._fixed_port or free_port()
             conf = os.path.join(self._tmp, "nginx.conf")
             with open(conf, "w") as f:
                 f.write(self._config(port))
@@ -153,9 +169,14 @@ http {{
                 return self
             last = self._log_tail()
             self._kill()
-            self.port = 0 if not self.port else self.port
         self.stop()
         raise RuntimeError(f"nginx did not start on 127.0.0.1: {last}")
+
+    def _make_certificate(self) -> None:
+        assert self._tmp is not None
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", os.path.join(self._tmp, "key.pem"),
+                        "-out", os.path.join(self._tmp, "cert.pem")], check=True, capture_output=True, timeout=60)
 
     def _wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -164,7 +185,8 @@ http {{
             if self.process.poll() is not None:
                 return False
             try:
-                urllib.request.urlopen(f"{self.endpoint_url}/.stoker-ready", timeout=2).close()
+                context = ssl._create_unverified_context() if self.tls else None  # our own self-signed certificate
+                urllib.request.urlopen(f"{self.endpoint_url}/.stoker-ready", timeout=2, context=context).close()
                 return True
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:

@@ -1,0 +1,196 @@
+"""Packed JPEG shards read from a loopback object store with S3's shape, against plain clients and local disk.
+
+The store is nginx (`stoker.testing`): a first-byte delay on every request and 100 MB/s per
+connection, costing almost no CPU, so it is not itself the limit. On the same >= 400 MB packed image dataset, at each
+latency (5, 20, 80 ms):
+
+  ceiling   plain parallel 8 MB ranged GETs of every shard, no loader: s3fs with 16 threads, obstore with 16 and 32
+  store     stoker.StreamingDataset + stoker.DataLoader (2 workers, raw bytes, batch 64), cold cache: every shard
+            is downloaded during the epoch
+  local     the same loader over the local directory (page cache)
+
+plus the time to the first batch (cold store vs local), and the full image pipeline (stoker's PIL decode + random
+resized crop + flip as the collate_fn, 2 workers) from the store vs from local disk at 20 and 80 ms. Every ratio is
+taken within this one run.
+
+    .venv/bin/python benchmarks/stream_remote.py [--per-class 880] [--latencies 5 20 80] [--pipeline-latencies 20 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+PART = 8 << 20
+SIZE = 224
+
+
+def packed_images(per_class: int, shard_mb: int) -> Path:
+    """The benchmark's image tree packed into shards of `shard_mb` MB (cached with the tree)."""
+    import _data
+    from stoker.formats.pack import pack_dataset
+
+    tree = _data.image_tree(per_class=per_class)
+    dst = _data.CACHE / f"packed-remote-{per_class}-{shard_mb}"
+    if not (dst / "manifest.json").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        pack_dataset(str(tree), str(dst), shard_size=shard_mb << 20, workers=2, progress=False)
+    return dst
+
+
+def client_rates(endpoint_url: str, bucket: str, prefix: str, shards: list[tuple[str, int]]) -> dict[str, float]:
+    """MB/s of plain parallel 8 MB ranged GETs of every shard under `prefix`: s3fs 16 threads, obstore 16 and 32.
+
+    Run in a spawned process: obstore's runtime threads would not survive the loader's forks in this one (stoker
+    then reads through fsspec in its workers, as it must).
+    """
+    import obstore
+    import s3fs
+    from obstore.store import S3Store
+
+    spans = [(name, s, min(s + PART, size)) for name, size in shards for s in range(0, size, PART)]
+    total = sum(size for _, size in shards)
+    fs = s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": endpoint_url, "region_name": "us-east-1"},
+                           config_kwargs={"max_pool_connections": 64})
+    ob = S3Store(bucket, prefix=prefix, config={"endpoint": endpoint_url, "region": "us-east-1",
+                                        "access_key_id": "k", "secret_access_key": "s",
+                                        "virtual_hosted_style_request": False},
+                 client_options={"allow_http": "true", "pool_max_idle_per_host": "64"})
+    readers = {
+        "s3fs, 16 threads": (16, lambda sp: len(fs.cat_file(f"{bucket}/{prefix}/{sp[0]}", start=sp[1], end=sp[2]))),
+        "obstore, 16 threads": (16, lambda sp: len(obstore.get_range(ob, sp[0], start=sp[1], end=sp[2]))),
+        "obstore, 32 threads": (32, lambda sp: len(obstore.get_range(ob, sp[0], start=sp[1], end=sp[2]))),
+    }
+    rates = {}
+    for label, (threads, read) in readers.items():
+        start, cpu = time.perf_counter(), _cpu()
+        with cf.ThreadPoolExecutor(threads) as pool:
+            got = sum(pool.map(read, spans))
+        assert got == total, (label, got, total)
+        rates[label] = (total / (time.perf_counter() - start) / 1e6, (_cpu() - cpu) / (total / 1e9))
+    return rates
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process and of its children that have exited (the loader's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def raw_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int, float]:
+    """(MB/s of sample bytes, seconds to the first batch, bytes, CPU seconds per GB) of one epoch of raw samples,
+    timed from iter(); the CPU time counts this process and the workers (they exit at the end of the epoch)."""
+    import stoker
+
+    loader = stoker.DataLoader(stoker.StreamingDataset(source, seed=0, **kwargs), batch_size=64, num_workers=workers,
+                               prefetch_factor=4)
+    start, first, nbytes, cpu = time.perf_counter(), None, 0, _cpu()
+    for batch in loader:
+        first = time.perf_counter() - start if first is None else first
+        nbytes += sum(len(image) for image in batch["image"])
+    seconds = time.perf_counter() - start
+    del loader  # its workers exit and are waited for, so their CPU time is counted
+    return nbytes / seconds / 1e6, first or 0.0, nbytes, (_cpu() - cpu) / (nbytes / 1e9)
+
+
+def pipeline_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int]:
+    """(images/s, seconds to the first batch, images) of one epoch decoded and augmented by stoker's PIL transform."""
+    import stoker
+
+    collate = stoker.build_transform(stoker.TransformSpec(size=SIZE), backend="pil", seed=0)
+    loader = stoker.DataLoader(stoker.StreamingDataset(source, seed=0, **kwargs), batch_size=64, num_workers=workers,
+                               collate_fn=collate, prefetch_factor=4)
+    start, first, count = time.perf_counter(), None, 0
+    for batch in loader:
+        first = time.perf_counter() - start if first is None else first
+        count += len(batch["label"])
+    return count / (time.perf_counter() - start), first or 0.0, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=880, help="JPEGs per class (10 classes; 880: ~420 MB)")
+    parser.add_argument("--shard-mb", type=int, default=32)
+    parser.add_argument("--latencies", type=float, nargs="+", default=[5, 20, 80], help="first-byte delays, ms")
+    parser.add_argument("--pipeline-latencies", type=float, nargs="*", default=[20, 80])
+    parser.add_argument("--rate-mb", type=float, default=100, help="MB/s per connection")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    import stoker
+    from stoker.testing import ObjectStore
+
+    packed = packed_images(args.per_class, args.shard_mb)
+    manifest = stoker.Manifest.load(str(packed))
+    shards = [(s.name, s.bytes) for s in manifest.shards]
+    total = sum(size for _, size in shards)
+    print(f"dataset: {len(shards)} shards, {total / 1e6:.0f} MB of packed JPEGs ({sum(s.rows for s in manifest.shards)} "
+          f"images); store: nginx, {args.rate_mb:g} MB/s per connection; {args.workers} workers; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+
+    raw_epoch(str(packed), args.workers)  # pages the shards into the page cache: "local" is the best case
+    local_rate, local_first, local_bytes, local_cpu = raw_epoch(str(packed), args.workers)
+    print(f"local disk (page cache): {local_rate:,.0f} MB/s ({local_cpu:.1f} CPU-s/GB), first batch "
+          f"{local_first:.2f} s", flush=True)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
+        for latency in args.latencies:
+            with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
+                store_url = store.url("s3", packed.name)
+                with mp.get_context("spawn").Pool(1) as pool:
+                    rates = pool.apply(client_rates, (store.endpoint_url, store.bucket, packed.name, shards))
+                cache = os.path.join(tmp, f"cache-{latency:g}")
+                rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
+                                                cache_dir=cache)
+                assert nbytes == local_bytes, (nbytes, local_bytes)
+                shutil.rmtree(cache)
+                tmpfs = ""
+                if os.path.isdir("/dev/shm"):
+                    # The same with the cache in RAM: what the download path does apart from this disk's writes.
+                    cache = tempfile.mkdtemp(prefix="stoker-remote-", dir="/dev/shm")
+                    try:
+                        shm_rate = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
+                                             cache_dir=cache)[0]
+                    finally:
+                        shutil.rmtree(cache)
+                    tmpfs = f", cache on tmpfs {shm_rate:,.0f} MB/s"
+            best_label, (best, _) = max(rates.items(), key=lambda item: item[1][0])
+            print(f"{latency:g} ms: " + ", ".join(f"{label} {value:,.0f} MB/s ({c:.1f} CPU-s/GB)"
+                                                   for label, (value, c) in rates.items())
+                  + f"; stoker cold cache {rate:,.0f} MB/s ({cpu:.1f} CPU-s/GB), first batch {first:.2f} s{tmpfs}; "
+                  f"machine load {os.getloadavg()[0]:.1f}", flush=True)
+            lines.append(f"ratio raw bytes store/best plain client ({best_label}) at {latency:g} ms: "
+                         f"{rate / best:.2f}x" + (" (goal >= 0.8x)" if latency == 20 else ""))
+            lines.append(f"ratio raw bytes store/local at {latency:g} ms: {rate / local_rate:.2f}x")
+            lines.append(f"first batch cold store minus local at {latency:g} ms: {first - local_first:.2f} s"
+                         + (" (goal <= 0.5 s)" if latency == 20 else ""))
+        if args.pipeline_latencies:
+            local_ips, local_pfirst, local_count = pipeline_epoch(str(packed), args.workers)
+            print(f"image pipeline, local disk: {local_ips:,.0f} img/s, first batch {local_pfirst:.2f} s", flush=True)
+        for latency in args.pipeline_latencies:
+            with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
+                cache = os.path.join(tmp, f"pipeline-{latency:g}")
+                ips, pfirst, count = pipeline_epoch(store.url("s3", packed.name), args.workers,
+                                                    storage_options=store.storage_options(), cache_dir=cache)
+                assert count == local_count
+                shutil.rmtree(cache)
+            print(f"image pipeline, store at {latency:g} ms, cold cache: {ips:,.0f} img/s, first batch {pfirst:.2f} s",
+                  flush=True)
+            lines.append(f"ratio image pipeline store/local at {latency:g} ms: {ips / local_ips:.2f}x (goal >= 0.95x)")
+    print(f"machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Remote shards into the local cache at the object store's speed.
+
+An object store answers each request after tens of milliseconds and carries about 100 MB/s per connection, so a
+reader keeps up only with many ranged reads in flight: bandwidth x latency bytes, plus enough connections to sum to
+the bandwidth. `RemoteShards` downloads shards into the `ShardCache` as parts of `ReadOptions.part_size`, up to
+`parallel_reads` of them in flight per shard, for the shard being read and the prefetched ones at once
+(`prefetch_shards + 1` shards per process).
+
+The ranged reads go through obstore (Rust's `object_store`) where it can serve the URL: its requests run without
+the GIL, so a worker's download threads do not queue behind each other or behind the worker's own batch work
+(s3fs's event loop thread is one Python thread for all of them). The user still passes fsspec URLs and s3fs's
+`storage_options`; options obstore cannot take (a profile, unknown keys, credentials in an http URL), other
+protocols (gs://, az://, memory://) and processes forked from one that already used obstore (its runtime's threads
+do not survive a fork) read through fsspec, with the same retries, timeouts and errors.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from stoker import cache, storage
+from stoker.formats.manifest import Manifest
+
+# obstore's runtime threads do not survive a fork: a process forked while they ran (by stoker or anyone else in the
+# parent) hangs on its first request. Whether they ran is looked up at each fork, in the parent.
+_runtime_at_fork: list[bool] = [False]
+_obstore_unusable: list[bool] = [False]
+
+
+def _runtime_running() -> bool:
+    if "obstore" not in sys.modules:
+        return False
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                if "tokio" in comm.read():
+                    return True
+        return False
+    except OSError:
+        return True  # no /proc: assume it ran
+
+
+def _before_fork() -> None:
+    _runtime_at_fork[0] = _runtime_running()
+
+
+def _after_fork_in_child() -> None:
+    _obstore_unusable[0] = _obstore_unusable[0] or _runtime_at_fork[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+# s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
+_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
+_S3_CLIENT_KWARGS = {"endpoint_url", "region_name", "verify"}
+_S3_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "max_pool_connections", "s3"}
+
+
+class RangeClient:
+    """Reads byte ranges of the objects under one URL prefix; `name` says which client does it."""
+
+    def __init__(self, name: str, read: Callable[[str, int, int], Any]) -> None:
+        self.name = name
+        self._read = read
+
+    def read(self, path: str, start: int, end: int) -> Any:
+        """Bytes [start, end) of object `path` (relative to the prefix) as a buffer; a short read is an error."""
+        data = self._read(path, start, end)
+        if len(data) != end - start:
+            raise EOFError(f"{path}: asked for bytes {start}-{end}, got {len(data)} bytes")
+        return data
+
+
+def range_client(url: str, storage_options: dict[str, Any] | None, *, connect_timeout: float,
+                 read_timeout: float, pool: int) -> RangeClient:
+    """The fastest client that can read the objects under `url` with these options (obstore, else fsspec)."""
+    store = _obstore_for(url, storage_options or {}, connect_timeout, read_timeout, pool)
+    if store is not None:
+        import obstore
+
+        def read_obstore(path: str, start: int, end: int) -> Any:
+            return obstore.get_range(store, path, start=start, end=end)
+
+        return RangeClient("obstore", read_obstore)
+    options = storage.remote_options(url, storage_options, connect_timeout=connect_timeout, read_timeout=read_timeout)
+    fs, root = storage.filesystem(url, options)
+
+    def read_fsspec(path: str, start: int, end: int) -> Any:
+        return fs.cat_file(storage.join(root, path), start=start, end=end)
+
+    return RangeClient("fsspec", read_fsspec)
+
+
+def _obstore_for(url: str, options: dict[str, Any], connect_timeout: float, read_timeout: float,
+                 pool: int) -> Any | None:
+    """An obstore store for the prefix `url`, or None where fsspec must read it."""
+    if _obstore_unusable[0]:
+        return None  # forked from a process whose obstore runtime was running: its threads are not here
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in ("s3", "s3a", "http", "https"):
+        return None
+    try:
+        from obstore.store import HTTPStore, S3Store
+    except ImportError:
+        return None
+    client = {"connect_timeout": f"{connect_timeout}s", "timeout": f"{read_timeout}s",
+              "pool_max_idle_per_host": str(max(pool, 1))}
+    retry = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=read_timeout)}  # stoker retries itself
+    if protocol in ("http", "https"):
+        # Credentials in the URL, headers or other client options: fsspec's http filesystem knows what they mean.
+        if options or "@" in url.split("://", 1)[1].split("/", 1)[0] or "?" in url or "#" in url:
+            return None
+        if protocol == "http":
+            client["allow_http"] = "true"
+        return HTTPStore.from_url(url.rstrip("/") + "/", client_options=client, retry_config=retry)
+    return _s3_store(S3Store, url, options, client, retry)
+
+
+def _s3_store(S3Store: Any, url: str, options: dict[str, Any], client: dict[str, str],
+              retry: dict[str, Any]) -> Any | None:
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    config_kwargs = dict(options.get("config_kwargs") or {})
+    if set(options) - _S3_KEYS or set(client_kwargs) - _S3_CLIENT_KWARGS or set(config_kwargs) - _S3_CONFIG_KWARGS:
+        return None
+    if set(config_kwargs.get("s3") or {}) - {"addressing_style"} or client_kwargs.get("verify") not in (None, True, False):
+        return None  # other botocore S3 settings, or a CA bundle: botocore knows them
+    for name in ("connect_timeout", "read_timeout"):  # the caller's own settings win, as they do for s3fs
+        if name in config_kwargs:
+            client["connect_timeout" if name == "connect_timeout" else "timeout"] = f"{float(config_kwargs[name])}s"
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    if not bucket:
+        return None
+    config: dict[str, Any] = {}
+    endpoint = (client_kwargs.get("endpoint_url") or options.get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    region = (client_kwargs.get("region_name") or os.environ.get("AWS_REGION")
+              or os.environ.get("AWS_DEFAULT_REGION"))
+    if endpoint:
+        config["endpoint"] = endpoint
+        style = (config_kwargs.get("s3") or {}).get("addressing_style", "path")
+        config["virtual_hosted_style_request"] = style == "virtual"  # botocore uses paths for custom endpoints
+        if endpoint.startswith("http://"):
+            client["allow_http"] = "true"
+        region = region or "us-east-1"
+    elif not region:
+        return None  # s3fs asks the bucket where it lives; obstore would need the region given
+    config["region"] = region
+    if client_kwargs.get("verify") is False:
+        client["allow_invalid_certificates"] = "true"
+    if options.get("anon"):
+        config["skip_signature"] = True
+    elif options.get("key") and options.get("secret"):
+        config["access_key_id"] = options["key"]
+        config["secret_access_key"] = options["secret"]
+        if options.get("token"):
+            config["session_token"] = options["token"]
+    elif not os.environ.get("AWS_ACCESS_KEY_ID") and (
+            os.environ.get("AWS_PROFILE") or os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+            or os.path.exists(os.path.expanduser("~/.aws/credentials"))
+            or os.path.exists(os.path.expanduser("~/.aws/config"))):
+        return None  # profiles and SSO: botocore's chain (through s3fs) reads them
+    # Otherwise obstore reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, web identity, ECS and
+    # instance credentials from the environment, as botocore does.
+    return S3Store(bucket, prefix=prefix.strip("/") or None, config=config, client_options=client,
+                   retry_config=retry)
+
+
+class RemoteShards:
+    """Downloads the shards of one remote dataset into the cache, in the background, with parallel ranged reads."""
+
+    def __init__(self, url: str, manifest: Manifest, storage_options: dict[str, Any] | None,
+                 shard_cache: cache.ShardCache, options: Any) -> None:
+        self.url = url
+        self.manifest = manifest
+        self.options = options
+        self.cache = shard_cache
+        # Every part in flight holds a thread (blocked in the client, without the GIL under obstore): the budget
+        # is per process, shared by the shard being read and the prefetched ones.
+        self._parts = cache.IOPool(options.parallel_reads * (options.prefetch_shards + 1), "stoker-read")
+        self._fetchers = cache.IOPool(options.prefetch_shards + 1, "stoker-prefetch")
+        self.client = range_client(url, storage_options, connect_timeout=options.connect_timeout,
+                                   read_timeout=options.read_timeout,
+                                   pool=options.parallel_reads * (options.prefetch_shards + 1))
+
+    def submit(self, shard: int) -> cf.Future[str]:
+        """Start fetching `shard` into the cache; the future gives its local path."""
+        return self._fetchers.submit(self.fetch, shard)
+
+    def fetch(self, shard: int) -> str:
+        """Local path of the complete, verified shard, downloading it into the cache if needed."""
+        info = self.manifest.shards[shard]
+        key = f"{info.sha256[:32]}-{info.name}"
+        where = f"shard {info.name} ({storage.redact(storage.join(self.url, info.name))})"
+        deadline = time.monotonic() + self.options.shard_timeout
+        opts = self.options
+
+        def read(start: int, end: int) -> Any:
+            return self.client.read(info.name, start, end)
+
+        def fetch(dst: str) -> str:
+            return cache.download(read, dst, info.bytes, pool=self._parts, part_size=opts.part_size,
+                                  parallel=opts.parallel_reads, attempts=opts.attempts, backoff=opts.backoff,
+                                  deadline=deadline, what=where)
+
+        def fill(tmp: str) -> None:
+            cache.fill_verified(tmp, fetch, info.sha256, info.name, where)
+
+        return self.cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
+
+    def wait(self, future: cf.Future[str], name: str) -> str:
+        """The local path a `submit` future gives, within the options' bound."""
+        return cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
+
+    def close(self) -> None:
+        self._parts.close()
+        self._fetchers.close()
+
