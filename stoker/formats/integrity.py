@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from stoker.errors import ChecksumError, UncheckedDataWarning
+from stoker.errors import ChecksumError, SkippedSampleWarning, UncheckedDataWarning
 
 COLUMN = "xxh3"
 FIELD = pa.field(COLUMN, pa.uint64(), nullable=False)
@@ -110,9 +110,14 @@ class Rows:
         return out
 
 
+def mismatches(rows: Rows, stored: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose digest differs from the stored one."""
+    return np.flatnonzero(rows.digests() != np.asarray(stored, np.uint64))
+
+
 def first_mismatch(rows: Rows, stored: np.ndarray) -> int | None:
     """Index of the first row whose digest differs from the stored one, or None."""
-    bad = np.flatnonzero(rows.digests() != np.asarray(stored, np.uint64))
+    bad = mismatches(rows, stored)
     return int(bad[0]) if len(bad) else None
 
 
@@ -121,6 +126,13 @@ def mismatch_error(shard: str, row: int, key: Any) -> ChecksumError:
     return ChecksumError(
         shard, f"sample {key!r} does not match the checksum written when it was packed: the shard is damaged "
         "(disk, copy or cache); run `stoker verify` on the dataset and repack or re-copy this shard", row=row)
+
+
+def skip_warning(shard: str, row: int, key: Any) -> SkippedSampleWarning:
+    """The warning for a damaged sample that the skip policy drops."""
+    return SkippedSampleWarning(
+        f"skipped sample {key!r} (shard {shard}, row {row}): it does not match the checksum written when it was "
+        "packed (on_error='skip'); run `stoker verify` on the dataset and repack or re-copy this shard")
 
 
 def _values(array: pa.Array) -> np.ndarray:
