@@ -153,7 +153,8 @@ def main() -> None:
         ratio = max(rates[read, True]) / max(rates[read, False])
         print(f"ratio raw bytes ({'1a, loop reads every byte' if read else '1b, bytes never touched'}) checked/unchecked: "
               f"{ratio:.3f}{' (goal >= 0.95)' if read else ''}; CPU per GB "
-              f"{min(cpu[read, True]) / min(cpu[read, False]):.2f}x")
+              + (f"{min(cpu[read, True]) / min(cpu[read, False]):.2f}x" if min(cpu[read, False]) else
+                 "below the CPU clock's resolution (use a larger --mb)"))
     off = min(cpu[True, False])
     print(f"best ratio (1a) possible on saturated cores: {off:.3f} / ({off:.3f} + {check_cpu:.3f}) = "
           f"{off / (off + check_cpu):.3f} (CPU-s/GB of the unchecked loader, plus the check's)")
