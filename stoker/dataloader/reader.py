@@ -250,8 +250,9 @@ def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name
             checked.add_fixed(column)
     bad = integrity.mismatches(checked, out[integrity.COLUMN])
     keys = out.get("key")
+    views = keys.views() if len(bad) and isinstance(keys, RaggedPlan) else None
     for i in bad.tolist():
-        key = bytes(keys.views()[i]).decode(errors="replace") if isinstance(keys, RaggedPlan) else keys
+        key = bytes(views[i]).decode(errors="replace") if views is not None else keys
         where = (name_of(int(shard_ids[i])), int(rows[i]), key)
         if not skip:
             raise integrity.mismatch_error(*where)
@@ -259,7 +260,7 @@ def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name
     return bad
 
 
-def without(columns: Mapping[str, Any], drop: np.ndarray) -> dict[str, Any]:
+def _without(columns: Mapping[str, Any], drop: np.ndarray) -> dict[str, Any]:
     """`columns` without the rows numbered in `drop`."""
     first = next(iter(columns.values()))
     keep = np.ones(len(first.length) if isinstance(first, RaggedPlan) else len(first), bool)
@@ -375,7 +376,7 @@ class Catalog:
             return out
         self.dropped = _check(out, shard_ids, rows, self._names.__getitem__, skip)
         if len(self.dropped):
-            out = without(out, self.dropped)
+            out = _without(out, self.dropped)
         return {name: out[name] for name in self.columns}
 
 
