@@ -75,5 +75,9 @@ class ChecksumError(ShardError):
     """A sample's bytes differ from what was packed (its stored checksum does not match); names shard, row and key."""
 
 
+class SkippedSampleWarning(UserWarning):
+    """A damaged sample was dropped by `ReadOptions(on_error="skip")`; names shard, row and key."""
+
+
 class UncheckedDataWarning(UserWarning):
     """A dataset was packed without per-sample checksums, so its samples are read unchecked."""

@@ -111,6 +111,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         self._bundle = 1  # batches per message of the inner loader
         self._progress: Progress | None = None
         self._clock = StageClock()  # stage seconds of this loader, its workers' included
+        self.skipped = 0  # damaged samples its workers left out (ReadOptions(on_error="skip")), each warned about
 
     def __iter__(self) -> Any:
         if not self._streaming:
@@ -260,6 +261,7 @@ class _StreamIterator:
             if not isinstance(bundle, workers.Bundle):
                 return bundle  # sent on its own (an error outside a bundle)
             self._clock.merge(bundle.times)
+            self._loader.skipped += bundle.skipped
             for n, item in enumerate(bundle.items):
                 self._bundled[(bundle.worker, bundle.first + n)] = item
         return self._bundled.pop(key)

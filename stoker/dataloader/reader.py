@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -46,8 +47,11 @@ class ReadOptions:
     read_timeout: float = 30.0  # per request, passed to the storage client
     shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
     checksums: bool = True  # check every sample against the checksum packed with it (stoker.formats.integrity)
+    on_error: str = "raise"  # a damaged sample raises a ChecksumError; "skip": dropped, warned about and counted
 
     def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error={self.on_error!r}: expected 'raise' or 'skip'")
         if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0:
             raise ConfigError(f"invalid read options {self}: counts and sizes must be positive")
         if min(self.backoff, self.connect_timeout, self.read_timeout, self.shard_timeout) < 0:
@@ -233,8 +237,10 @@ def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndar
     return _gather(shards, shard_ids, rows, columns)
 
 
-def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name_of: Any) -> None:
-    """A ChecksumError naming shard, row and key for the first gathered row that is not as packed."""
+def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name_of: Any,
+           skip: bool = False) -> np.ndarray:
+    """Indices of the gathered rows that are not as packed: a ChecksumError naming shard, row and key for the first
+    of them, or with `skip` a SkippedSampleWarning for each."""
     checked = integrity.Rows(len(rows))
     for name, column in out.items():
         if name == integrity.COLUMN:
@@ -243,12 +249,25 @@ def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name
             checked.add_variable(column.sources, column.src, column.start, column.length)
         else:
             checked.add_fixed(column)
-    bad = integrity.first_mismatch(checked, out[integrity.COLUMN])
-    if bad is not None:
-        key = out.get("key")
-        if isinstance(key, RaggedPlan):
-            key = bytes(key.views()[bad]).decode(errors="replace")
-        raise integrity.mismatch_error(name_of(int(shard_ids[bad])), int(rows[bad]), key)
+    bad = integrity.mismatches(checked, out[integrity.COLUMN])
+    keys = out.get("key")
+    views = keys.views() if len(bad) and isinstance(keys, RaggedPlan) else None
+    for i in bad.tolist():
+        key = bytes(views[i]).decode(errors="replace") if views is not None else keys
+        where = (name_of(int(shard_ids[i])), int(rows[i]), key)
+        if not skip:
+            raise integrity.mismatch_error(*where)
+        warnings.warn(integrity.skip_warning(*where), stacklevel=2)
+    return bad
+
+
+def _without(columns: Mapping[str, Any], drop: np.ndarray) -> dict[str, Any]:
+    """`columns` without the rows numbered in `drop`."""
+    first = next(iter(columns.values()))
+    keep = np.ones(len(first.length) if isinstance(first, RaggedPlan) else len(first), bool)
+    keep[drop] = False
+    return {name: RaggedPlan(c.sources, c.src[keep], c.start[keep], c.length[keep], c.origins)
+            if isinstance(c, RaggedPlan) else c[keep] for name, c in columns.items()}
 
 
 def _gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndarray,
@@ -299,6 +318,7 @@ class Catalog:
         self._read = self.columns  # all columns when the open shards are checked (see OpenShard)
         self._names: dict[int, str] = {}
         self._opened: list[OpenShard] = []
+        self.dropped = np.zeros(0, np.int64)  # rows the last `gather` left out (damaged, skip policy)
 
     def update(self, shards: Mapping[int, OpenShard]) -> None:
         """Rebuild the tables if the set of open shards changed."""
@@ -332,8 +352,10 @@ class Catalog:
             else:
                 self.tables[name] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def gather(self, shard_ids: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray | RaggedPlan]:
-        """Like `gather`, for shards that are all open (see `update`)."""
+    def gather(self, shard_ids: np.ndarray, rows: np.ndarray,
+               skip: bool = False) -> dict[str, np.ndarray | RaggedPlan]:
+        """Like `gather`, for shards that are all open (see `update`); with `skip`, damaged rows are left out (their
+        indices in `dropped`) instead of raising."""
         index = self.base[shard_ids] + rows
         if not len(index):
             raise ValueError("gather needs at least one row")
@@ -350,9 +372,12 @@ class Catalog:
                                        self.origins)
             else:
                 out[name] = table[index]
+        self.dropped = np.zeros(0, np.int64)
         if self._read is self.columns:
             return out
-        _check(out, shard_ids, rows, self._names.__getitem__)
+        self.dropped = _check(out, shard_ids, rows, self._names.__getitem__, skip)
+        if len(self.dropped):
+            out = _without(out, self.dropped)
         return {name: out[name] for name in self.columns}
 
 

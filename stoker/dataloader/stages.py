@@ -86,6 +86,9 @@ class RowReader:
         self.epoch = epoch
         self.clock = clock
         self.persistent = persistent  # workers outlive the epoch: worth fetching the next epoch's first shards
+        self.skip = ds.read.on_error == "skip"  # damaged samples are left out (and counted) instead of raising
+        self.row_units = np.zeros(0, np.int64)  # the unit number of each row the last `take` returned
+        self._skipped = 0  # damaged samples left out since the last `take_skipped`
 
     def __iter__(self) -> RowReader:
         return self
@@ -109,6 +112,11 @@ class RowReader:
                              f"{self.deal.start}, {len(self.units)} units)")
         self.next = int(state["next"])
 
+    def take_skipped(self) -> int:
+        """Damaged samples left out (skip policy) since the last call."""
+        skipped, self._skipped = self._skipped, 0
+        return skipped
+
     @property
     def remaining(self) -> int:
         """Units not taken yet."""
@@ -125,7 +133,15 @@ class RowReader:
             positions = self.deal.positions(units)
             shards, rows = self.order.locate(positions)
             self._prepare(int(positions.min()), int(positions.max()), shards)
-            return self.catalog.gather(shards, rows), shards, rows
+            columns = self.catalog.gather(shards, rows, self.skip)
+            self.row_units = self.next - len(units) + np.arange(len(rows)) // self.deal.block
+            dropped = self.catalog.dropped
+            if len(dropped):  # a unit keeps its place in the order, one sample shorter per damaged one
+                keep = np.ones(len(rows), bool)
+                keep[dropped] = False
+                shards, rows, self.row_units = shards[keep], rows[keep], self.row_units[keep]
+                self._skipped += len(dropped)
+            return columns, shards, rows
         finally:
             fetch = self.source.fetch_seconds - fetched
             if fetch:
@@ -187,6 +203,7 @@ class Samples:
         self.ds = reader.ds
         self.samples: collections.deque[Any] = collections.deque()
         self.shards: collections.deque[str] = collections.deque()
+        self.units: collections.deque[int] = collections.deque()  # of the pending samples
         self.done = False
 
     def __iter__(self) -> Samples:
@@ -204,16 +221,22 @@ class Samples:
                 columns, shards, _ = got
                 self.samples.extend(to_samples(columns, self.ds.kinds))
                 self.shards.extend(self.ds.manifest.shards[s].name for s in shards.tolist())
+                self.units.extend(self.reader.row_units.tolist())
         sample, shard = self.samples.popleft(), self.shards.popleft()
+        self.units.popleft()
         if self.transform is not None:
             with self.clock.timing("transform"):  # per sample: the transform itself costs far more than this
                 sample = apply_transform(self.transform, sample, shard)
         return sample
 
+    @property
+    def position(self) -> int:
+        """Units of the reader's share delivered or skipped (the next pending sample's unit, if any)."""
+        return self.units[0] if self.units else self.reader.next
+
     def state_dict(self) -> dict[str, Any]:
         """The reader's state as of the samples delivered (gathered but undelivered ones are read again)."""
-        state = self.reader.state_dict()
-        return {"reader": dict(state, next=state["next"] - len(self.samples))}
+        return {"reader": dict(self.reader.state_dict(), next=self.position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the samples a `state_dict()` had delivered."""
@@ -221,6 +244,7 @@ class Samples:
         self.reader.load_state_dict(state["reader"])
         self.samples.clear()
         self.shards.clear()
+        self.units.clear()
 
 
 class Batches:
@@ -304,15 +328,13 @@ class Batches:
             return workers.WireBatch(key, slab.tensor if slab.first else None, slab.replaced, layout, fixed)
 
     def columnar_bundle(self, worker: int, first: int, columns: dict[str, Any], units: int) -> workers.WireBundle:
-        """`units` consecutive batches of gathered `columns` sharing one slab (rows of unit i are
-        [i * block, (i + 1) * block); only the epoch's last unit can be short)."""
+        """`units` consecutive batches (numbers `first`, `first + 1`...) of gathered `columns` sharing one slab."""
         with self.clock.timing("collate"):
-            block = self.plan.batch_size
-            column = next(iter(columns.values()))
-            total = len(column.length) if isinstance(column, RaggedPlan) else len(column)
+            # Rows of unit i (one sample short per damaged one left out, see RowReader.take).
+            bounds = np.searchsorted(self.reader.row_units, first + np.arange(units + 1)).tolist()
             pieces = []
             for i in range(units):
-                part = slice(i * block, min((i + 1) * block, total))
+                part = slice(bounds[i], bounds[i + 1])
                 pieces.append({name: (RaggedPlan(c.sources, c.src[part], c.start[part], c.length[part], c.origins)
                                       if isinstance(c, RaggedPlan) else c[part]) for name, c in columns.items()})
             key, slab, parts = self.columnar_parts(pieces)
@@ -393,6 +415,7 @@ class Bundler:
         message = self._next_message()
         if self.batches.in_worker:
             message.times = self.clock.take()
+        message.skipped = self.reader.take_skipped()
         return message
 
     def state_dict(self) -> dict[str, Any]:
@@ -423,6 +446,7 @@ class Bundler:
             except Exception:
                 # Again batch by batch: the batches before the failing one still arrive.
                 reader.load_state_dict(dict(reader.state_dict(), next=first))
+                reader.take_skipped()  # counted again as they are read again
         items: list[Any] = []
         for _ in range(max(1, count)):
             if not reader.remaining:

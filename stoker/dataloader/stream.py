@@ -120,6 +120,7 @@ class StreamingDataset(IterableDataset):
         self._progress: Progress | None = None
         self._resources: ProcessResources | None = None
         self._clock = StageClock()  # iterations in this process (stoker.DataLoader's views count on its own)
+        self.skipped = 0  # damaged samples left out when iterated in this process (ReadOptions(on_error="skip"))
 
     def _check_cache_limit(self) -> None:
         rows = [s.rows for s in self.manifest.shards if s.rows]
@@ -264,7 +265,10 @@ class _SampleIterator:
         except StopIteration:
             self.progress.done = True
             raise
-        self.progress.delivered += 1
+        finally:
+            if not self.in_worker:
+                self.ds.skipped += self.samples.reader.take_skipped()
+        self.progress.delivered = self.samples.position  # skipped samples count as delivered: resume skips them
         return sample
 
 

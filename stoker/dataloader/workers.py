@@ -131,15 +131,18 @@ class Bundle:
     One message per batch costs the training process about a millisecond of CPU (queue, pickling, torch's
     bookkeeping), as much as copying a few MB; bundling small batches divides that. The last item may be a
     `WorkerError`: the batches before it are delivered first. `times` are the worker's stage seconds since its
-    previous message (`clock.StageClock.take`); crossing processes adds "handoff", pinning adds "pin".
+    previous message (`clock.StageClock.take`); crossing processes adds "handoff", pinning adds "pin". `skipped`:
+    damaged samples the worker left out of its batches since its previous message (skip policy).
     """
 
-    def __init__(self, worker: int, first: int, items: list[Any], times: dict[str, float] | None = None) -> None:
+    def __init__(self, worker: int, first: int, items: list[Any], times: dict[str, float] | None = None,
+                 skipped: int = 0) -> None:
         self.worker, self.first, self.items = worker, first, items
         self.times = {} if times is None else times
+        self.skipped = skipped
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_bundle_arrived, (_UnpickleStart(), self.worker, self.first, self.items, self.times,
+        return (_bundle_arrived, (_UnpickleStart(), self.worker, self.first, self.items, self.times, self.skipped,
                                   _PickleSeconds(time.perf_counter())))
 
     def pin_memory(self) -> Bundle:
@@ -148,7 +151,8 @@ class Bundle:
 
         start = time.perf_counter()
         items = [pin_memory(item) for item in self.items]
-        return Bundle(self.worker, self.first, items, _added(self.times, "pin", time.perf_counter() - start))
+        return Bundle(self.worker, self.first, items, _added(self.times, "pin", time.perf_counter() - start),
+                      self.skipped)
 
 
 class _UnpickleStart:
@@ -174,9 +178,9 @@ def _added(times: dict[str, float], stage: str, seconds: float) -> dict[str, flo
     return out
 
 
-def _bundle_arrived(start: float, worker: int, first: int, items: list[Any], times: dict[str, float],
+def _bundle_arrived(start: float, worker: int, first: int, items: list[Any], times: dict[str, float], skipped: int,
                     pickled: float) -> Bundle:
-    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start))
+    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start), skipped)
 
 
 class WireBundle:
@@ -186,22 +190,23 @@ class WireBundle:
                  parts: list[tuple[tuple[Any, ...], dict[str, Any]]], times: dict[str, float] | None = None) -> None:
         self.worker, self.first, self.key, self.slab, self.replaced, self.parts = worker, first, key, slab, replaced, parts
         self.times = {} if times is None else times
+        self.skipped = 0  # as `Bundle.skipped`
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (unpack_bundle, (_UnpickleStart(), self.worker, self.first, self.key, self.slab, self.replaced,
-                                self.parts, self.times, _PickleSeconds(time.perf_counter())))
+                                self.parts, self.times, self.skipped, _PickleSeconds(time.perf_counter())))
 
 
 def unpack_bundle(start: float, worker: int, first: int, key: Key | None, slab: torch.Tensor | None,
                   replaced: Key | None, parts: list[tuple[tuple[Any, ...], dict[str, Any]]], times: dict[str, float],
-                  pickled: float) -> Bundle:
+                  skipped: int, pickled: float) -> Bundle:
     """Main-process side of `WireBundle`: each batch is built by `unpack`, the slab's descriptor crosses once."""
     items = []
     for i, (layout, columns) in enumerate(parts):
         # A pooled slab is registered by the first batch; a one-off slab is not, so every batch carries it.
         items.append(unpack(key, slab if i == 0 or key is None else None, replaced if i == 0 else None, layout,
                             columns))
-    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start))
+    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start), skipped)
 
 
 def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from stoker.errors import ChecksumError, UncheckedDataWarning
+from stoker.errors import ChecksumError, SkippedSampleWarning, UncheckedDataWarning
 
 COLUMN = "xxh3"
 FIELD = pa.field(COLUMN, pa.uint64(), nullable=False)
@@ -77,42 +77,48 @@ class Rows:
     def __init__(self, count: int) -> None:
         self.count = count
         self.header: list[np.ndarray] = []
-        self.pieces: list[tuple[dict[int, memoryview], list[int], list[int], list[int]]] = []
+        self.pieces: list[list[memoryview]] = []  # per variable-width field, each row's bytes
         self.variable_lengths: list[np.ndarray] = []
 
     def add_fixed(self, values: np.ndarray) -> None:
         self.header.append(values)
 
     def add_variable(self, sources: Sequence[np.ndarray], src: np.ndarray, start: np.ndarray, length: np.ndarray) -> None:
-        # Byte views of the sources these rows use (a catalog holds one per record batch of every open shard);
-        # offsets in values become offsets in bytes.
+        # A byte view of each row. The views of the sources (a catalog holds one per record batch of every open
+        # shard) are made as rows need them; offsets in values become offsets in bytes.
         width = sources[0].dtype.itemsize if len(sources) else 1
-        views = {s: memoryview(np.ascontiguousarray(sources[s]).view(np.uint8)) for s in np.unique(src).tolist()}
-        self.variable_lengths.append(length)
         begin = start * width
-        self.pieces.append((views, src.tolist(), begin.tolist(), (begin + length * width).tolist()))
+        views: dict[int, memoryview] = {}
+        rows = []
+        for s, a, b in zip(src.tolist(), begin.tolist(), (begin + length * width).tolist()):
+            view = views.get(s)
+            if view is None:
+                view = views[s] = memoryview(np.ascontiguousarray(sources[s]).view(np.uint8))
+            rows.append(view[a:b])
+        self.variable_lengths.append(length)
+        self.pieces.append(rows)
 
     def digests(self) -> np.ndarray:
-        """XXH3 digest of each row (see the module docstring)."""
+        """XXH3 digest of each row (see the module docstring): one C call per row and field, no Python frame."""
         n = self.count
         header = np.empty((n, len(self.variable_lengths) + len(self.header)), "<i8")
         for j, column in enumerate(self.variable_lengths + self.header):
             header[:, j] = column
-        flat = memoryview(header.reshape(-1).view(np.uint8))
-        width = header.shape[1] * 8
-        out = np.empty(n, np.uint64)
-        pieces = self.pieces
-        for i in range(n):
-            digest = _hash(flat[i * width:(i + 1) * width], 0)
-            for views, src, begin, end in pieces:
-                digest = _hash(views[src[i]][begin[i]:end[i]], digest)
-            out[i] = digest
-        return out
+        raw, width = header.tobytes(), header.shape[1] * 8
+        digests = list(map(_hash, [raw[i:i + width] for i in range(0, n * width, width)]))
+        for rows in self.pieces:
+            digests = list(map(_hash, rows, digests))
+        return np.array(digests, np.uint64)
+
+
+def mismatches(rows: Rows, stored: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose digest differs from the stored one."""
+    return np.flatnonzero(rows.digests() != np.asarray(stored, np.uint64))
 
 
 def first_mismatch(rows: Rows, stored: np.ndarray) -> int | None:
     """Index of the first row whose digest differs from the stored one, or None."""
-    bad = np.flatnonzero(rows.digests() != np.asarray(stored, np.uint64))
+    bad = mismatches(rows, stored)
     return int(bad[0]) if len(bad) else None
 
 
@@ -121,6 +127,13 @@ def mismatch_error(shard: str, row: int, key: Any) -> ChecksumError:
     return ChecksumError(
         shard, f"sample {key!r} does not match the checksum written when it was packed: the shard is damaged "
         "(disk, copy or cache); run `stoker verify` on the dataset and repack or re-copy this shard", row=row)
+
+
+def skip_warning(shard: str, row: int, key: Any) -> SkippedSampleWarning:
+    """The warning for a damaged sample that the skip policy drops."""
+    return SkippedSampleWarning(
+        f"skipped sample {key!r} (shard {shard}, row {row}): it does not match the checksum written when it was "
+        "packed (on_error='skip'); run `stoker verify` on the dataset and repack or re-copy this shard")
 
 
 def _values(array: pa.Array) -> np.ndarray:
