@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 NGINX = "/usr/sbin/nginx"
@@ -50,10 +51,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        # SIGTERM, not SIGKILL: nginx's master then stops its workers before it exits.
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` that has the child receive `sig` when the process that started it dies (Linux; a no-op
+    elsewhere), so a server started by a test never outlives it."""
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 class ObjectStore:
@@ -162,7 +168,7 @@ http {{
             # Its own session, so that stop() can make sure no worker outlives the master.
             self.process = subprocess.Popen([NGINX, "-c", conf, "-p", self._tmp, "-e", os.path.join(self._tmp, "error.log")],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
             log.close()
             self.port = port
             if self._wait_ready(timeout):

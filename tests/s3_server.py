@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,19 +26,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-KEY, SECRET, REGION = "testing", "testing", "us-east-1"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+from stoker.testing import KEY, REGION, SECRET, die_with_parent, free_port
 
 
 class S3Server:
@@ -64,7 +50,7 @@ class S3Server:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION=REGION)
         self.process = subprocess.Popen(
             [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGKILL),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -4,7 +4,6 @@ error naming the shard, in bounded time and memory; a bounded fuzz of whole data
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import tracemalloc
@@ -14,23 +13,14 @@ import msgpack
 import numpy as np
 import pytest
 from _datasets import make_dataset
+from _forge import resign
 
 from stoker import StreamingDataset
 from stoker.dataloader import ShardDataset
 from stoker.errors import ManifestError, ShardError, StokerError
-from stoker.formats.manifest import Manifest, _checksum
+from stoker.formats.manifest import Manifest
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _forge(root: str, edit) -> None:
-    """Edit manifest.json's JSON and re-sign it, as an attacker who controls the whole dataset can."""
-    path = Path(root) / "manifest.json"
-    body = json.loads(path.read_text())
-    body.pop("checksum")
-    edit(body)
-    body["checksum"] = _checksum(body)
-    path.write_text(json.dumps(body))
 
 
 def _read_all(root: str) -> list[str]:
@@ -56,11 +46,11 @@ def test_shard_with_other_rows_than_the_manifest_names_the_shard(tmp_path, fmt):
 def test_token_id_beyond_the_vocabulary_is_caught_on_the_read_path(tmp_path, fmt):
     # Sample i holds tokens equal to i: a vocabulary of 13 makes row 13 the first offender (in shard 1, row 3).
     root = make_dataset(tmp_path / "t", rows=(10, 10), kind="text", fmt=fmt)
-    _forge(root, lambda body: body.update(vocab_size=13))
+    resign(root, lambda body: body.update(vocab_size=13))
     with pytest.raises(ShardError, match=rf"shard-00001\.{fmt} \(row 3\): token id 13 .* vocabulary of 13") as info:
         _read_all(root)
     assert info.value.shard == f"shard-00001.{fmt}" and info.value.row == 3
-    _forge(root, lambda body: body.update(vocab_size=20))
+    resign(root, lambda body: body.update(vocab_size=20))
     assert _read_all(root) == [f"{i:06d}" for i in range(20)]  # every id below 20: fine
 
 
@@ -72,7 +62,7 @@ def test_token_lengths_that_disagree_with_the_manifest_name_the_row(tmp_path):
         lengths[6] += 1
         body["shards"][0]["lengths"] = __import__("base64").b64encode(lengths.tobytes()).decode()
 
-    _forge(root, edit)
+    resign(root, edit)
     with pytest.raises(ShardError, match=r"shard-00000\.arrow \(row 6\): column 'tokens' has \d+ tokens but the "
                                          r"manifest records"):
         _read_all(root)
@@ -82,7 +72,7 @@ def test_token_lengths_that_disagree_with_the_manifest_name_the_row(tmp_path):
 def test_forged_shard_checksums_and_counts_are_manifest_errors(tmp_path, sha256, rows):
     # The checksum names the shard's cache file (s3:// datasets): "../" in it would write outside the cache.
     root = make_dataset(tmp_path / "a", rows=(10,))
-    _forge(root, lambda body: body["shards"][0].update(sha256=sha256, rows=rows))
+    resign(root, lambda body: body["shards"][0].update(sha256=sha256, rows=rows))
     with pytest.raises(ManifestError, match="shard shard-00000.arrow: (sha256|negative rows)"):
         Manifest.load(root)
 
@@ -90,7 +80,7 @@ def test_forged_shard_checksums_and_counts_are_manifest_errors(tmp_path, sha256,
 @pytest.mark.parametrize("name", ["../outside.arrow", "/etc/passwd", "a\0b.arrow", "s3:x", ".."])
 def test_shard_names_outside_the_dataset_are_refused(tmp_path, name):
     root = make_dataset(tmp_path / "a", rows=(10,))
-    _forge(root, lambda body: body["shards"][0].update(name=name))
+    resign(root, lambda body: body["shards"][0].update(name=name))
     with pytest.raises(ManifestError, match="not a plain file name"):
         StreamingDataset(root)
 
@@ -102,7 +92,7 @@ def test_msgpack_length_prefix_claiming_gigabytes_is_refused_without_allocating(
     at = data.index(msgpack.packb(b"x" * 306)[:3])  # bin 16 header of the first image (306 bytes with its key)
     data[at:at + 3] = b"\xc6\xff\xff"  # bin 32 claiming ~4 GiB; the record stays the same size
     path.write_bytes(bytes(data))
-    _forge(root, lambda body: body["shards"][0].update(sha256=__import__("hashlib").sha256(data).hexdigest()))
+    resign(root, lambda body: body["shards"][0].update(sha256=__import__("hashlib").sha256(data).hexdigest()))
     tracemalloc.start()
     try:
         with pytest.raises(ShardError, match=r"shard-00000\.msgpack at byte offset \d+ \(row 0\): record 0 is corrupt"):
