@@ -169,20 +169,6 @@ def test_a_shard_changed_after_its_rows_were_planned_is_an_error_naming_it(tmp_p
         reader.mapped_values(identity, "image")
 
 
-def test_slab_pool_reuses_a_slab_once_the_main_process_frees_it():
-    pool = workers.SlabPool(max_slabs=2)
-    key_a, a, first_a, _ = pool.take(1000)
-    key_b, b, _, _ = pool.take(1000)
-    assert first_a and key_a != key_b and workers._state(a)[0] == workers.IN_USE
-    key_c, c, _, _ = pool.take(10)
-    assert key_c is None and workers._state(c)[0] == workers.ONE_OFF  # both pooled slabs are still out
-    workers._state(a)[0] = workers.FREE
-    assert pool.take(500)[:3] == (key_a, a, False)  # reused, and the main process already maps it
-    workers._state(b)[0] = workers.FREE
-    key_d, d, first_d, replaced = pool.take(10 << 20)  # too big for b: b is replaced by a bigger slab
-    assert first_d and replaced == key_b and key_d not in (key_a, key_b) and d.numel() > 10 << 20
-
-
 def test_text_batches_and_custom_collate(tmp_path):
     root = make_dataset(tmp_path, rows=(25, 25), kind="text")
     batches = run(DataLoader(StreamingDataset(root), batch_size=6, num_workers=2))

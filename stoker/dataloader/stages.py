@@ -28,6 +28,7 @@ from torch.utils.data import get_worker_info
 from stoker.dataloader import order, workers
 from stoker.clock import StageClock
 from stoker.dataloader.reader import MappedRows, OpenShard, RaggedPlan, Catalog, decode_strings, to_samples
+from stoker import shm
 from stoker.checkpoint import check_checkpoint
 from stoker.dataloader.state import make_state
 from stoker.errors import StateError
@@ -315,7 +316,12 @@ class Batches:
                     samples = [apply_transform(ds.transform, s, n) for s, n in zip(samples, names)]
             if collate_fn is not None:
                 with clock.timing("transform"):  # the user's collate_fn
-                    return collate_fn(samples)
+                    if self.pool is None:
+                        return collate_fn(samples)
+                    # stoker's own transforms build their output in this worker's reusable slabs
+                    with shm.lending(self.pool) as lent:
+                        batch = collate_fn(samples)
+                    return workers.wire_slabs(batch, lent) if lent else batch
             with clock.timing("collate"):
                 return torch.utils.data.default_collate(samples)
         with self.clock.timing("collate"):
@@ -364,13 +370,13 @@ class Batches:
                     fixed[name] = None  # placeholder keeps the column order
                     nbytes = int(column.length.sum()) * column.dtype.itemsize
                     plans.append((name, kind, column, at))
-                    at += workers.aligned(nbytes)
+                    at += shm.aligned(nbytes)
             pending.append((fixed, plans))
         if not any(plans for _, plans in pending):
             return None, None, [((), fixed) for fixed, _ in pending]
         if self.pool is not None:
             key, tensor, first, replaced = self.pool.take(at)
-            data = tensor.numpy()[workers.HEADER:]
+            data = tensor.numpy()[shm.HEADER:]
         else:
             key, first, replaced = None, True, None
             data = np.empty(at, np.uint8)

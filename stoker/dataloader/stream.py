@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stoker import cache, storage
+from stoker import cache, shm, storage
 from stoker.dataloader import order
 from stoker.dataloader import workers
 from stoker.clock import StageClock
@@ -189,7 +189,7 @@ class StreamingDataset(IterableDataset):
         if self._resources is None or self._resources.pid != os.getpid():
             source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
                                  self.read)
-            self._resources = ProcessResources(os.getpid(), source, workers.SlabPool(max_slabs=8), StageClock())
+            self._resources = ProcessResources(os.getpid(), source, shm.SlabPool(max_slabs=8), StageClock())
         return self._resources
 
     def __getstate__(self) -> dict[str, Any]:
@@ -208,7 +208,7 @@ class ProcessResources:
 
     pid: int
     source: ShardSource
-    pool: workers.SlabPool
+    pool: shm.SlabPool
     clock: StageClock  # a worker's stage seconds not sent yet
 
 

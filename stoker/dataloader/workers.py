@@ -27,10 +27,8 @@ import torch
 
 from stoker.dataloader.reader import MappedRows, mapped_values
 from stoker.errors import ConfigError
-from stoker.shm import shared_bytes
+from stoker.shm import FREE, HEADER, Key, Lent, slab_state
 
-HEADER = 64  # bytes before the data of a slab; the first int32 is its state
-FREE, IN_USE, ONE_OFF = 0, 1, 2
 
 # Main process: slabs mapped so far, by (worker pid, pool token, slot), kept while their worker lives, and the keys
 # of those whose batch the user may still hold. Unpickling runs in the pin-memory thread when pin_memory=True.
@@ -61,53 +59,6 @@ def topology() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
-
-
-def _state(slab: torch.Tensor) -> np.ndarray:
-    return slab.numpy()[:4].view(np.int32)
-
-
-Key = tuple[int, str, int]  # (worker pid, pool token, serial number of the slab)
-
-
-class SlabPool:
-    """A worker's reusable shared-memory buffers; each is sent to the main process once, then named by its key."""
-
-    def __init__(self, max_slabs: int) -> None:
-        self.max_slabs = max_slabs
-        self.token = os.urandom(6).hex()  # pids get reused; keys must not
-        self._slabs: list[tuple[Key, torch.Tensor]] = []
-        self._serial = 0
-
-    def take(self, nbytes: int) -> tuple[Key | None, torch.Tensor, bool, Key | None]:
-        """(key, slab, first use, key of the slab it replaces) for a slab with `nbytes` of room, marked IN_USE.
-
-        The key is None for a one-off slab (every pooled slab is still out), which is sent and never reused.
-        """
-        need = HEADER + nbytes
-        free = [i for i, (_, slab) in enumerate(self._slabs) if _state(slab)[0] == FREE]
-        for i in free:
-            key, slab = self._slabs[i]
-            if slab.numel() >= need:
-                _state(slab)[0] = IN_USE
-                return key, slab, False, None
-        slab = shared_bytes(max(need + need // 4, 1 << 20))  # headroom, so slightly bigger batches fit next time
-        if not free and len(self._slabs) >= self.max_slabs:
-            _state(slab)[0] = ONE_OFF
-            return None, slab, True, None
-        self._serial += 1
-        key, replaced = (os.getpid(), self.token, self._serial), None
-        if free:  # a free slab that is too small makes room for a bigger one
-            replaced = self._slabs[free[0]][0]
-            self._slabs[free[0]] = (key, slab)
-        else:
-            self._slabs.append((key, slab))
-        _state(slab)[0] = IN_USE
-        return key, slab, True, replaced
-
-
-def aligned(nbytes: int) -> int:
-    return -(-nbytes // HEADER) * HEADER
 
 
 class WireBatch:
@@ -293,6 +244,67 @@ def unpack(key: Key | None, slab: torch.Tensor | None, replaced: Key | None, lay
     return batch
 
 
+class SlabTensor:
+    """A tensor of a batch that a worker built in a pooled slab (`shm.batch_buffer`), as it crosses processes: the
+    slab travels with its first batch, later ones name it by key, as `WireBatch` does."""
+
+    def __init__(self, key: Key | None, slab: torch.Tensor | None, replaced: Key | None, tensor: torch.Tensor) -> None:
+        self.key, self.slab, self.replaced = key, slab, replaced
+        self.offset, self.size, self.stride, self.dtype = (tensor.storage_offset(), tuple(tensor.shape),
+                                                           tuple(tensor.stride()), tensor.dtype)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (unpack_tensor, (self.key, self.slab, self.replaced, self.offset, self.size, self.stride, self.dtype))
+
+
+def unpack_tensor(key: Key | None, slab: torch.Tensor | None, replaced: Key | None, offset: int,
+                  size: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Main-process side of `SlabTensor`: the user's tensor on the slab, which is handed back once it is dropped."""
+    with _lock:
+        if replaced is not None:
+            _retired.add(replaced)
+        if key is not None:
+            if slab is not None:
+                _slabs[key] = slab
+                _forget_dead_workers()
+            slab = _slabs[key]
+    assert slab is not None
+    tensor = torch.empty(0, dtype=dtype).set_(slab.untyped_storage(), offset, size, stride)
+    with _lock:
+        if key is not None:
+            _held.add(key)
+        release_free_slabs()
+    return tensor
+
+
+def wire_slabs(batch: Any, lent: list[Lent]) -> Any:
+    """`batch` with each tensor that lies in a slab of `lent` replaced by its `SlabTensor`; slabs the batch does not
+    use (a transform that copied its output) are free again at once."""
+    storages = {item.slab.untyped_storage().data_ptr(): item for item in lent}
+    used: set[int] = set()
+
+    def swap(value: Any, depth: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            item = storages.get(value.untyped_storage().data_ptr())
+            if item is None:
+                return value
+            first = id(item) not in used
+            used.add(id(item))
+            return SlabTensor(item.key, item.slab if (item.first and first) or item.key is None else None,
+                              item.replaced if first else None, value)
+        if depth < 3 and isinstance(value, dict):
+            return {k: swap(v, depth + 1) for k, v in value.items()}
+        if depth < 3 and isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(swap(v, depth + 1) for v in value)
+        return value
+
+    out = swap(batch, 0)
+    for item in lent:
+        if id(item) not in used and item.key is not None:
+            slab_state(item.slab)[0] = FREE  # never sent: the worker may reuse it at once
+    return out
+
+
 def release_free_slabs() -> None:
     """Mark FREE every held slab that nothing outside this module references any more (call with the lock held)."""
     for key in list(_held) + [k for k in _retired if k not in _held]:
@@ -305,7 +317,7 @@ def release_free_slabs() -> None:
             _retired.discard(key)
             _slabs.pop(key, None)
         elif slab is not None:
-            _state(slab)[0] = FREE
+            slab_state(slab)[0] = FREE
 
 
 def _forget_dead_workers() -> None:
