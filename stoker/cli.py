@@ -83,7 +83,7 @@ def _run_pack(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from stoker.inspect import inspect
+    from stoker.summary import inspect
 
     print("\n".join(inspect(args.dataset)))
     return 0

@@ -6,7 +6,7 @@ import os
 
 from stoker.formats.pack import pack_dataset
 from stoker.formats.verify import verify
-from stoker.inspect import inspect
+from stoker.summary import inspect
 from stoker.synthetic import make_image_tree, make_text_corpus
 
 

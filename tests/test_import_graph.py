@@ -89,7 +89,7 @@ LAYERS = {  # a module may import modules of its own layer or lower ones
     "stoker.formats": 2,
     # Three siblings that never import each other: reading, transforming and batching are separate stages.
     "stoker.dataloader": 3, "stoker.augment": 3, "stoker.bucketing": 3,
-    "stoker.perf": 4, "stoker.inspect": 4,
+    "stoker.perf": 4, "stoker.summary": 4,
     "stoker.cli": 5, "stoker.demo": 5,
 }
 SIBLINGS = ("stoker.dataloader", "stoker.augment", "stoker.bucketing")

@@ -94,7 +94,7 @@ def test_dataset_iterated_in_this_process_has_its_own_clock(images):
 
 
 def test_bucketed_stream_adds_its_bucketing_to_the_wrapped_datasets_stages(tmp_path):
-    from stoker.bucketing.stream import BucketedStream
+    from stoker.bucketing.bucketed import BucketedStream
 
     text = make_dataset(tmp_path, rows=(60, 60), kind="text")
     stream = BucketedStream(StreamingDataset(text, transform=slow_transform), max_tokens=256, buffer_size=32)

@@ -12,7 +12,7 @@ import pytest
 
 from _datasets import make_dataset
 from stoker import DataLoader, StreamingDataset
-from stoker.bucketing.stream import BucketedStream
+from stoker.bucketing.bucketed import BucketedStream
 from stoker.clock import StageClock
 from stoker.dataloader.reader import decode_strings
 from stoker.dataloader.stages import Batches, Bundler, RowReader, Samples

@@ -2,7 +2,7 @@
 
 Both samplers shuffle the samples, sort each mega-batch by length, cut it into batches, shuffle
 the batches and deal them round-robin to the ranks. The epoch's plan is a pure function of
-(lengths, config, seed, epoch, world size) computed in `stoker.bucketing.order`, so every rank
+(lengths, config, seed, epoch, world size) computed in `stoker.bucketing.plans`, so every rank
 builds the same plan without talking to the others.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from stoker.bucketing import order as plans
+from stoker.bucketing import plans
 from stoker.bucketing.metrics import PaddingStats, padding_stats
 from stoker.checkpoint import check_checkpoint
 from stoker.options import check_seed, epoch_rng, positive_int

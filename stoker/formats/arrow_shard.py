@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ShardError
-from stoker.formats.shard import ShardFormat, ShardReader, ShardSource, ShardWriter, register_format, samples_to_batch
+from stoker.formats.shard import ShardFormat, ShardReader, ShardInput, ShardWriter, register_format, samples_to_batch
 
 
 class _HashingSink:
@@ -64,7 +64,7 @@ class ArrowShardWriter(ShardWriter):
 class ArrowShardReader(ShardReader):
     """Reads an Arrow IPC file shard; local files are memory-mapped."""
 
-    def __init__(self, source: ShardSource, *, name: str) -> None:
+    def __init__(self, source: ShardInput, *, name: str) -> None:
         self.name = name
         if isinstance(source, (str, os.PathLike)):
             self._source: Any = pa.memory_map(os.fspath(source), "r")

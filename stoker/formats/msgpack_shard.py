@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from stoker.errors import ShardError
 from stoker.formats.conform import arrow_type
-from stoker.formats.shard import ShardFormat, ShardReader, ShardSource, ShardWriter, register_format, samples_to_batch
+from stoker.formats.shard import ShardFormat, ShardReader, ShardInput, ShardWriter, register_format, samples_to_batch
 
 MAGIC = b"STKMSGP1"
 FOOTER_MAGIC = b"STKMIDX1"
@@ -73,7 +73,7 @@ class MsgpackShardWriter(ShardWriter):
 class MsgpackShardReader(ShardReader):
     """Reads a msgpack shard through its offset index; local files are memory-mapped."""
 
-    def __init__(self, source: ShardSource, *, name: str) -> None:
+    def __init__(self, source: ShardInput, *, name: str) -> None:
         self.name = name
         self._mmap: mmap.mmap | None = None
         if isinstance(source, (str, os.PathLike)):

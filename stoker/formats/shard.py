@@ -24,7 +24,7 @@ from stoker import storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
 
-ShardSource = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
+ShardInput = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
 SUFFIX: dict[str, str] = {}  # format name -> file suffix, for every registered format
 
 
@@ -136,7 +136,7 @@ def _sniff(head: bytes) -> ShardFormat | None:
     return next((fmt for fmt in _FORMATS.values() if head.startswith(fmt.magic)), None)
 
 
-def open_shard(source: ShardSource, *, name: str | None = None, checksums: bool = True) -> ShardReader:
+def open_shard(source: ShardInput, *, name: str | None = None, checksums: bool = True) -> ShardReader:
     """Open a shard from a local path, bytes/buffer or binary file object; the format is detected from its magic.
 
     With `checksums` (the default) iter_batches, take and row check every sample they return (see
@@ -147,7 +147,7 @@ def open_shard(source: ShardSource, *, name: str | None = None, checksums: bool 
     return reader
 
 
-def _open(source: ShardSource, name: str | None) -> ShardReader:
+def _open(source: ShardInput, name: str | None) -> ShardReader:
     if isinstance(source, (str, os.PathLike)):
         name = name or os.fspath(source)
         try:

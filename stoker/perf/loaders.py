@@ -31,7 +31,7 @@ def make_loader(source: str, *, image: bool, batch_size: int, workers: int, pref
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=transform, **extra)
     else:
         from stoker.bucketing.collate import pad_collate
-        from stoker.bucketing.stream import BucketedStream
+        from stoker.bucketing.bucketed import BucketedStream
 
         stream = BucketedStream(dataset, batch_size=batch_size)
         loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=pad_collate(), **extra)

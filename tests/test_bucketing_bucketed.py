@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stoker.bucketing.collate import pad_collate
 from stoker.bucketing.metrics import BatchStats
-from stoker.bucketing.stream import BucketedStream
+from stoker.bucketing.bucketed import BucketedStream
 from stoker.errors import ConfigError
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stoker.bucketing import order as plans
+from stoker.bucketing import plans
 from stoker.checkpoint import check_checkpoint
 from stoker.options import check_seed, epoch_rng, positive_int
 from stoker.clock import StageClock, sum_times
