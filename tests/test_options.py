@@ -56,3 +56,21 @@ def test_options_objects_are_checked_when_built():
         ReadOptions(attempts=0)
     with pytest.raises(ConfigError, match="bundle"):
         BatchPlan(batch_size=8, bundle=0)
+
+
+def test_lru_closes_what_it_evicts_and_only_that():
+    from stoker.lru import LRU
+
+    closed = []
+    lru: LRU[str, str] = LRU(2, closed.append)
+    lru.put("a", "A")
+    lru.put("b", "B")
+    assert lru.get("a") == "A"  # a is now the most recently used
+    lru.put("c", "C")
+    assert closed == ["B"] and list(lru) == ["a", "c"]
+    assert lru.pop("a") == "A" and closed == ["B"]  # taken out, not closed
+    lru.forget()
+    assert len(lru) == 0 and closed == ["B"]  # another process's values are dropped, not closed
+    lru.put("d", "D")
+    lru.clear()
+    assert closed == ["B", "D"]

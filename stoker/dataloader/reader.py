@@ -9,7 +9,6 @@ offsets, copied once, straight from the mapped record batches into a buffer the 
 
 from __future__ import annotations
 
-import collections
 import os
 import time
 import warnings
@@ -25,6 +24,7 @@ from stoker.dataloader import remote
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
 from stoker.formats.conform import Rules, check_batch, check_schema
+from stoker.lru import LRU
 from stoker.formats.manifest import Manifest, ShardInfo
 from stoker.formats.shard import ShardReader, arrow_to_numpy, open_shard
 
@@ -419,7 +419,7 @@ class ShardSource:
         self._pid = os.getpid()
         self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
-        self._idle: collections.OrderedDict[tuple[int, tuple[str, ...]], OpenShard] = collections.OrderedDict()
+        self._idle: LRU[tuple[int, tuple[str, ...]], OpenShard] = LRU(IDLE_SHARDS, OpenShard.close)
         if not self.local:
             shard_cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
             self._remote = remote.RemoteShards(url, manifest, storage_options, shard_cache, options)
@@ -452,7 +452,7 @@ class ShardSource:
         if self.local:
             path = storage.local_path(self._shard_url(shard))
             identity = _identity(path)
-            kept = self._idle.pop((shard, tuple(columns)), None)
+            kept = self._idle.pop((shard, tuple(columns)))
             if kept is not None:
                 if identity and kept.identity == identity:
                     return kept  # still mapped, tables built and checked: reopening costs more than it reads
@@ -488,15 +488,9 @@ class ShardSource:
         if not self.local or not opened.identity:
             opened.close()
             return
-        key = (int(shard), opened.requested)
-        self._idle[key] = opened
-        self._idle.move_to_end(key)
-        while len(self._idle) > IDLE_SHARDS:
-            self._idle.popitem(last=False)[1].close()
+        self._idle.put((int(shard), opened.requested), opened)
 
     def close(self) -> None:
-        for opened in self._idle.values():
-            opened.close()
         self._idle.clear()
         if not self.local and os.getpid() == self._pid:
             self._remote.close()

@@ -7,7 +7,6 @@ Shards are memory-mapped on first use in each process (never pickled to workers)
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from stoker.dataloader.reader import OpenShard, file_identity, gather, to_sample
 from stoker.dataloader.stream import column_kinds, ordered_columns
 from stoker.errors import ConfigError
 from stoker.formats import integrity
+from stoker.lru import LRU
 from stoker.formats.manifest import Manifest
 from stoker.formats.shard import open_shard
 
@@ -55,7 +55,7 @@ class ShardDataset(Dataset):
         self.transform = transform
         self.max_open = max(1, int(max_open))
         self._offsets = self.manifest.shard_offsets
-        self._open: collections.OrderedDict[int, OpenShard] = collections.OrderedDict()
+        self._open: LRU[int, OpenShard] = LRU(self.max_open, OpenShard.close)
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -92,7 +92,7 @@ class ShardDataset(Dataset):
 
     def _shard(self, shard: int) -> OpenShard:
         if self._pid != os.getpid():  # a forked worker: the parent's maps are not ours to manage
-            self._open = collections.OrderedDict()
+            self._open.forget()
             self._pid = os.getpid()
         name = self.manifest.shards[shard].name
         path = storage.local_path(storage.join(self.source, name))
@@ -106,13 +106,10 @@ class ShardDataset(Dataset):
             # ShardError naming it, never an IndexError or an out-of-vocabulary id reaching the model.
             open_ = OpenShard(open_shard(path, name=name), self.columns, self.manifest.shards[shard],
                               self.manifest.rules, identity=file_identity(path), check=self._check)
-            self._open[shard] = open_
-            if len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1].close()
-        self._open.move_to_end(shard)
+            self._open.put(shard, open_)
         return open_
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_open"] = collections.OrderedDict()
+        state["_open"] = LRU(self.max_open, OpenShard.close)
         return state

@@ -14,7 +14,6 @@ with the worker's traceback attached as a note.
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ import torch
 
 from stoker.dataloader.reader import MappedRows, mapped_values
 from stoker.errors import ConfigError
+from stoker.lru import LRU
 from stoker.shm import FREE, HEADER, Key, Lent, slab_state
 
 
@@ -37,8 +37,8 @@ _held: set[tuple[int, str, int]] = set()
 _retired: set[tuple[int, str, int]] = set()  # replaced by their worker, or their worker is gone
 _lock = threading.Lock()
 # Main process: values buffers of local Arrow shards that workers named rows in, by (file identity, column).
-_mapped: collections.OrderedDict[tuple[Any, str], list[np.ndarray]] = collections.OrderedDict()
 MAPPED_FILES = 64
+_mapped: LRU[tuple[Any, str], list[np.ndarray]] = LRU(MAPPED_FILES)  # views the user holds keep their mapping
 
 
 def topology() -> tuple[int, int]:
@@ -204,14 +204,10 @@ def _view_mapped(rows: MappedRows, column: str) -> ByteViews:
         key = (identity, column)
         with _lock:
             sources = _mapped.get(key)
-            if sources is not None:
-                _mapped.move_to_end(key)
         if sources is None:
             sources = mapped_values(identity, column)
             with _lock:
-                _mapped[key] = sources
-                while len(_mapped) > MAPPED_FILES:
-                    _mapped.popitem(last=False)  # views the user still holds keep their mapping alive
+                _mapped.put(key, sources)
         views.append(memoryview(sources[batch]))
     ends = (rows.start + rows.length).tolist()
     return ByteViews(views[r][a:b] for r, a, b in zip(rows.ref.tolist(), rows.start.tolist(), ends))
