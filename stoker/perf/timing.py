@@ -6,12 +6,13 @@ reports the median with the spread, so one disturbed round cannot decide a verdi
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from stoker.options import cpu_cores
 
 ROUNDS = 3  # rounds that must agree before a rate is called stable
 STABLE_SPREAD = 0.10  # (max - min) / median of the last ROUNDS rounds at or below this: stable
@@ -19,8 +20,8 @@ MAX_ROUNDS = 9  # rounds tried before giving up and reporting the spread
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPU cores this process may run on (`stoker.options.cpu_cores`, the one core counter)."""
+    return cpu_cores()
 
 
 @dataclass(frozen=True)
