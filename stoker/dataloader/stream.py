@@ -225,9 +225,7 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bundle"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"BatchPlan.{name} must be a positive integer, got {value!r}")
+            positive_int(f"BatchPlan.{name}", getattr(self, name))
 
 
 class BatchStream(IterableDataset):
