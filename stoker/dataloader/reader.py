@@ -477,7 +477,7 @@ class ShardSource:
                     raise ConfigError(f"cache {self._remote.cache.directory} evicts shard {name} before it can be opened; "
                                       "raise cache_limit") from None
             except ShardError:
-                if attempt:  # issue 9: refetched and still unreadable: the stored shard itself is bad
+                if attempt:  # refetched and still unreadable: the stored shard itself is bad
                     raise
                 self._remote.cache.evict(os.path.basename(path), 2 * self.options.shard_timeout)  # damaged cache entry
         raise AssertionError("unreachable")
