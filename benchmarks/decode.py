@@ -132,7 +132,7 @@ def main() -> None:
     print(f"pillow: {pil_backend_info()}  cores: {cores}  workers: {args.workers}  images: {args.images}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_image_tree(tmp, num_classes=10, per_class=max(1, args.images // 10), min_side=420, max_side=480)
+        root = make_image_tree(os.path.join(tmp, "tree"), num_classes=10, per_class=max(1, args.images // 10), min_side=420, max_side=480)
         files = sorted((p, i) for i, folder in enumerate(sorted(root.iterdir())) for p in folder.glob("*.jpg"))
         samples = [{"image": p.read_bytes(), "label": i, "key": p.stem, "shard": "memory"} for p, i in files]
         spec = stoker.TransformSpec(size=SIZE, mode="train", dtype="uint8")
