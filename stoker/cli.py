@@ -20,6 +20,22 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# Errors name options as the Python API spells them; the command line shows its own flags for the same options.
+_FLAGS = (("on_error='skip'", "--on-error skip"), ("overwrite=True", "--overwrite"), ("part=(I, N)", "--part I/N"),
+          ("tokenizer='none'", "--tokenizer none"), ("files_from", "--files-from"), ("text_field", "--text-field"),
+          ("vocab_size", "--vocab-size"), ("max_side=", "--max-side "), ("shard_size=", "--shard-size "),
+          ("tokenizer=", "--tokenizer "), ("on_error=", "--on-error "), ("validate=", "--validate "),
+          ("workers=", "--workers "), ("engine=", "--engine "), ("ray_address=", "--ray-address "),
+          ("max_retries=", "--max-retries "), ("format=", "--format "), ("part=", "--part "))
+
+
+def cli_wording(message: str) -> str:
+    """An error message with the Python option names replaced by the command line's flags."""
+    for python, flag in _FLAGS:
+        message = re.sub(r"(?<![\w.])" + re.escape(python), lambda _: flag, message)
+    return message
+
+
 def _parse_part(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match:
@@ -147,7 +163,7 @@ def _guard(run, args: argparse.Namespace) -> int:
     try:
         return run(args)
     except StokerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_wording(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -74,3 +74,15 @@ def test_lru_closes_what_it_evicts_and_only_that():
     lru.put("d", "D")
     lru.clear()
     assert closed == ["B", "D"]
+
+
+def test_errors_name_python_options_and_the_cli_shows_its_flags():
+    from stoker.cli import cli_wording
+    from stoker.formats.pack import PackOptions
+
+    with pytest.raises(ConfigError) as info:
+        PackOptions(on_error="ignore")
+    assert "--" not in str(info.value) and str(info.value).startswith("on_error='ignore'")
+    assert cli_wording(str(info.value)).startswith("--on-error 'ignore'")
+    assert cli_wording("fix it or pass on_error='skip'") == "fix it or pass --on-error skip"
+    assert cli_wording("num_workers=2 and workers=0") == "num_workers=2 and --workers 0"  # whole names only

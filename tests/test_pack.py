@@ -48,7 +48,7 @@ def test_rerun_is_a_no_op_and_different_options_need_overwrite(image_tree: Path,
     first = _pack(image_tree, tmp_path, shard_size=32 << 10)
     again = pack_dataset(str(image_tree), str(tmp_path), shard_size=32 << 10, workers=1, progress=False)
     assert again.reused_shards == len(first.shards) and again.manifest == first
-    with pytest.raises(ConfigError, match="--overwrite"):
+    with pytest.raises(ConfigError, match="overwrite=True"):
         _pack(image_tree, tmp_path, shard_size=128 << 10)
     replaced = _pack(image_tree, tmp_path, shard_size=128 << 10, overwrite=True)
     assert len(replaced.shards) < len(first.shards)

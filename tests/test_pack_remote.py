@@ -206,7 +206,7 @@ def test_files_from_works_for_an_s3_source(s3, image_tree: Path, tmp_path: Path)
     full = _pack(src, str(tmp_path / "all"), files_from=str(everything), source_options=so)
     assert [s.sha256 for s in full.shards] == [s.sha256 for s in _pack(str(image_tree), str(tmp_path / "walk")).shards]
     plain.write_text("\n".join(files + [files[0].split("/")[0] + "/missing.jpg"]))
-    with pytest.raises(SourceError, match=r"missing.jpg: listed in --files-from but missing"):
+    with pytest.raises(SourceError, match=r"missing.jpg: listed in files_from but missing"):
         _pack(src, str(tmp_path / "bad"), files_from=str(plain), source_options=so)
 
 

@@ -114,7 +114,7 @@ def read_file_list(path: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         text = storage.read_bytes(path, so).decode("utf-8")
     except FileNotFoundError:
-        raise SourceError(f"{storage.redact(path)}: --files-from list not found") from None
+        raise SourceError(f"{storage.redact(path)}: files_from list not found") from None
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         key, _, size = line.strip().partition("\t")

@@ -28,7 +28,7 @@ def merge(dst: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     found = {(int(m.group(1)), int(m.group(2))) for m in map(_PART.match, names) if m}
     counts = {n for _, n in found}
     if not found:
-        raise ManifestError(f"{storage.redact(dst)}: no partial manifests (manifest.part-I-of-N.json); run `pack-dataset --part I/N` first")
+        raise ManifestError(f"{storage.redact(dst)}: no partial manifests (manifest.part-I-of-N.json); pack each part first (part=(I, N))")
     if len(counts) > 1:
         raise ManifestError(f"{storage.redact(dst)}: parts of different splits {sorted(counts)} side by side; keep one N")
     count = counts.pop()

@@ -185,7 +185,7 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> tuple[list[tuple
     files, skipped = sources.text_name_problems(src, sources.list_text_files(src, so))
     if skipped and opts.on_error == "raise":
         lines = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped)
-        raise SourceError(f"{src}: {len(skipped)} unusable file name(s); fix them or pass --on-error skip:\n{lines}")
+        raise SourceError(f"{src}: {len(skipped)} unusable file name(s); fix them or pass on_error='skip':\n{lines}")
     spans = [span for path in files for span in sources.text_spans(path, target, so)]
     shards: list[tuple[Any, ...]] = []
     current: list[sources.TextSpan] = []
@@ -260,9 +260,9 @@ def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[
                     skipped.append({"path": item.key, "error": _relative(str(exc), job.src, item.key)})
             _count(1, item.size)
         if len(failed) == 1:
-            raise SourceError(f"{failed[0]}; fix it or pass --on-error skip")
+            raise SourceError(f"{failed[0]}; fix it or pass on_error='skip'")
         if failed:
-            raise SourceError(f"{len(failed)} unreadable files; fix them or pass --on-error skip:\n  " + "\n  ".join(failed))
+            raise SourceError(f"{len(failed)} unreadable files; fix them or pass on_error='skip':\n  " + "\n  ".join(failed))
         return
     dtype = np.dtype(job.dtype)
     for span in job.units:
@@ -369,7 +369,7 @@ def _prepare_dst(dst: str, fingerprint: str, opts: PackOptions, layout: Layout) 
         existing = Manifest.load(manifest_url, so)
         if existing.options.get("fingerprint") == fingerprint:
             return existing
-        raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass overwrite=True (--overwrite) to replace it")
+        raise ConfigError(f"{storage.redact(dst)} already holds a different packed dataset; pass overwrite=True to replace it")
     fs.makedirs(storage.filesystem(storage.join(dst, layout.state_dir), so)[1], exist_ok=True)
     _remove_temp_files(dst, layout)
     return None

@@ -125,7 +125,7 @@ def _listed(src: str, files: list[str], name: str, problems: list[tuple[str, str
             if os.path.isfile(os.path.join(src, key)):
                 yield key
             else:
-                problems.append((key, "listed in --files-from but missing"))
+                problems.append((key, "listed in files_from but missing"))
 
 
 def _remote_classes(
@@ -144,7 +144,7 @@ def _remote_classes(
     by_class: dict[str, list[tuple[str, int]]] = {name: [] for name in classes}
     for key in files:
         if sizes[key] is None:
-            problems.append((key, "listed in --files-from but missing"))
+            problems.append((key, "listed in files_from but missing"))
         else:
             by_class[key.split("/", 1)[0]].append((key, sizes[key]))
     return by_class
@@ -224,9 +224,9 @@ def list_image_tree(
         where = storage.redact(src) if remote else src
         lines = [f"  {path}: {why}" for path, why in problems[:_SHOWN]]
         if len(problems) > _SHOWN:
-            lines.append(f"  ... and {len(problems) - _SHOWN} more (--on-error skip records every one in the manifest)")
+            lines.append(f"  ... and {len(problems) - _SHOWN} more (on_error='skip' records every one in the manifest)")
         raise SourceError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in SRC "
-                          f"(paths relative to it); fix them or pass --on-error skip:\n" + "\n".join(lines))
+                          f"(paths relative to it); fix them or pass on_error='skip':\n" + "\n".join(lines))
     return classes, items, [{"path": p, "error": e} for p, e in problems]
 
 
@@ -422,7 +422,7 @@ def read_documents(span: TextSpan, text_field: str, storage_options: dict[str, A
             starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in groups])])
             wanted = [g for g in groups if starts[g] >= span.start and starts[g + 1] <= span.stop]
             if text_field not in pf.schema_arrow.names:
-                raise SourceError(f"{span.path}: no column {text_field!r}; columns are {pf.schema_arrow.names} (--text-field)")
+                raise SourceError(f"{span.path}: no column {text_field!r}; columns are {pf.schema_arrow.names} (set text_field)")
             column = pf.read_row_groups(wanted, columns=[text_field]).column(0).to_pylist()
         for offset, value in enumerate(column):
             if value is None:
@@ -453,7 +453,7 @@ def read_documents(span: TextSpan, text_field: str, storage_options: dict[str, A
             yield number, SourceError(f"{span.path}:{number}: not valid JSON ({exc.msg})")
             continue
         if not isinstance(record, dict) or text_field not in record:
-            yield number, SourceError(f"{span.path}:{number}: no field {text_field!r} in this row (see --text-field)")
+            yield number, SourceError(f"{span.path}:{number}: no field {text_field!r} in this row (see text_field)")
             continue
         yield number, record[text_field]
 
@@ -468,7 +468,7 @@ def make_tokenizer(name: str) -> tuple[Tokenize | None, int | None]:
     if name in ("none", "pretokenized"):
         return None, None
     if not os.path.isfile(name):
-        raise ConfigError(f"--tokenizer {name!r}: expected 'bytes', 'none' or the path of a Hugging Face tokenizer.json")
+        raise ConfigError(f"tokenizer={name!r}: expected 'bytes', 'none' or the path of a Hugging Face tokenizer.json")
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -485,7 +485,7 @@ def to_tokens(
         raise document
     if isinstance(document, str):
         if tokenize is None:
-            raise SourceError(f"{where}: found text but --tokenizer none expects lists of token ids")
+            raise SourceError(f"{where}: found text but tokenizer='none' expects lists of token ids")
         ids = tokenize(document)
     elif isinstance(document, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in document):
         ids = np.asarray(document, np.int64)
@@ -495,5 +495,5 @@ def to_tokens(
         raise SourceError(f"{where}: expected a string or a list of integer token ids, got {type(document).__name__}")
     limit = vocab_size if vocab_size is not None else np.iinfo(dtype).max + 1
     if ids.size and int(ids.max()) >= limit:
-        raise SourceError(f"{where}: token id {int(ids.max())} is outside the vocabulary of {limit} (--vocab-size)")
+        raise SourceError(f"{where}: token id {int(ids.max())} is outside the vocabulary of {limit} (vocab_size)")
     return ids.astype(dtype, copy=False)
