@@ -39,9 +39,10 @@ def packed_images(per_class: int, shard_mb: int) -> Path:
     """The benchmark's image tree packed into shards of `shard_mb` MB (cached with the tree)."""
     import _data
     from stoker.formats.pack import pack_dataset
+    from stoker.formats.schema import FORMAT_VERSION
 
     tree = _data.image_tree(per_class=per_class)
-    dst = _data.CACHE / f"packed-remote-{per_class}-{shard_mb}"
+    dst = _data.CACHE / f"packed-remote-{per_class}-{shard_mb}-v{FORMAT_VERSION}"
     if not (dst / "manifest.json").exists():
         shutil.rmtree(dst, ignore_errors=True)
         pack_dataset(str(tree), str(dst), shard_size=shard_mb << 20, workers=2, progress=False)

@@ -13,7 +13,7 @@ import pytest
 from _datasets import make_dataset, to_memory
 from stoker import StreamingDataset, cache
 from stoker.dataloader import ReadOptions
-from stoker.errors import ConfigError, ShardError, ShardNotFoundError, StorageError
+from stoker.errors import ChecksumError, ConfigError, ShardError, ShardNotFoundError, StorageError
 
 
 def _fill_from(path: str, log: str, body: bytes):
@@ -116,13 +116,31 @@ def test_remote_corruption_and_missing_shards_name_the_shard(tmp_path):
     body = bytearray(fs.cat(url + "/shard-00001.arrow"))
     body[100] ^= 0xFF
     fs.pipe(url + "/shard-00001.arrow", bytes(body))
-    ds = StreamingDataset(url, cache_dir=str(tmp_path / "c1"), shuffle=False)
+    # Without per-sample checks the whole shard's sha256 is checked as it is downloaded.
+    ds = StreamingDataset(url, cache_dir=str(tmp_path / "c1"), shuffle=False, read=ReadOptions(checksums=False))
     with pytest.raises(ShardError, match="shard-00001.arrow.*sha256"):
         list(ds)
     assert not [n for n in os.listdir(tmp_path / "c1") if "shard-00001" in n]  # nothing corrupt was published
     fs.rm(url + "/shard-00000.arrow")
     with pytest.raises(ShardNotFoundError, match="shard-00000.arrow"):
         list(StreamingDataset(url, cache_dir=str(tmp_path / "c2"), shuffle=False))
+
+
+def test_a_sample_damaged_in_the_store_is_named_by_its_checksum_without_a_whole_shard_hash(tmp_path):
+    url = to_memory(make_dataset(tmp_path / "src", rows=(10, 10)))
+    fs = fsspec.filesystem("memory")
+    body = bytearray(fs.cat(url + "/shard-00001.arrow"))
+    at = body.index(b"000013")  # the key of the shard's fourth sample
+    body[at + 5] ^= 0x01
+    fs.pipe(url + "/shard-00001.arrow", bytes(body))
+    ds = StreamingDataset(url, cache_dir=str(tmp_path / "c"), shuffle=False)
+    with pytest.raises(ChecksumError, match="shard-00001.arrow.*row 3"):
+        list(ds)
+    # The damaged entry is not kept: once the store holds the shard as packed again, it is fetched again.
+    assert [n for n in os.listdir(tmp_path / "c") if not n.startswith(".")] == [
+        n for n in os.listdir(tmp_path / "c") if "shard-00000" in n]
+    fs.pipe(url + "/shard-00001.arrow", (tmp_path / "src" / "shard-00001.arrow").read_bytes())
+    assert [s["key"] for s in ds] == [f"{i:06d}" for i in range(20)]
 
 
 def test_cache_limit_below_one_window_is_a_config_error(tmp_path):

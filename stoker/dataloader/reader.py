@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -79,8 +79,10 @@ class OpenShard:
 
     def __init__(self, reader: ShardReader, columns: Sequence[str], info: ShardInfo | None = None,
                  rules: Rules | None = None, *, identity: Identity = (), mapped: bool = False,
-                 check: Mapping[str, str] | None = None) -> None:
+                 check: Mapping[str, str] | None = None, on_damage: Callable[[], None] | None = None) -> None:
         self.reader = reader
+        # Called when a sample of this shard fails its checksum: a cache entry is evicted, so the next open refetches.
+        self.on_damage = on_damage
         self.name = reader.name
         self.requested = tuple(columns)
         # Checked: `check` is the manifest's schema; every column is read, as a sample's checksum covers all its fields.
@@ -232,15 +234,15 @@ def gather(shards: Mapping[int, OpenShard], shard_ids: np.ndarray, rows: np.ndar
     some = shards[int(shard_ids[0])] if len(shard_ids) else None
     if some is not None and some.checked:
         out = _gather(shards, shard_ids, rows, tuple(some.columns))
-        _check(out, shard_ids, rows, lambda s: shards[s].name)
+        _check(out, shard_ids, rows, lambda s: shards[s].name, damaged=lambda s: _damaged(shards[s]))
         return {name: out[name] for name in columns}
     return _gather(shards, shard_ids, rows, columns)
 
 
 def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name_of: Any,
-           skip: bool = False) -> np.ndarray:
+           skip: bool = False, damaged: Callable[[int], None] | None = None) -> np.ndarray:
     """Indices of the gathered rows that are not as packed: a ChecksumError naming shard, row and key for the first
-    of them, or with `skip` a SkippedSampleWarning for each."""
+    of them, or with `skip` a SkippedSampleWarning for each; `damaged(shard_id)` is called for the shard of each."""
     checked = integrity.Rows(len(rows))
     for name, column in out.items():
         if name == integrity.COLUMN:
@@ -255,10 +257,18 @@ def _check(out: Mapping[str, Any], shard_ids: np.ndarray, rows: np.ndarray, name
     for i in bad.tolist():
         key = bytes(views[i]).decode(errors="replace") if views is not None else keys
         where = (name_of(int(shard_ids[i])), int(rows[i]), key)
+        if damaged is not None:
+            damaged(int(shard_ids[i]))
         if not skip:
             raise integrity.mismatch_error(*where)
         warnings.warn(integrity.skip_warning(*where), stacklevel=2)
     return bad
+
+
+def _damaged(shard: OpenShard) -> None:
+    if shard.on_damage is not None:
+        shard.on_damage()
+        shard.on_damage = None  # once is enough: the entry is gone
 
 
 def _without(columns: Mapping[str, Any], drop: np.ndarray) -> dict[str, Any]:
@@ -317,6 +327,7 @@ class Catalog:
         self._members: tuple[int, ...] | None = None
         self._read = self.columns  # all columns when the open shards are checked (see OpenShard)
         self._names: dict[int, str] = {}
+        self._by_id: dict[int, OpenShard] = {}
         self._opened: list[OpenShard] = []
         self.dropped = np.zeros(0, np.int64)  # rows the last `gather` left out (damaged, skip policy)
 
@@ -330,6 +341,7 @@ class Catalog:
         ids = [s for s, _ in members]
         opened = [shards[s] for s in ids]
         self._names = {s: shards[s].name for s in ids}
+        self._by_id = {s: shards[s] for s in ids}
         self._read = tuple(opened[0].columns) if opened and opened[0].checked else self.columns
         self._opened = opened
         counts = [shard.reader.num_rows for shard in opened]
@@ -375,7 +387,8 @@ class Catalog:
         self.dropped = np.zeros(0, np.int64)
         if self._read is self.columns:
             return out
-        self.dropped = _check(out, shard_ids, rows, self._names.__getitem__, skip)
+        self.dropped = _check(out, shard_ids, rows, self._names.__getitem__, skip,
+                              damaged=lambda s: _damaged(self._by_id[s]))
         if len(self.dropped):
             out = _without(out, self.dropped)
         return {name: out[name] for name in self.columns}
@@ -469,17 +482,21 @@ class ShardSource:
                 path = self._remote.wait(future, name)
             finally:
                 self.fetch_seconds += time.perf_counter() - waited
+            key = os.path.basename(path)
             try:
                 return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                                 self.manifest.rules, check=self._check)
+                                 self.manifest.rules, check=self._check,
+                                 on_damage=lambda: self._remote.cache.evict(key, 2 * self.options.shard_timeout))
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._remote.cache.directory} evicts shard {name} before it can be opened; "
                                       "raise cache_limit") from None
             except ShardError:
+                # A damaged cache entry (or a damaged download: format-2 shards are not hashed whole as they are
+                # downloaded, see `remote.RemoteShards`): never kept, fetched once more.
+                self._remote.cache.evict(key, 2 * self.options.shard_timeout)
                 if attempt:  # refetched and still unreadable: the stored shard itself is bad
                     raise
-                self._remote.cache.evict(os.path.basename(path), 2 * self.options.shard_timeout)  # damaged cache entry
         raise AssertionError("unreachable")
 
     def release(self, shard: int, opened: OpenShard) -> None:
