@@ -108,6 +108,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         self._inner: torch.utils.data.DataLoader | None = None
         self._inner_key: tuple[Any, ...] | None = None
         self._inner_started = False  # whether the inner loader's iterator (and its persistent workers) exists
+        self._worker_starts = 0  # times a set of worker processes was started
+        self._workers_first_batch = 0  # batches of the pass delivered before the current workers' first one
         self._bundle = 1  # batches per message of the inner loader
         self._progress: Progress | None = None
         self._clock = StageClock()  # stage seconds of this loader, its workers' included
@@ -152,6 +154,17 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         own = getattr(self.dataset, "stage_times", None)
         return own() if own is not None and self.num_workers == 0 else {}
 
+    @property
+    def worker_starts(self) -> int:
+        """How many times this loader started worker processes: each pass without persistent workers, each re-deal
+        of `num_workers="auto"`; `workers_first_batch` is where the current workers' batches begin in the pass."""
+        return self._worker_starts
+
+    @property
+    def workers_first_batch(self) -> int:
+        """Batches of the current pass delivered before the first one of the workers last started."""
+        return self._workers_first_batch
+
     def tuning_report(self) -> autotune.TuningReport | None:
         """What `num_workers="auto"`/`prefetch_factor="auto"` chose and why (None for fixed settings)."""
         return None if self._tuner is None else self._tuner.report()
@@ -188,11 +201,15 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             self._inner_started = False
         return self._inner
 
-    def _start_batches(self, topology: tuple[int, int]) -> tuple[Any, bool]:
-        """(iterator of the inner loader, whether its workers are new rather than persistent ones reused)."""
+    def _start_batches(self, topology: tuple[int, int], first_batch: int = 0) -> tuple[Any, bool]:
+        """(iterator of the inner loader, whether its workers are new rather than persistent ones reused);
+        `first_batch`: batches of the pass delivered before the new workers' first one."""
         inner = self._batches(topology)
         fresh = not (self._inner_started and inner.persistent_workers)
         self._inner_started = True
+        if fresh and self.num_workers:
+            self._worker_starts += 1
+            self._workers_first_batch = first_batch
         return _start(inner, self._tuner is not None), fresh
 
     def _workers_stopped(self) -> None:
@@ -355,7 +372,7 @@ class _StreamIterator:
                                   progress.world, ds.manifest.num_samples)
         ds.position.continue_at(position)
         loader._apply_setting(setting)
-        self._it, _ = loader._start_batches(self.topology)
+        self._it, _ = loader._start_batches(self.topology, progress.delivered + len(self._carried))
         self._workers, self._base = setting.workers, progress.delivered + len(self._carried)
         self._bundled.clear()
         self._tuner.segment_started(progress.epoch, progress.delivered, autotune.worker_pids(self._it), True,

@@ -51,6 +51,14 @@ def stage_source(loader: Any) -> Any:
     return source
 
 
+def worker_starts(loader: Any) -> Callable[[], tuple[int, int]] | None:
+    """() -> (times the loader started workers, batches of the pass before the newest ones' first), read from
+    stoker.DataLoader's `worker_starts` / `workers_first_batch`; None for a loader that does not report them."""
+    if not hasattr(loader, "worker_starts") or not hasattr(loader, "workers_first_batch"):
+        return None
+    return lambda: (loader.worker_starts, loader.workers_first_batch)
+
+
 def run_facts(loader: Any) -> RunFacts:
     """What the advice may rely on, read from public attributes of the loader and its dataset."""
     from stoker import storage

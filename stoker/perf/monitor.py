@@ -5,7 +5,9 @@ is the time from handing the batch out until the loop asks for the next one. The
 wait / (wait + compute), is the share of wall time the accelerator could not work for lack of input.
 
 The first batches of each pass (one per loader worker: each carries its worker's start-up) are start-up, reported
-apart; the steady state alone decides whether the loop is starving. When the loader reports per-stage clocks
+apart, and so are the first batches after the loader restarts its workers (`worker_starts`: a re-deal of
+`num_workers="auto"`, a new pass without persistent workers); the steady state alone decides whether the loop is
+starving. When the loader reports per-stage clocks
 (`stage_times()`, as stoker's DataLoader does) the verdict names the stage; see `stoker.perf.diagnosis`.
 """
 
@@ -28,7 +30,7 @@ from stoker.clock import STAGES
 from stoker.errors import ConfigError, MissingExtraError
 from stoker.perf import diagnosis
 from stoker.perf.diagnosis import Phase, RunFacts
-from stoker.perf.loader_facts import count_samples, run_facts, sample_counter, stage_source, tuning
+from stoker.perf.loader_facts import count_samples, run_facts, sample_counter, stage_source, tuning, worker_starts
 from stoker.perf.monitor_report import format_report, plot_ranks
 from stoker.perf.stats import RingBuffer, percentiles, rate
 
@@ -39,7 +41,8 @@ _LOGGER = logging.getLogger("stoker.monitor")
 # Per-rank numbers exchanged with one all_gather of a float64 tensor, in this order, then one per stage of STAGES
 # (NaN for a stage that did not run).
 _GATHERED = ("steps", "samples", "wait_s", "compute_s", "first_batch_s", "step_ms_p50", "wait_ms_p50", "wait_ms_p90",
-             "startup_steps", "startup_wait_s", "startup_compute_s", "num_workers", "has_stage_times", "backend")
+             "startup_steps", "startup_wait_s", "startup_compute_s", "restarts", "restart_steps", "restart_wait_s",
+             "num_workers", "has_stage_times", "backend")
 
 _CSV_COLUMNS = ("kind", "rank", "unix_time", "step", "steps", "samples", "wait_s", "compute_s",
                 "data_wait_fraction", "steps_per_s", "samples_per_s", "starving", "state", "stage")
@@ -108,19 +111,24 @@ class Monitor:
         self._rank, self._world, self._aggregate = _distributed_info(config)
         self._count = sample_counter(config.batch_size)
         self._facts = run_facts(loader)
-        self._startup_n = diagnosis.startup_steps(self._facts.num_workers)
+        self._starts = worker_starts(loader)  # () -> (worker starts so far, first batch of the newest), or None
+        self._seen_starts = self._starts()[0] if self._starts is not None else 0
         self._rows = RingBuffer(config.window, width=3)  # (wait, compute, 1 if start-up) seconds of completed steps
         self._steps = 0
         self._samples: int | None = 0  # None once a batch could not be counted
         self._wait_s = 0.0
         self._compute_s = 0.0
         self._startup = [0, 0.0, 0.0]  # steps, wait, compute of start-up (epoch ends' shutdown wait included)
+        self._restarts = [0, 0, 0.0, 0.0]  # worker restarts, and the steps, wait, compute of start-up after them
+        self._startup_until = 0  # the pass's steps up to this one are start-up
+        self._restarting = False  # whether the current start-up follows a worker restart
         self._first_batch_s = math.nan
         self._it: Any = None
         self._pass_steps = 0  # steps in the current pass
         self._iter_wait = 0.0  # time spent in iter(loader), charged to the next step's wait
         self._pending_wait = 0.0  # wait of the step whose compute is still running
         self._pending_startup = False  # whether that step is a start-up step
+        self._pending_restart = False  # whether it is start-up after a worker restart
         self._t_out: float | None = None  # when the last batch was handed out; None if no step is running
         self._stage_source = stage_source(loader)
         self._stage_base = self._stage_times()  # before monitoring: not this run's
@@ -148,6 +156,14 @@ class Monitor:
         start = time.perf_counter()
         self._it = iter(self.loader)
         self._iter_wait = time.perf_counter() - start  # e.g. DataLoader starting its workers: the GPU waits
+        self._startup_until = self._workers_startup()
+        self._restarting = False
+        if self._starts is not None:
+            starts = self._starts()[0]
+            # Workers started again by a loader that had started some before: a new pass without persistent ones.
+            self._restarting = starts > self._seen_starts > 0
+            self._restarts[0] += self._restarting
+            self._seen_starts = starts
         return self
 
     def __next__(self) -> Any:
@@ -175,13 +191,22 @@ class Monitor:
         self._wait_s += wait
         self._pending_wait = wait
         self._steps += 1
+        if self._starts is not None:
+            starts, first = self._starts()  # one property read a step: a mid-pass restart (re-deal) shows here
+            if starts != self._seen_starts:
+                self._restarted(starts, first)
         self._pass_steps += 1
-        self._pending_startup = self._pass_steps <= self._startup_n
+        self._pending_startup = self._pass_steps <= self._startup_until
+        self._pending_restart = self._pending_startup and self._restarting
         if self._pending_startup:
             self._startup[0] += 1
             self._startup[1] += wait
-            if self._pass_steps == self._startup_n:
+            if self._pending_restart:
+                self._restarts[1] += 1
+                self._restarts[2] += wait
+            if self._pass_steps == self._startup_until:
                 self._end_startup()
+                self._restarting = False
         if self._steps == 1:
             self._first_batch_s = wait
         if self._samples is not None:
@@ -232,6 +257,8 @@ class Monitor:
             "data_wait_fraction": fraction,
             "steady": _phase_dict(judged.steady),
             "startup": _phase_dict(judged.startup),
+            "restarts": {"count": self._restarts[0],
+                         **_phase_dict(Phase(self._restarts[1], self._restarts[2], self._restarts[3]))},
             "steps_per_s": rate(self._steps, elapsed),
             "samples_per_s": None if self._samples is None else rate(self._samples, elapsed),
             "samples_per_s_if_fed": None if self._samples is None else rate(self._samples, self._compute_s),
@@ -335,6 +362,8 @@ class Monitor:
         self._compute_s += compute
         if self._pending_startup:
             self._startup[2] += compute
+        if self._pending_restart:
+            self._restarts[3] += compute
         self._rows.append(self._pending_wait, compute, float(self._pending_startup))
 
     def _diagnose(self, steady: Phase, startup: Phase, stages: Mapping[str, float] | None, facts: RunFacts,
@@ -354,6 +383,21 @@ class Monitor:
             return None
         times = self._stage_source() if callable(self._stage_source) else self._stage_source
         return {str(k): float(v) for k, v in times.items()}
+
+    def _workers_startup(self) -> int:
+        # Read at each start: an autotuned loader changes its number of workers.
+        workers = getattr(self.loader, "num_workers", None)
+        return diagnosis.startup_steps(workers if isinstance(workers, int) else None)
+
+    def _restarted(self, starts: int, first: int) -> None:
+        """The loader started new workers during this step: their first batches (and the ones it delivers before
+        them, received from the old workers) are start-up, charged to the restart."""
+        self._restarts[0] += starts - self._seen_starts
+        self._seen_starts = starts
+        self._startup_until = max(self._startup_until, first + self._workers_startup())
+        self._restarting = True
+        if self._stage_pass_start is None:
+            self._stage_pass_start = self._stage_times()
 
     def _end_startup(self) -> None:
         """Charge the stage time since the pass started to start-up (once per pass)."""
@@ -500,7 +544,8 @@ def _wait_per_step(row: Mapping[str, Any]) -> float:
 
 def _gathered_values(local: Mapping[str, Any]) -> list[float]:
     flat = {**local, "startup_steps": local["startup"]["steps"], "startup_wait_s": local["startup"]["wait_s"],
-            "startup_compute_s": local["startup"]["compute_s"],
+            "startup_compute_s": local["startup"]["compute_s"], "restarts": local["restarts"]["count"],
+            "restart_steps": local["restarts"]["steps"], "restart_wait_s": local["restarts"]["wait_s"],
             "num_workers": local["num_workers"] if local["num_workers"] is not None else math.nan,
             "has_stage_times": float(bool(local["stage_seconds"])),
             "backend": float(diagnosis.BACKENDS.index(local["backend"])) if local["backend"] else math.nan}
@@ -517,6 +562,8 @@ def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
     row["rank"] = int(values["rank"])
     row["steps"] = int(row["steps"])
     row["startup_steps"] = int(row["startup_steps"])
+    row["restarts"] = int(row["restarts"])
+    row["restart_steps"] = int(row["restart_steps"])
     row["num_workers"] = None if math.isnan(row["num_workers"]) else int(row["num_workers"])
     row["has_stage_times"] = bool(row["has_stage_times"])
     row["backend"] = None if math.isnan(row["backend"]) else diagnosis.BACKENDS[int(row["backend"])]
