@@ -6,7 +6,8 @@ Two measurements:
     the overhead.
     Honest but noisy on a shared machine: the step's own jitter is larger than the effect being measured.
   * Own cost: the monitor wrapped around a loader that does nothing (but reports stage clocks, which the monitor
-    reads at each pass start, at the end of start-up and at each log line), many steps, minus the same bare loop. This
+    reads at each pass start, at the end of start-up and at each log line; and worker starts, read every step),
+    many steps, minus the same bare loop. This
     is what the monitor adds to every step, in microseconds, with almost no noise; divided by the step time it
     gives the overhead fraction the A/B measurement cannot resolve.
 
@@ -57,7 +58,11 @@ def step_times(loader, step) -> list[float]:
 
 
 class _Clocked(list):
-    """A list that also reports stage clocks, as stoker's DataLoader does, so the monitor reads them too."""
+    """A list that also reports stage clocks and worker starts, as stoker's DataLoader does, so the monitor reads
+    them too (the worker starts at every step)."""
+
+    worker_starts = property(lambda self: 1)
+    workers_first_batch = property(lambda self: 0)
 
     def stage_times(self) -> dict[str, float]:
         return {"read": 1.0, "transform": 2.0, "collate": 0.5, "handoff": 0.1}

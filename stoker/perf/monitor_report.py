@@ -32,8 +32,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"  steady state {steady}")
     first = slow["first_batch_s"]
     first_text = "-" if math.isnan(first) else f"{first:.2f} s" if first >= 1 else f"{first * 1e3:.1f} ms"
-    lines.append(f"  start-up     {_steps(slow['startup_steps'])} (first batches of each pass and after worker restarts), waited "
-                 f"{slow['startup_wait_s']:.2f} s; first batch {first_text}; not counted in the verdict")
+    lines.append(f"  start-up     {_steps(slow['startup_steps'])} (first batches of each pass and after worker "
+                 f"restarts), waited {slow['startup_wait_s']:.2f} s; first batch {first_text}; "
+                 "not counted in the verdict")
     if slow.get("restarts"):
         lines.append(f"  restarts     {slow['restarts']} worker restart{'s' if slow['restarts'] != 1 else ''} "
                      f"(re-deals, new passes without persistent workers): {_steps(slow['restart_steps'])} after "
