@@ -156,8 +156,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
     @property
     def worker_starts(self) -> int:
-        """How many times this loader started worker processes: each pass without persistent workers, each re-deal
-        of `num_workers="auto"`; `workers_first_batch` is where the current workers' batches begin in the pass."""
+        """Times this loader started worker processes for a StreamingDataset (each pass without persistent workers,
+        each re-deal of `num_workers="auto"`); 0 for other datasets."""
         return self._worker_starts
 
     @property
