@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from stoker.clock import STAGES
 from stoker.errors import ConfigError, MissingExtraError
-from stoker.perf import diagnosis
+from stoker.perf import diagnosis, rank_rows
 from stoker.perf.diagnosis import Phase, RunFacts
 from stoker.perf.loader_facts import count_samples, run_facts, sample_counter, stage_source, tuning, worker_starts
 from stoker.perf.monitor_report import format_report, plot_ranks
@@ -37,12 +36,6 @@ from stoker.perf.stats import RingBuffer, percentiles, rate
 __all__ = ["Monitor", "MonitorConfig", "count_samples", "format_report", "monitor"]
 
 _LOGGER = logging.getLogger("stoker.monitor")
-
-# Per-rank numbers exchanged with one all_gather of a float64 tensor, in this order, then one per stage of STAGES
-# (NaN for a stage that did not run).
-_GATHERED = ("steps", "samples", "wait_s", "compute_s", "first_batch_s", "step_ms_p50", "wait_ms_p50", "wait_ms_p90",
-             "startup_steps", "startup_wait_s", "startup_compute_s", "restarts", "restart_steps", "restart_wait_s",
-             "num_workers", "has_stage_times", "backend")
 
 _CSV_COLUMNS = ("kind", "rank", "unix_time", "step", "steps", "samples", "wait_s", "compute_s",
                 "data_wait_fraction", "steps_per_s", "samples_per_s", "starving", "state", "stage")
@@ -255,10 +248,10 @@ class Monitor:
             "wait_s": self._wait_s,
             "compute_s": self._compute_s,
             "data_wait_fraction": fraction,
-            "steady": _phase_dict(judged.steady),
-            "startup": _phase_dict(judged.startup),
+            "steady": rank_rows.phase_dict(judged.steady),
+            "startup": rank_rows.phase_dict(judged.startup),
             "restarts": {"count": self._restarts[0],
-                         **_phase_dict(Phase(self._restarts[1], self._restarts[2], self._restarts[3]))},
+                         **rank_rows.phase_dict(Phase(self._restarts[1], self._restarts[2], self._restarts[3]))},
             "steps_per_s": rate(self._steps, elapsed),
             "samples_per_s": None if self._samples is None else rate(self._samples, elapsed),
             "samples_per_s_if_fed": None if self._samples is None else rate(self._samples, self._compute_s),
@@ -286,7 +279,7 @@ class Monitor:
         """Build the report, across ranks when distributed (a collective: call it on every rank), and log it."""
         local = self.metrics()
         everyone = aggregate and self._aggregate
-        ranks = self._gather(local) if everyone else [_rank_row(local)]
+        ranks = self._gather(local) if everyone else [rank_rows.rank_row(local)]
         for row in ranks:
             facts = replace(self._facts, num_workers=row["num_workers"], has_stage_times=row["has_stage_times"],
                             backend=row["backend"])
@@ -299,7 +292,7 @@ class Monitor:
                        stage_ms_per_batch={k: v * 1e3 for k, v in judged.stage_costs.items()})
         # Under DDP every rank runs at the pace of the slowest, which waits in next() while the others wait in
         # all-reduce (counted as their compute): the slowest rank is the one with most steady data wait per step.
-        slowest = max(ranks, key=_wait_per_step)
+        slowest = max(ranks, key=rank_rows.wait_per_step)
         fractions = [r["data_wait_fraction"] for r in ranks if not math.isnan(r["data_wait_fraction"])]
         samples = [r["samples_per_s"] for r in ranks]
         states = {r["state"] for r in ranks}
@@ -479,7 +472,7 @@ class Monitor:
     def _gather(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         import torch.distributed as dist
 
-        values = _gathered_values(local)
+        values = rank_rows.gathered_values(local)
         device = torch.device("cpu")
         if dist.get_backend() == "nccl":  # NCCL only moves CUDA tensors
             device = torch.device("cuda", torch.cuda.current_device())
@@ -488,12 +481,7 @@ class Monitor:
         dist.all_gather(everyone, mine)
         rows = []
         for rank, tensor in enumerate(everyone):
-            numbers = tensor.cpu().tolist()
-            row = dict(zip(_GATHERED, numbers))
-            row["rank"] = rank
-            row["stage_seconds"] = {name: v for name, v in zip(STAGES, numbers[len(_GATHERED):])
-                                    if not math.isnan(v)}
-            rows.append(_rank_row(row))
+            rows.append(rank_rows.from_gathered(rank, tensor.cpu().tolist()))
         return rows
 
     def _write_outputs(self, result: dict[str, Any], local: dict[str, Any]) -> None:
@@ -529,55 +517,6 @@ class Monitor:
 
 def _bottleneck(state: str) -> str:
     return {diagnosis.STARVING: "input pipeline", diagnosis.KEEPING_UP: "compute"}.get(state, "not judged")
-
-
-def _phase_dict(phase: Phase) -> dict[str, Any]:
-    return {"steps": phase.steps, "wait_s": phase.wait_s, "compute_s": phase.compute_s,
-            "data_wait_fraction": phase.fraction}
-
-
-def _wait_per_step(row: Mapping[str, Any]) -> float:
-    if row["steady_steps"] > 0:
-        return row["steady_wait_s"] / row["steady_steps"]
-    return row["wait_s"] / max(row["steps"], 1) - 1e9  # ranks without a steady state come last
-
-
-def _gathered_values(local: Mapping[str, Any]) -> list[float]:
-    flat = {**local, "startup_steps": local["startup"]["steps"], "startup_wait_s": local["startup"]["wait_s"],
-            "startup_compute_s": local["startup"]["compute_s"], "restarts": local["restarts"]["count"],
-            "restart_steps": local["restarts"]["steps"], "restart_wait_s": local["restarts"]["wait_s"],
-            "num_workers": local["num_workers"] if local["num_workers"] is not None else math.nan,
-            "has_stage_times": float(bool(local["stage_seconds"])),
-            "backend": float(diagnosis.BACKENDS.index(local["backend"])) if local["backend"] else math.nan}
-    values = [math.nan if flat[key] is None else float(flat[key]) for key in _GATHERED]
-    return values + [float(local["stage_seconds"].get(name, math.nan)) for name in STAGES]
-
-
-def _rank_row(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-rank summary from the gathered numbers (or from local metrics)."""
-    if "startup" in values:  # local metrics: the same fields as one all_gather row
-        values = {**values, **dict(zip(_GATHERED, _gathered_values(values)))}
-    row = {key: values[key] for key in _GATHERED}
-    row["samples"] = math.nan if row["samples"] is None else row["samples"]
-    row["rank"] = int(values["rank"])
-    row["steps"] = int(row["steps"])
-    row["startup_steps"] = int(row["startup_steps"])
-    row["restarts"] = int(row["restarts"])
-    row["restart_steps"] = int(row["restart_steps"])
-    row["num_workers"] = None if math.isnan(row["num_workers"]) else int(row["num_workers"])
-    row["has_stage_times"] = bool(row["has_stage_times"])
-    row["backend"] = None if math.isnan(row["backend"]) else diagnosis.BACKENDS[int(row["backend"])]
-    row["stage_seconds"] = dict(values["stage_seconds"])
-    elapsed = row["wait_s"] + row["compute_s"]
-    row["data_wait_fraction"] = row["wait_s"] / elapsed if elapsed > 0 and row["steps"] else math.nan
-    row["steady_steps"] = row["steps"] - row["startup_steps"]
-    row["steady_wait_s"] = row["wait_s"] - row["startup_wait_s"]
-    row["steady_compute_s"] = row["compute_s"] - row["startup_compute_s"]
-    row["steady_data_wait_fraction"] = Phase(row["steady_steps"], row["steady_wait_s"],
-                                             row["steady_compute_s"]).fraction
-    row["steps_per_s"] = rate(row["steps"], elapsed)
-    row["samples_per_s"] = rate(row["samples"], elapsed)
-    return row
 
 
 def _cuda_sync_every(config: MonitorConfig) -> int:
