@@ -7,8 +7,8 @@ wait / (wait + compute), is the share of wall time the accelerator could not wor
 The first batches of each pass (one per loader worker: each carries its worker's start-up) are start-up, reported
 apart, and so are the first batches after the loader restarts its workers (`worker_starts`: a re-deal of
 `num_workers="auto"`, a new pass without persistent workers); the steady state alone decides whether the loop is
-starving. When the loader reports per-stage clocks
-(`stage_times()`, as stoker's DataLoader does) the verdict names the stage; see `stoker.perf.diagnosis`.
+starving. When the loader reports per-stage clocks (`stage_times()`, as stoker's DataLoader does) the verdict names
+the stage; see `stoker.perf.diagnosis`.
 """
 
 from __future__ import annotations
@@ -387,7 +387,8 @@ class Monitor:
         them, received from the old workers) are start-up, charged to the restart."""
         self._restarts[0] += starts - self._seen_starts
         self._seen_starts = starts
-        self._startup_until = max(self._startup_until, first + self._workers_startup())
+        # At least this step: the window then ends at a step this pass reaches, which closes its stage accounting.
+        self._startup_until = max(self._startup_until, first + self._workers_startup(), self._pass_steps + 1)
         self._restarting = True
         if self._stage_pass_start is None:
             self._stage_pass_start = self._stage_times()
