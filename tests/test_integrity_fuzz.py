@@ -3,14 +3,13 @@ or provably harmless (every sample still comes back exactly as packed); never a 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stoker import ShardDataset, StreamingDataset
-from stoker.errors import ManifestError, StokerError
+from stoker.errors import StokerError
 from stoker.formats.manifest import MANIFEST_NAME, Manifest
 
 from _datasets import make_dataset
