@@ -32,6 +32,7 @@ from filelock import FileLock, Timeout
 
 from stoker import storage
 from stoker.errors import ShardError, ShardNotFoundError, StokerError, StorageError
+from stoker.names import unsafe_name
 
 _LOCKS = ".locks"
 
@@ -96,9 +97,10 @@ class ShardCache:
 
     def path(self, key: str) -> str:
         """Where the file for `key` (a plain file name) lives once filled."""
-        if not key or key.startswith(".") or "/" in key or "\\" in key or "\0" in key:
+        why = unsafe_name(key)
+        if why is not None:
             # Keys come from manifests, which may come from anywhere: never a path outside the cache directory.
-            raise StorageError(f"cache key {key[:80]!r} is not a plain file name")
+            raise StorageError(f"cache key {key[:80]!r} is not a plain file name ({why})")
         return os.path.join(self.directory, key)
 
     def _lock(self, key: str, timeout: float) -> FileLock:

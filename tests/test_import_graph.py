@@ -85,7 +85,7 @@ def test_no_import_cycles():
 LAYERS = {  # a module may import modules of its own layer or lower ones
     "stoker.errors": 0,
     "stoker.storage": 1, "stoker.cache": 1, "stoker.shm": 1, "stoker.clock": 1, "stoker.checkpoint": 1,
-    "stoker.options": 1, "stoker.lru": 1,
+    "stoker.options": 1, "stoker.lru": 1, "stoker.names": 1,
     "stoker.formats": 2,
     # Three siblings that never import each other: reading, transforming and batching are separate stages.
     "stoker.dataloader": 3, "stoker.augment": 3, "stoker.bucketing": 3,

@@ -26,6 +26,7 @@ import numpy as np
 from stoker.errors import ConfigError, ManifestError
 from stoker.formats.conform import Rules, check_manifest_fields
 from stoker.formats.schema import FORMAT_VERSION, READABLE_VERSIONS
+from stoker.names import unsafe_name
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # default cap on a manifest's size; STOKER_MAX_MANIFEST_BYTES overrides it
@@ -87,8 +88,9 @@ class ShardInfo:
 
 def _check_shard_name(name: str) -> None:
     # A manifest from elsewhere must not point a reader outside the dataset's own directory or prefix.
-    if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") or ":" in name:
-        raise ManifestError(f"shard name {name!r} is not a plain file name inside the dataset directory")
+    why = unsafe_name(name)
+    if why is not None:
+        raise ManifestError(f"shard name {name[:80]!r} is not a plain file name inside the dataset directory ({why})")
 
 
 @dataclass(frozen=True)

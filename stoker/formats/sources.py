@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from stoker import storage
 from stoker.errors import ConfigError, MissingExtraError, SourceError
 from stoker.formats.image_header import ends_whole, image_size
+from stoker.names import unsafe_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -34,10 +35,10 @@ class ImageItem:
 
 
 def check_key(key: str) -> str:
-    """Reject keys that could name something outside the dataset (absolute, `..`, NUL, backslash)."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or "\0" in key or "\\" in key or any(p in ("", ".", "..") for p in parts):
-        raise SourceError(f"{key!r}: unsafe sample key (absolute, '..', empty part or NUL byte); rename the file")
+    """Reject keys that could name something outside the dataset (see `stoker.names.unsafe_name`)."""
+    why = unsafe_name(key, nested=True)
+    if why is not None:
+        raise SourceError(f"{key!r}: unsafe sample key ({why}); rename the file")
     return key
 
 
