@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from stoker.formats.image_header import image_size
-from stoker.formats.sources import ImageItem, load_image
+from stoker.formats.sources.images import ImageItem, load_image
 from stoker.synthetic import natural_image
 
 

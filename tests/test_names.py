@@ -10,7 +10,7 @@ import pytest
 from stoker import cache
 from stoker.errors import ManifestError, SourceError, StorageError
 from stoker.formats.manifest import ShardInfo
-from stoker.formats.sources import check_key
+from stoker.formats.sources.files import check_key
 from stoker.names import unsafe_name
 
 # name, accepted as a plain name (shard, cache key), accepted as a nested name (sample key)

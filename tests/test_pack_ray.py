@@ -16,7 +16,8 @@ import pytest
 from stoker.cli import main as stoker_main
 from stoker.cli import pack_main
 from stoker.errors import ConfigError, MissingExtraError, SourceError, StokerError
-from stoker.formats import ray_engine, sources
+from stoker.formats import ray_engine
+from stoker.formats.sources import images
 from stoker.formats.manifest import Manifest
 from stoker.formats.merge import merge
 from stoker.formats.pack import pack_dataset
@@ -83,7 +84,7 @@ def _crash_once(marker: str, shard: str, after: int):
             except FileExistsError:
                 fd = None
             if fd is not None:
-                real, loaded = sources.load_image, []
+                real, loaded = images.load_image, []
 
                 def load_then_die(*args, **kwargs):
                     if len(loaded) == after:
@@ -94,7 +95,7 @@ def _crash_once(marker: str, shard: str, after: int):
                     loaded.append(1)
                     return real(*args, **kwargs)
 
-                sources.load_image = load_then_die
+                images.load_image = load_then_die
         return ray_engine.pack_shard_task(job, pack_shard)
 
     return task

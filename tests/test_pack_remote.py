@@ -19,7 +19,8 @@ import pytest
 from stoker import storage
 from stoker.cli import main as stoker_main
 from stoker.errors import ManifestError, SourceError
-from stoker.formats import listing, sources
+from stoker.formats import listing
+from stoker.formats.sources import images
 from stoker.formats.manifest import Manifest
 from stoker.formats.merge import merge
 from stoker.formats.pack import pack_dataset
@@ -86,8 +87,8 @@ def test_parallel_listing_orders_and_filters_like_the_local_walk(tmp_path: Path)
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
         fs.pipe_file(f"{base.removeprefix('memory://')}/{name}", name.encode())
-    local = sources.list_image_tree(str(tmp_path), skip_errors=True)
-    remote = sources.list_image_tree(base, skip_errors=True)
+    local = images.list_image_tree(str(tmp_path), skip_errors=True)
+    remote = images.list_image_tree(base, skip_errors=True)
     assert remote == local
     classes, items, skipped = remote
     assert classes == ["cat", "dog", "empty"]
@@ -95,7 +96,7 @@ def test_parallel_listing_orders_and_filters_like_the_local_walk(tmp_path: Path)
     assert [i.size for i in items] == [len(i.key) for i in items]
     assert {s["path"] for s in skipped} == {"dog/readme.txt", "empty"}
     with pytest.raises(SourceError, match=r"memory://tree-\w+: 2 problems in SRC[^\n]*\n  dog/readme.txt: not an image file"):
-        sources.list_image_tree(base)
+        images.list_image_tree(base)
 
 
 def test_file_list_with_and_without_sizes_round_trips(tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_source_file_deleted_after_listing_is_named_or_skipped(
     kind: str, image_tree: Path, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src, so = _vanishing_src(kind, image_tree, tmp_path, request)
-    real = sources.list_image_tree
+    real = images.list_image_tree
     victim: list[str] = []
 
     def list_then_delete(*args, **kwargs):
@@ -146,17 +147,17 @@ def test_source_file_deleted_after_listing_is_named_or_skipped(
         victim.append(key)
         return listed
 
-    monkeypatch.setattr(sources, "list_image_tree", list_then_delete)
+    monkeypatch.setattr(images, "list_image_tree", list_then_delete)
     with pytest.raises(SourceError, match=r"disappeared after SRC was listed") as err:
         _pack(src, str(tmp_path / "raise"), source_options=so)
     assert victim[0] in str(err.value)
     assert not (tmp_path / "raise" / "manifest.json").exists()
-    monkeypatch.setattr(sources, "list_image_tree", real)  # the file is gone now; skipping lists it
+    monkeypatch.setattr(images, "list_image_tree", real)  # the file is gone now; skipping lists it
     skipped = _pack(src, str(tmp_path / "skip"), on_error="skip", source_options=so)
     total = len(list(image_tree.rglob("*.jpg")))
     assert skipped.num_samples == total - 1
     assert victim[0] not in {k for k, _ in samples_of(str(tmp_path / "skip"))}
-    monkeypatch.setattr(sources, "list_image_tree", list_then_delete)
+    monkeypatch.setattr(images, "list_image_tree", list_then_delete)
     victim.clear()
     again = _pack(src, str(tmp_path / "skip2"), on_error="skip", source_options=so)
     assert [s["path"] for s in again.skipped] == [victim[0]] and "disappeared" in again.skipped[0]["error"]

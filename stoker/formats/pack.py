@@ -29,7 +29,8 @@ import numpy as np
 
 from stoker import storage
 from stoker.errors import ConfigError, SourceError
-from stoker.formats import arrow_shard, msgpack_shard, sources  # noqa: F401 - the writers, imported once before workers fork
+from stoker.formats import arrow_shard, msgpack_shard  # noqa: F401 - the writers, imported once before workers fork
+from stoker.formats.sources import images, text
 from stoker.formats.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from stoker.formats.schema import FORMAT_VERSION, describe, schema_for, token_dtype
 from stoker.formats.shard import SUFFIX, create_writer, format_names
@@ -75,8 +76,8 @@ class PackOptions:
             raise ConfigError(f"max_side={self.max_side}: use at least 8 pixels")
         if self.kind not in (None, "image", "text"):
             raise ConfigError(f"kind={self.kind!r}: expected 'image' or 'text'")
-        if self.validate not in sources.VALIDATE_LEVELS:
-            raise ConfigError(f"validate={self.validate!r}: expected one of {', '.join(sources.VALIDATE_LEVELS)}")
+        if self.validate not in images.VALIDATE_LEVELS:
+            raise ConfigError(f"validate={self.validate!r}: expected one of {', '.join(images.VALIDATE_LEVELS)}")
         if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
             raise ConfigError(f"part={self.part}: expected (I, N) with 0 <= I < N")
         if self.workers is not None and self.workers < 1:
@@ -143,12 +144,12 @@ def detect_kind(src: str, storage_options: dict[str, Any] | None = None) -> str:
         if fs.isfile(path):
             return "text"
         prefixes, files = listing.list_prefixes(src, storage_options)
-        return "text" if not prefixes and any(f.key.lower().endswith(sources.TEXT_SUFFIXES) for f in files) else "image"
+        return "text" if not prefixes and any(f.key.lower().endswith(text.TEXT_SUFFIXES) for f in files) else "image"
     if os.path.isfile(src):
         return "text"
     if os.path.isdir(src):
         entries = [e for e in os.scandir(src) if not e.name.startswith(".")]
-        if entries and not any(e.is_dir() for e in entries) and any(e.name.lower().endswith(sources.TEXT_SUFFIXES) for e in entries):
+        if entries and not any(e.is_dir() for e in entries) and any(e.name.lower().endswith(text.TEXT_SUFFIXES) for e in entries):
             return "text"
     return "image"
 
@@ -161,11 +162,11 @@ def _plan_images(src: str, opts: PackOptions) -> tuple[list[str], list[tuple[Any
         entries = listing.read_file_list(opts.files_from, opts.source_options)
         files = [key for key, _ in entries]
         sizes = {key: size for key, size in entries if size is not None}
-    classes, items, skipped = sources.list_image_tree(
+    classes, items, skipped = images.list_image_tree(
         src, skip_errors=opts.on_error == "skip", files=files, sizes=sizes, storage_options=opts.source_options
     )
     shards: list[tuple[Any, ...]] = []
-    current: list[sources.ImageItem] = []
+    current: list[images.ImageItem] = []
     size = 0
     for item in items:
         if current and size + item.size > opts.shard_size:
@@ -182,13 +183,13 @@ def _plan_text(src: str, opts: PackOptions, dtype: np.dtype) -> tuple[list[tuple
     # Byte-level tokens take `itemsize` bytes per input byte; other tokenizers compress, so this errs small.
     target = max(1, opts.shard_size // dtype.itemsize)
     so = opts.source_options
-    files, skipped = sources.text_name_problems(src, sources.list_text_files(src, so))
+    files, skipped = text.text_name_problems(src, text.list_text_files(src, so))
     if skipped and opts.on_error == "raise":
         lines = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped)
         raise SourceError(f"{src}: {len(skipped)} unusable file name(s); fix them or pass on_error='skip':\n{lines}")
-    spans = [span for path in files for span in sources.text_spans(path, target, so)]
+    spans = [span for path in files for span in text.text_spans(path, target, so)]
     shards: list[tuple[Any, ...]] = []
-    current: list[sources.TextSpan] = []
+    current: list[text.TextSpan] = []
     size = 0
     for span in spans:
         span_bytes = span.byte_stop - span.byte_start
@@ -251,7 +252,7 @@ def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[
         failed: list[str] = []  # with --on-error raise: every bad file of the shard is named, then it fails
         for item in job.units:
             try:
-                yield sources.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate,
+                yield images.load_image(job.src, item, max_side=opts.max_side, quality=opts.quality, validate=opts.validate,
                                          storage_options=opts.source_options)
             except (SourceError, FileNotFoundError) as exc:
                 if opts.on_error == "raise":
@@ -266,11 +267,11 @@ def _samples(job: PackJob, tokenize: Any, vocab_size: int | None, skipped: list[
         return
     dtype = np.dtype(job.dtype)
     for span in job.units:
-        name = sources.text_key(job.src, span.path)
-        for number, document in sources.read_documents(span, opts.text_field, opts.source_options):
+        name = text.text_key(job.src, span.path)
+        for number, document in text.read_documents(span, opts.text_field, opts.source_options):
             where = f"{storage.redact(span.path)}:{number}"
             try:
-                tokens = sources.to_tokens(where, document, tokenize, vocab_size, dtype)
+                tokens = text.to_tokens(where, document, tokenize, vocab_size, dtype)
             except SourceError as exc:
                 if opts.on_error == "raise":
                     raise
@@ -300,7 +301,7 @@ class _Written:
 
 def _write_shard(job: PackJob) -> _Written:
     """Write one shard's samples under a temporary name (no fsync: _publish_shard does it)."""
-    tokenize, vocab_size = sources.make_tokenizer(job.options.tokenizer) if job.kind == "text" else (None, None)
+    tokenize, vocab_size = text.make_tokenizer(job.options.tokenizer) if job.kind == "text" else (None, None)
     if job.kind == "text" and job.options.vocab_size is not None:
         vocab_size = job.options.vocab_size
     schema = schema_for(job.kind, np.dtype(job.dtype) if job.dtype else None)
@@ -435,7 +436,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
     if kind == "image":
         classes, plan, skipped = _plan_images(src, opts)
     else:
-        _, vocab = sources.make_tokenizer(opts.tokenizer)
+        _, vocab = text.make_tokenizer(opts.tokenizer)
         dtype = token_dtype(opts.vocab_size if opts.vocab_size is not None else vocab)
         plan, skipped = _plan_text(src, opts, dtype)
     first = 0
@@ -490,7 +491,7 @@ def pack_dataset(src: str, dst: str, options: PackOptions | None = None, **overr
         schema=describe(schema_for(kind, dtype)),
         shards=tuple(s for s in shards if s.rows),
         classes=tuple(classes),
-        vocab_size=(opts.vocab_size or sources.make_tokenizer(opts.tokenizer)[1]) if kind == "text" else None,
+        vocab_size=(opts.vocab_size or text.make_tokenizer(opts.tokenizer)[1]) if kind == "text" else None,
         token_dtype=dtype.name if dtype is not None else None,
         tokenizer=opts.tokenizer if kind == "text" else None,
         skipped=tuple(skipped),

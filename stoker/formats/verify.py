@@ -108,7 +108,7 @@ def _check_contents(reader: ShardReader, manifest: Manifest, info: ShardInfo, de
 def _deep_rows(name: str, batch: pa.RecordBatch, first: int, manifest: Manifest) -> list[Problem]:
     from PIL import Image
 
-    from stoker.formats.sources import check_key
+    from stoker.formats.sources.files import check_key
 
     problems = []
     for row, sample in enumerate(batch_to_samples(batch), first):
