@@ -126,6 +126,8 @@ def test_cli_json_on_packed_images_keeps_up_with_a_slow_step(packed_images: Path
     # 2 batches an epoch and 0.15 s of loading: the loader's rate says it is too small and too short to judge
     assert "too small to judge: 2 batches per epoch" in stages["loader"]["note"]
     assert "too short to judge" in stages["loader"]["note"] and stages["loader"]["stable"] is False
+    # The note names the option as the Python API spells it, and the flag for the command line.
+    assert "raise seconds (--seconds on the command line)" in stages["loader"]["note"]
 
 
 def test_cli_json_against_a_reference_fleet_names_a_measured_stage(packed_images: Path, capsys) -> None:

@@ -308,7 +308,7 @@ def _loader(source: str, options: BenchOptions, image: bool, batch: int, workers
     short = []
     if per_round < MIN_LOADER_BATCHES:
         short.append(f"too short to judge: {per_round:.0f} batches per round (at least {MIN_LOADER_BATCHES}); "
-                     "raise --seconds")
+                     "raise seconds (--seconds on the command line)")
     if epoch_batches < 2 * max(1, workers) * PREFETCH:
         short.append(f"too small to judge: {epoch_batches} batches per epoch, so start-up and epoch ends dominate; "
                      "bench a larger dataset")
