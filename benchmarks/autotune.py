@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import _data  # noqa: E402
-import stoker  # noqa: E402
-from stoker.formats.pack import pack_dataset  # noqa: E402
+import _data
+import stoker
+from stoker.formats.pack import pack_dataset
 
 BATCH = 32
 GRID = [(0, None)] + [(w, p) for w in range(1, 5) for p in (2, 4, 8)]

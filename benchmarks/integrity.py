@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import stoker  # noqa: E402
-from stoker.dataloader.reader import ReadOptions  # noqa: E402
-from stoker.formats import integrity  # noqa: E402
-from stoker.formats.shard import open_shard  # noqa: E402
+import stoker
+from stoker.dataloader.reader import ReadOptions
+from stoker.formats import integrity
+from stoker.formats.shard import open_shard
 
-from stream_local import cpu_seconds, make_bench_dataset, read_all, time_cat  # noqa: E402
+from stream_local import cpu_seconds, make_bench_dataset, read_all, time_cat
 
 
 def raw_loader(root: str, checksums: bool, workers: int) -> stoker.DataLoader:

@@ -9,14 +9,12 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _data  # noqa: E402
+import _data
 
-from stoker.formats.pack import pack_dataset  # noqa: E402
+from stoker.formats.pack import pack_dataset
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _data  # noqa: E402
+import _data
 
-from stoker.formats.merge import merge  # noqa: E402
-from stoker.formats.pack import pack_dataset  # noqa: E402
+from stoker.formats.merge import merge
+from stoker.formats.pack import pack_dataset
 
 PACK = [sys.executable, "-c", "import sys; from stoker.cli import pack_main; sys.exit(pack_main())"]
 

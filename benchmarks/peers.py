@@ -45,16 +45,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _data  # noqa: E402
+import _data
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, IterableDataset  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-import stoker  # noqa: E402
-from stoker.augment.params import random_resized_crop_box  # noqa: E402
+import stoker
+from stoker.augment.params import random_resized_crop_box
 
 SIZE = 224
 CHILD_TIMEOUT_S = 240  # one pack or one round of loads of one system
@@ -497,7 +496,7 @@ class DelayProxy:
     """A TCP proxy on 127.0.0.1 that delays client-to-server bytes by `delay` seconds (own process)."""
 
     def __init__(self, target_port: int, delay: float) -> None:
-        from s3_server import free_port
+        from stoker.testing import free_port
 
         self.port = free_port()
         ctx = mp.get_context("fork")
@@ -523,9 +522,8 @@ def _s3_rounds(cfg: Config, peers: tuple[Peer, ...], work: Path, rows: dict[str,
 
     Returns what the S3 leg ran against, or why it could not run (then no S3 figures are recorded).
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     try:
-        from s3_server import KEY, REGION, SECRET, S3Server
+        from stoker.testing import KEY, REGION, SECRET, S3Server
         import boto3  # noqa: F401 - the uploads below
     except ImportError as exc:
         return f"not run: {exc} (needs moto[server], boto3 and s3fs in {sys.executable})"

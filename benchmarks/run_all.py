@@ -95,7 +95,6 @@ def goal_check(line: str) -> str | None:
 
 def machine(peers_python: str) -> list[tuple[str, str]]:
     """Rows of the machine table: what every figure depends on."""
-    sys.path.insert(0, str(REPO))
     from stoker.perf.bench import machine_info
 
     info = machine_info()

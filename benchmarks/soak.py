@@ -23,9 +23,8 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _datasets import keys_of, make_dataset
-from s3_server import S3Server
+from stoker.synthetic import keys_of, make_dataset
+from stoker.testing import S3Server
 
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions

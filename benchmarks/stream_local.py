@@ -16,10 +16,8 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -154,5 +152,4 @@ def main() -> None:
         print(f"ratio stoker/cat: {stoker_rate / cat_rate:.2f}x")
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

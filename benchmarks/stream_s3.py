@@ -15,13 +15,10 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 
 def epoch_rate(loader) -> tuple[float, int]:
@@ -41,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import stoker
-    from s3_server import S3Server
+    from stoker.testing import S3Server
     from stoker.dataloader.reader import ReadOptions
     from stream_local import make_bench_dataset
 

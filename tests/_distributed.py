@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from s3_server import free_port
+from stoker.testing import free_port
 
 
 def _rank_entry(fn: Callable[..., None], rank: int, world: int, port: int, args: tuple[Any, ...]) -> None:

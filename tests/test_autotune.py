@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from _datasets import keys_of, make_dataset
+from stoker.synthetic import keys_of, make_dataset
 from stoker import DataLoader, ShardDataset, StreamingDataset
 from stoker.dataloader.autotune import AutotuneConfig, Setting, memory_budget
 from stoker.errors import ConfigError

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _datasets import keys_of, make_dataset, to_memory
+from stoker.synthetic import keys_of, make_dataset, to_memory
 
 from stoker import DataLoader, StreamingDataset, cache
 from stoker.dataloader import ReadOptions

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 HERE = Path(__file__).resolve().parent
 
 TRAIN = textwrap.dedent("""
     import json, os, sys, time
-    sys.path.insert(0, {tests!r})
     import torch
     from stoker import DataLoader, StreamingDataset
     data, ckpt = sys.argv[1], sys.argv[2]
@@ -48,7 +47,7 @@ def test_training_process_sigkilled_and_resumed_delivers_each_sample_once(tmp_pa
 
     data = make_dataset(tmp_path / "data", rows=(40,) * 5)
     ckpt = tmp_path / "ckpt.pt"
-    cmd = [sys.executable, "-c", TRAIN.format(tests=str(HERE)), data, str(ckpt)]
+    cmd = [sys.executable, "-c", TRAIN.format(), data, str(ckpt)]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
 
     first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -102,9 +102,8 @@ if __name__ == "__main__":
 
 # -- tests -------------------------------------------------------------------------------------------------------------
 
-sys.path.insert(0, str(HERE))
-from _datasets import keys_of, make_dataset
-from s3_server import free_port, serving
+from stoker.synthetic import keys_of, make_dataset
+from stoker.testing import free_port, serving
 
 pytestmark = [pytest.mark.remote, pytest.mark.timeout(120)]
 
@@ -170,8 +169,7 @@ def test_twenty_percent_failed_or_delayed_requests_still_deliver_every_sample_on
 
 JOB = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {tests!r})
-    from _datasets import keys_of
+    from stoker.synthetic import keys_of
     from stoker import DataLoader, StreamingDataset
     from stoker.dataloader import ReadOptions
     options = json.loads(sys.argv[1])
@@ -191,7 +189,7 @@ JOB = textwrap.dedent("""
 def test_two_jobs_share_one_small_cache_directory(s3, local, tmp_path):
     cache = tmp_path / "shared-cache"
     limit = 5 * shard_bytes(local)  # 8 shards do not fit: both jobs evict while the other reads
-    script = JOB.format(tests=str(HERE))
+    script = JOB
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(s3.storage_options()), str(cache), str(seed),
                                str(limit)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

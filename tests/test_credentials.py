@@ -7,8 +7,8 @@ import logging
 import traceback
 
 import pytest
-from _datasets import make_dataset
-from s3_server import S3Server, free_port
+from stoker.synthetic import make_dataset
+from stoker.testing import S3Server, free_port
 
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-from _datasets import make_dataset
-from s3_server import free_port
+from stoker.synthetic import make_dataset
+from stoker.testing import free_port
 from stoker import DataLoader, StreamingDataset
 
 ALL = [f"{i:06d}" for i in range(130)]

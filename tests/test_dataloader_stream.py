@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _datasets import keys_of, make_dataset
+from stoker.synthetic import keys_of, make_dataset
 from stoker import DataLoader, ShardDataset, StreamingDataset
 from stoker.dataloader import reader, workers
 from stoker.errors import ConfigError, ShardError

@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 import pytest
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from _forge import (IMAGE_FIELDS, arrow_file, image_columns, image_record, image_schema, install, msgpack_shard,
                     resign)
 
@@ -358,7 +358,7 @@ def test_verify_lists_every_bad_shard_and_row_and_counts_shards(tmp_path, capsys
 
 
 def test_verify_exit_codes_tell_damaged_from_could_not_check(tmp_path, capsys):
-    from s3_server import free_port
+    from stoker.testing import free_port
 
     root = make_dataset(tmp_path / "ds", rows=(6,))
     assert stoker_main(["verify", root]) == 0

@@ -122,3 +122,14 @@ def test_no_upward_or_sideways_imports():
 def test_every_module_has_a_layer():
     helpers = ("stoker.synthetic", "stoker.testing")  # data and servers for tests and benchmarks, outside the layers
     assert [m for m in graph() if layer(m) is None and package(m) not in helpers] == []
+
+
+def test_benchmarks_import_project_code_without_editing_sys_path():
+    # Run as `python benchmarks/x.py`, a script finds its sibling helpers (benchmarks/_data.py) on its own folder and
+    # stoker where it is installed; test helpers live in stoker.testing / stoker.synthetic, not in tests/.
+    benchmarks = ROOT.parent / "benchmarks"
+    editing = [f"{path.name}:{node.lineno}" for path in sorted(benchmarks.glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text(), str(path)))
+               if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+               and node.value.id == "sys"]
+    assert sorted(benchmarks.glob("*.py")) and editing == []

@@ -16,7 +16,7 @@ from stoker.formats import integrity
 from stoker.formats.manifest import Manifest
 from stoker.formats.shard import open_shard
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 
 
 def _flip_sample_byte(path: Path, key: str, delta: int, mask: int = 0x01) -> None:
@@ -85,7 +85,7 @@ def test_text_tokens_are_checked(tmp_path: Path) -> None:
 
 def test_a_damaged_remote_cache_entry_is_an_error(tmp_path: Path) -> None:
     # Remote shards are checked by sha256 when downloaded; a cache entry damaged later is caught per sample.
-    from _datasets import to_memory
+    from stoker.synthetic import to_memory
 
     url = to_memory(make_dataset(tmp_path / "d", rows=(20,)))
     cache = tmp_path / "cache"

@@ -12,7 +12,7 @@ from stoker import ShardDataset, StreamingDataset
 from stoker.errors import StokerError
 from stoker.formats.manifest import MANIFEST_NAME, Manifest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 
 TRIALS = 150  # per target; about a second each on one core
 

@@ -16,7 +16,7 @@ from stoker.dataloader.reader import ReadOptions
 from stoker.errors import ChecksumError, ConfigError, SkippedSampleWarning
 from stoker.formats.manifest import Manifest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 
 SKIP = ReadOptions(on_error="skip")
 DAMAGED = "000027"  # row 7 of shard 1

@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
 

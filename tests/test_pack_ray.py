@@ -151,7 +151,7 @@ def test_ray_bad_input_names_the_file_skip_lists_it_and_a_rerun_resumes(ray_loca
 @pytest.mark.slow
 @pytest.mark.remote
 def test_ray_reads_and_writes_s3(ray_local, image_tree: Path, tmp_path: Path) -> None:
-    from s3_server import S3Server
+    from stoker.testing import S3Server
 
     with S3Server() as s3:
         s3.create_bucket("stoker-ray")

@@ -115,7 +115,7 @@ def test_file_list_with_and_without_sizes_round_trips(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def s3():
-    from s3_server import S3Server
+    from stoker.testing import S3Server
 
     with S3Server() as server:
         server.create_bucket("stoker-pack")

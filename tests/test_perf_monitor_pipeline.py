@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import stoker
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from _distributed import run_gloo_ranks
 from stoker.formats.pack import pack_dataset
 from stoker.perf.diagnosis import KEEPING_UP, STARVING

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
 from stoker.dataloader.remote import range_client

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from _datasets import keys_of, make_dataset
+from stoker.synthetic import keys_of, make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.clock import STAGES, StageClock
 

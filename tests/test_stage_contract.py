@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.bucketing.bucketed import BucketedStream
 from stoker.clock import StageClock

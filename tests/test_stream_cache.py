@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from _datasets import make_dataset, to_memory
+from stoker.synthetic import make_dataset, to_memory
 from stoker import StreamingDataset, cache
 from stoker.dataloader import ReadOptions
 from stoker.errors import ChecksumError, ConfigError, ShardError, ShardNotFoundError, StorageError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from stoker import ShardDataset, StreamingDataset
 from stoker.errors import ConfigError, ShardError, StateError
 

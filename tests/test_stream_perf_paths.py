@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _datasets import keys_of, make_dataset
+from stoker.synthetic import keys_of, make_dataset
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import workers
 from stoker.dataloader.loader import bundle_size, inner_prefetch

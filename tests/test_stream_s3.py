@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from _datasets import keys_of, make_dataset
-from s3_server import S3Server, serving
+from stoker.synthetic import keys_of, make_dataset
+from stoker.testing import S3Server, serving
 from stoker import DataLoader, StreamingDataset
 from stoker.dataloader import ReadOptions
 from stoker.errors import ShardError, StorageError

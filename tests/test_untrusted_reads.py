@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from _forge import resign
 
 from stoker import StreamingDataset
