@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from _datasets import make_dataset
+from stoker.synthetic import make_dataset
 from stoker import DataLoader, StreamingDataset, monitor
 from stoker.dataloader.autotune import AutotuneConfig
 from stoker.perf import diagnosis
