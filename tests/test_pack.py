@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import json
 import os
 import shutil
@@ -193,6 +195,11 @@ def test_max_side_shrinks_large_images_only(tree: Path, tmp_path: Path) -> None:
                 with Image.open(tree / key) as im:
                     if max(im.size) <= 100:
                         assert image == original
+                        continue
+                # A shrunk image: the stored bytes are a new JPEG of the recorded size, not the original.
+                assert image != original
+                with Image.open(io.BytesIO(image)) as stored:
+                    assert stored.format == "JPEG" and stored.size == (w, h) and max(stored.size) == 100
 
 
 def test_cli_prints_summary_and_inspect_histogram(packed_text: Path, image_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

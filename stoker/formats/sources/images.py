@@ -259,10 +259,11 @@ def load_image(
 
 
 def _shrink(image: Image.Image, max_side: int, quality: int) -> tuple[bytes, int, int]:
+    """The image re-encoded as JPEG with its longer side `max_side`: (bytes, width, height), PIL's order."""
     scale = max_side / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     image.draft("RGB", size)
     resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     resized.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), size[1], size[0]
+    return out.getvalue(), size[0], size[1]
