@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stoker import cache, storage
+from stoker.formats import integrity
 from stoker.formats.manifest import Manifest
 
 # obstore's runtime threads do not survive a fork: a process forked while they ran (by stoker or anyone else in the
@@ -182,18 +183,19 @@ class RemoteShards:
         self.manifest = manifest
         self.options = options
         self.cache = shard_cache
-        # Every sample of a format-2 shard is checked against its own checksum whenever it is read, so hashing the
-        # whole shard as it is downloaded (sha256: about 0.5 CPU-s per GB, a fifth of the cold path's CPU here) would
-        # only find again what those checks find; the download still insists on every byte of the shard's size.
+        # When the readers check every sample against its own checksum (the same rule as theirs), hashing the whole
+        # shard as it is downloaded (sha256: about 0.5 CPU-s per GB, a fifth of the cold path's CPU here) would only
+        # find again what those checks find; the download still insists on every byte of the shard's size.
         # Without per-sample checks (format 1, or checksums=False) the whole-shard sha256 stays.
-        self._samples_checked = bool(options.checksums) and manifest.format_version >= 2
+        self._samples_checked = bool(integrity.checked_columns(manifest.schema, options.checksums))
         # Every part in flight holds a thread (blocked in the client, without the GIL under obstore): the budget
         # is per process, shared by the shard being read and the prefetched ones.
-        self._parts = cache.IOPool(options.parallel_reads * (options.prefetch_shards + 1), "stoker-read")
+        in_flight = options.parallel_reads * (options.prefetch_shards + 1)
+        self._parts = cache.IOPool(in_flight, "stoker-read")
         self._fetchers = cache.IOPool(options.prefetch_shards + 1, "stoker-prefetch")
         self.client = range_client(url, storage_options, connect_timeout=options.connect_timeout,
                                    read_timeout=options.read_timeout,
-                                   pool=options.parallel_reads * (options.prefetch_shards + 1))
+                                   pool=in_flight)
 
     def submit(self, shard: int) -> cf.Future[str]:
         """Start fetching `shard` into the cache; the future gives its local path."""
