@@ -162,7 +162,7 @@ def test_pinning_a_batch_leaves_its_bytes_as_memoryviews(tmp_path, fmt):
 def test_a_shard_changed_after_its_rows_were_planned_is_an_error_naming_it(tmp_path):
     root = make_dataset(tmp_path, rows=(20,))
     path = str(next(Path(root).glob("*.arrow")))
-    identity = reader._identity(path)
+    identity = reader.file_identity(path)
     assert len(reader.mapped_values(identity, "image")) >= 1
     os.utime(path, ns=(0, 0))  # same bytes, but no longer the file the worker planned from
     with pytest.raises(ShardError, match=r"shard-00000\.arrow.*changed on disk"):

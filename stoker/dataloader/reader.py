@@ -132,7 +132,7 @@ class OpenShard:
     def check_unchanged(self) -> None:
         """A ShardError naming the shard if its local file was truncated or replaced since it was mapped: reading
         a mapped page past a truncated end kills the process with SIGBUS instead of raising."""
-        if self.identity and _identity(self.identity[0]) != self.identity:
+        if self.identity and file_identity(self.identity[0]) != self.identity:
             raise ShardError(self.name, f"changed on disk while being read ({self.identity[0]}: truncated or "
                              "replaced); restart the epoch once the dataset is whole again")
 
@@ -219,7 +219,7 @@ def mapped_values(identity: Identity, column: str) -> list[np.ndarray]:
     this process; a ShardError if the file is gone or changed since a worker planned rows from it."""
     path = identity[0]
     name = os.path.basename(path)
-    if _identity(path) != identity:
+    if file_identity(path) != identity:
         raise ShardError(name, f"changed on disk while being read ({path}); restart the epoch")
     opened = OpenShard(open_shard(path, name=name), [column], identity=identity)
     sources = opened.columns[column].sources
@@ -464,7 +464,7 @@ class ShardSource:
         name = self.manifest.shards[shard].name
         if self.local:
             path = storage.local_path(self._shard_url(shard))
-            identity = _identity(path)
+            identity = file_identity(path)
             kept = self._idle.pop((shard, tuple(columns)))
             if kept is not None:
                 if identity and kept.identity == identity:
@@ -516,10 +516,6 @@ class ShardSource:
 
 def file_identity(path: str) -> Identity:
     """(path, device, inode, size, mtime) of a local file, or () if it cannot be read."""
-    return _identity(path)
-
-
-def _identity(path: str) -> Identity:
     try:
         st = os.stat(path)
     except OSError:

@@ -97,7 +97,8 @@ class ShardDataset(Dataset):
         name = self.manifest.shards[shard].name
         path = storage.local_path(storage.join(self.source, name))
         open_ = self._open.get(shard)
-        if open_ is not None and open_.identity != file_identity(path):
+        identity = file_identity(path)
+        if open_ is not None and open_.identity != identity:
             # Truncated or replaced since it was mapped: reading the old map could be SIGBUS; reopen and recheck.
             self._open.pop(shard).close()
             open_ = None
@@ -105,7 +106,7 @@ class ShardDataset(Dataset):
             # Rows, token lengths and token ids are checked against the manifest: a replaced or forged shard is a
             # ShardError naming it, never an IndexError or an out-of-vocabulary id reaching the model.
             open_ = OpenShard(open_shard(path, name=name), self.columns, self.manifest.shards[shard],
-                              self.manifest.rules, identity=file_identity(path), check=self._check)
+                              self.manifest.rules, identity=identity, check=self._check)
             self._open.put(shard, open_)
         return open_
 

@@ -62,10 +62,6 @@ def progress_state(config: dict[str, Any], progress: Progress | None, epoch: int
                                                                progress.world, total))
 
 
-def _check_stage_state(state: dict[str, Any], keys: set[str], stage: str) -> None:
-    check_checkpoint(state, what=stage, keys=keys)
-
-
 class RowReader:
     """Stage "read"/"fetch": one reader's share of one epoch (`order.Deal`), as gathered columns of whole units."""
 
@@ -106,7 +102,7 @@ class RowReader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the first `next` units (of the same epoch and start)."""
-        _check_stage_state(state, {"epoch", "start", "next"}, "RowReader")
+        check_checkpoint(state, what="RowReader", keys={"epoch", "start", "next"})
         if (state["epoch"], state["start"]) != (self.epoch, self.deal.start) or not 0 <= state["next"] <= len(
                 self.units):
             raise StateError(f"RowReader state {state} does not fit this reader (epoch {self.epoch}, start "
@@ -245,7 +241,7 @@ class Samples:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the samples a `state_dict()` had delivered."""
-        _check_stage_state(state, {"reader"}, "Samples")
+        check_checkpoint(state, what="Samples", keys={"reader"})
         self.reader.load_state_dict(state["reader"])
         self.samples.clear()
         self.shards.clear()
@@ -304,7 +300,7 @@ class Batches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batches a `state_dict()` had delivered."""
-        _check_stage_state(state, {"reader"}, "Batches")
+        check_checkpoint(state, what="Batches", keys={"reader"})
         self.reader.load_state_dict(state["reader"])
 
     def collate(self, columns: dict[str, Any], shards: np.ndarray, rows: np.ndarray) -> Any:
@@ -434,7 +430,7 @@ class Bundler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the messages a `state_dict()` had sent."""
-        _check_stage_state(state, {"batches", "sent"}, "Bundler")
+        check_checkpoint(state, what="Bundler", keys={"batches", "sent"})
         self.batches.load_state_dict(state["batches"])
         self.sent = int(state["sent"])
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stoker.clock import sum_times
 from stoker.dataloader.reader import MappedRows, mapped_values
 from stoker.errors import ConfigError
 from stoker.lru import LRU
@@ -102,7 +103,7 @@ class Bundle:
 
         start = time.perf_counter()
         items = [pin_memory(item) for item in self.items]
-        return Bundle(self.worker, self.first, items, _added(self.times, "pin", time.perf_counter() - start),
+        return Bundle(self.worker, self.first, items, sum_times(self.times, {"pin": time.perf_counter() - start}),
                       self.skipped)
 
 
@@ -123,15 +124,9 @@ class _PickleSeconds:
         return (float, (time.perf_counter() - self.start,))
 
 
-def _added(times: dict[str, float], stage: str, seconds: float) -> dict[str, float]:
-    out = dict(times)
-    out[stage] = out.get(stage, 0.0) + seconds
-    return out
-
-
 def _bundle_arrived(start: float, worker: int, first: int, items: list[Any], times: dict[str, float], skipped: int,
                     pickled: float) -> Bundle:
-    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start), skipped)
+    return Bundle(worker, first, items, sum_times(times, {"handoff": pickled + time.perf_counter() - start}), skipped)
 
 
 class WireBundle:
@@ -157,7 +152,7 @@ def unpack_bundle(start: float, worker: int, first: int, key: Key | None, slab: 
         # A pooled slab is registered by the first batch; a one-off slab is not, so every batch carries it.
         items.append(unpack(key, slab if i == 0 or key is None else None, replaced if i == 0 else None, layout,
                             columns))
-    return Bundle(worker, first, items, _added(times, "handoff", pickled + time.perf_counter() - start), skipped)
+    return Bundle(worker, first, items, sum_times(times, {"handoff": pickled + time.perf_counter() - start}), skipped)
 
 
 def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[str, Any]) -> dict[str, Any]:
