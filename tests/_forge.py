@@ -104,3 +104,23 @@ def image_record(i: int) -> dict[str, Any]:
     """One msgpack image record with its checksum."""
     record = {"key": f"{i:06d}", "label": i % 10, "image": b"img", "height": 1, "width": 1}
     return {**record, integrity.COLUMN: integrity.digest_sample(record, stoker_image_schema())}
+
+
+def flip_sample_byte(path: str | Path, key: str, delta: int, mask: int = 0x01) -> None:
+    """Flip one bit of the stored image (or token) bytes of sample `key`: `make_dataset` starts each image with its
+    key, so the second occurrence of the key in the file lies in that sample's value (the first is the key field)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    first = data.index(key.encode())
+    data[data.index(key.encode(), first + len(key)) + delta] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def read_both(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every sample as StreamingDataset (the catalog gather, in order) and ShardDataset (map-style gather) return
+    them."""
+    from stoker import ShardDataset, StreamingDataset
+
+    stream = list(StreamingDataset(str(root), shuffle=False))
+    ds = ShardDataset(str(root))
+    return stream, ds.__getitems__(list(range(len(ds))))

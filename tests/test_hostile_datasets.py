@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 from stoker.synthetic import make_dataset
 from _forge import (IMAGE_FIELDS, arrow_file, image_columns, image_record, image_schema, install, msgpack_shard,
-                    resign)
+                    read_both, resign)
 
 from stoker import StreamingDataset
 from stoker.cli import main as stoker_main
@@ -490,9 +490,7 @@ def test_fuzzed_manifest_fields_and_shard_schemas_give_valid_samples_or_stoker_e
         if rng.random() < 0.7:
             resign(root, lambda body: _fuzz_manifest(body, rng))
         try:
-            stream = list(StreamingDataset(str(root), shuffle=False))
-            ds = ShardDataset(str(root))
-            by_index = ds.__getitems__(list(range(len(ds))))
+            stream, by_index = read_both(root)
         except StokerError:
             outcomes["error"] += 1
         else:

@@ -17,19 +17,7 @@ from stoker.formats.manifest import Manifest
 from stoker.formats.shard import open_shard
 
 from stoker.synthetic import make_dataset
-
-
-def _flip_sample_byte(path: Path, key: str, delta: int, mask: int = 0x01) -> None:
-    """Flip one bit of the stored image (or token) bytes of sample `key`: `make_dataset` starts each image with its
-    key, so the second occurrence of the key in the file lies in that sample's value (the first is the key field)."""
-    data = bytearray(path.read_bytes())
-    first = data.index(key.encode())
-    data[data.index(key.encode(), first + len(key)) + delta] ^= mask
-    path.write_bytes(bytes(data))
-
-
-def _keys(ds) -> list[str]:
-    return [s["key"] for s in ds]
+from _forge import flip_sample_byte
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "msgpack"])
@@ -37,7 +25,7 @@ def test_a_flipped_image_byte_is_an_error_naming_shard_row_and_key(tmp_path: Pat
     root = Path(make_dataset(tmp_path / "d", rows=(20, 20), fmt=fmt))
     shard = root / Manifest.load(str(root)).shards[1].name
     # Sample 000027 (row 7 of shard 1): its image bytes start with its key, then random bytes.
-    _flip_sample_byte(shard, "000027", 3)
+    flip_sample_byte(shard, "000027", 3)
     for read in (lambda: list(StreamingDataset(str(root), shuffle=False)),
                  lambda: ShardDataset(str(root))[27],
                  lambda: list(stoker.DataLoader(StreamingDataset(str(root), shuffle=False), batch_size=8, num_workers=2)),
@@ -91,7 +79,7 @@ def test_a_damaged_remote_cache_entry_is_an_error(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert len(list(StreamingDataset(url, shuffle=False, cache_dir=str(cache)))) == 20
     entry = next(p for p in cache.rglob("*shard-00000.arrow*") if p.is_file())
-    _flip_sample_byte(entry, "000005", 4, 0x10)
+    flip_sample_byte(entry, "000005", 4, 0x10)
     with pytest.raises(ChecksumError, match=r"row 5\).*'000005'"):
         list(StreamingDataset(url, shuffle=False, cache_dir=str(cache)))
 

@@ -8,28 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stoker import ShardDataset, StreamingDataset
 from stoker.errors import StokerError
 from stoker.formats.manifest import MANIFEST_NAME, Manifest
 
 from stoker.synthetic import make_dataset
+from _forge import read_both
 
 TRIALS = 150  # per target; about a second each on one core
 
 
-def _read_all(root: Path) -> list[list[dict]]:
-    """Every sample, as ShardDataset (map-style gather) and StreamingDataset (the catalog gather) return it."""
-    ds = ShardDataset(str(root))
-    return [ds.__getitems__(list(range(len(ds)))), list(StreamingDataset(str(root), shuffle=False))]
-
-
-def _same(a: list[list[dict]], b: list[list[dict]]) -> bool:
+def _same(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]]) -> bool:
     return all(len(x) == len(y) and all(s.keys() == t.keys() and all(s[k] == t[k] for k in s) for s, t in zip(x, y))
                for x, y in zip(a, b))
 
 
 def _fuzz(root: Path, target: str, trials: int, seed: int) -> dict[str, int]:
-    expected = _read_all(root)
+    expected = read_both(root)
     path = root / target
     original = path.read_bytes()
     rng = np.random.default_rng(seed)
@@ -40,7 +34,7 @@ def _fuzz(root: Path, target: str, trials: int, seed: int) -> dict[str, int]:
         data[at] ^= int(rng.integers(1, 256))
         path.write_bytes(bytes(data))
         try:
-            got = _read_all(root)
+            got = read_both(root)
         except StokerError as exc:
             # The error names the file that was damaged (a shard, or the manifest).
             assert target in str(exc), f"byte {at} of {target}: {type(exc).__name__} does not name it: {exc}"

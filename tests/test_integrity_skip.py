@@ -17,6 +17,7 @@ from stoker.errors import ChecksumError, ConfigError, SkippedSampleWarning
 from stoker.formats.manifest import Manifest
 
 from stoker.synthetic import make_dataset
+from _forge import flip_sample_byte
 
 SKIP = ReadOptions(on_error="skip")
 DAMAGED = "000027"  # row 7 of shard 1
@@ -25,11 +26,7 @@ DAMAGED = "000027"  # row 7 of shard 1
 def _damaged(tmp_path: Path, fmt: str = "arrow") -> Path:
     """Two shards of 20 samples; one bit of sample 000027's image bytes flipped on disk."""
     root = Path(make_dataset(tmp_path / "d", rows=(20, 20), fmt=fmt))
-    shard = root / Manifest.load(str(root)).shards[1].name
-    data = bytearray(shard.read_bytes())
-    first = data.index(DAMAGED.encode())  # the key field; the image bytes start with the key again
-    data[data.index(DAMAGED.encode(), first + len(DAMAGED)) + 3] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_sample_byte(root / Manifest.load(str(root)).shards[1].name, DAMAGED, 3)
     return root
 
 
