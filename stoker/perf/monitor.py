@@ -98,10 +98,10 @@ class Monitor:
         self.loader = loader
         self.config = config
         self.last_report: dict[str, Any] | None = None
-        if config.plot is not None and self._rank_for_outputs() == 0:
-            plot_ranks([], None)  # a missing extra fails now, not after the whole run
         self._sync_every = _cuda_sync_every(config)
         self._rank, self._world, self._aggregate = _distributed_info(config)
+        if config.plot is not None and self._rank == 0:
+            plot_ranks([], None)  # a missing extra fails now, not after the whole run
         self._count = sample_counter(config.batch_size)
         self._facts = run_facts(loader)
         self._starts = worker_starts(loader)  # () -> (worker starts so far, first batch of the newest), or None
@@ -345,11 +345,6 @@ class Monitor:
         return result
 
     # ---- helpers ----
-
-    def _rank_for_outputs(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def _finish_step(self, compute: float) -> None:
         self._compute_s += compute

@@ -208,7 +208,7 @@ def _shortfall(stage: str, kind: str | None, rates: Mapping[str, float], pipelin
                      f"takes ~{math.ceil(required / per_core.high)}-{math.ceil(required / per_core.low)} cores "
                      "of decode.")
         return text
-    share = (1.0 / rate) / sum(1.0 / r for r in workers.values()) if stage in workers else 1.0
+    share = worker_rate / rate if stage in workers and worker_rate else 1.0  # its part of the workers' serial time
     if worker_rate is not None and pipeline_rate < _GLUE_LOSS * worker_rate and loader_busy is not None:
         return (f"The pipeline delivers {pipeline_rate:,.0f} {unit}, below {need}, and less than its stages alone "
                 f"({worker_rate:,.0f} {unit} one after another); its workers were busy in their stages "
