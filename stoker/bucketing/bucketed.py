@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.bucketing import plans
@@ -24,7 +25,7 @@ from stoker.clock import StageClock, sum_times
 from stoker.errors import ConfigError, StateError
 
 
-STATE_VERSION = 1  # of BucketedStream checkpoints
+STATE_VERSION = 2  # of BucketedStream checkpoints
 
 
 def _sample_length(sample: Any, position: int) -> int:
@@ -79,10 +80,15 @@ class BucketedStream(IterableDataset):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_batch_size = max_batch_size
         self.seed = seed
-        self.epoch = 0
+        # In shared memory, so that persistent DataLoader workers see `set_epoch` too.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._clock = StageClock()
         self._pending: dict[str, Any] | None = None  # a loaded checkpoint, used by the next iteration
         self._iterator: _BucketIterator | None = None  # the last iteration in this process
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def stage_times(self) -> dict[str, float]:
         """Busy seconds per stage of iterating in this process: the wrapped dataset's (when it reports them) and
@@ -92,7 +98,7 @@ class BucketedStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Change the batch order for a new epoch; forwarded to the wrapped dataset if it has set_epoch."""
-        self.epoch = int(epoch)
+        self._epoch[0] = check_seed(epoch, "epoch")
         self._pending = None
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -102,10 +108,16 @@ class BucketedStream(IterableDataset):
                 "pad_to_multiple_of": self.pad_to_multiple_of, "max_batch_size": self.max_batch_size,
                 "seed": self.seed}
 
+    def order_config(self) -> dict[str, Any]:
+        """What the batch order depends on: the bucketing settings and, when it has one, the wrapped dataset's
+        `order_config()` (saved in checkpoints, which must match it)."""
+        inner = getattr(self.dataset, "order_config", None)
+        return {**self._config(), "dataset": inner() if inner is not None else None}
+
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint of what iterating this stream in this process delivered: the wrapped dataset's position at the
         start of the current buffer, the generator's state there and the batches of that buffer already emitted.
-        (Under DataLoader workers each worker has its own copy: checkpoint in-process iteration.)"""
+        (Under stoker.DataLoader workers, checkpoint the loader: it collects each worker's iterator state.)"""
         if self._iterator is not None:
             return self._iterator.state_dict()
         if self._pending is not None:
@@ -115,36 +127,36 @@ class BucketedStream(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration emit exactly the batches the checkpointed one had not emitted yet."""
-        check_checkpoint(state, what="BucketedStream", keys={"version", "config", "epoch", "source", "rng", "read",
-                                                            "emitted"},
-                         version=STATE_VERSION, config=self._config(), settings="the bucketing settings")
-        if state["source"] is not None and not hasattr(self.dataset, "load_state_dict"):
-            raise StateError("this checkpoint holds the wrapped dataset's state, but the dataset has no "
-                             "load_state_dict")
-        self.epoch = int(state["epoch"])
+        _check_state(state, self._config())
+        self.set_epoch(int(state["epoch"]))
         self._pending = state
         self._iterator = None
 
     def __iter__(self) -> Iterator[list[Any]]:
-        iterator = _BucketIterator(self, self._pending)
-        self._pending = None
+        iterator = _BucketIterator(self)
+        if self._pending is not None:
+            iterator.load_state_dict(self._pending)
+            self._pending = None
         if get_worker_info() is None:
             self._iterator = iterator  # what `state_dict` reports
         return iterator
 
-    def _source(self, skip: int) -> Iterator[Any]:
-        # The wrapped samples, after the first `skip` (a resume of a dataset that cannot checkpoint itself).
-        info = get_worker_info()
-        if info is None or isinstance(self.dataset, IterableDataset):
-            return itertools.islice(iter(self.dataset), skip, None)
-        return itertools.islice(iter(self.dataset), info.id, None, info.num_workers)
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_iterator"] = None  # an iteration of this process (its iterators cannot travel)
+        return state
 
-    def _source_state(self) -> dict[str, Any] | None:
-        # The wrapped dataset's own checkpoint, where it has one that tracks iteration in this process.
-        dataset = self.dataset
-        if get_worker_info() is None and isinstance(dataset, IterableDataset) and hasattr(dataset, "state_dict"):
-            return dataset.state_dict()
-        return None
+    def _source(self, skip: int) -> tuple[Iterator[Any], Any]:
+        """(the wrapped samples after the first `skip` of this worker's share, the wrapped dataset's own iterator
+        when it splits itself among workers: it may checkpoint itself)."""
+        info = get_worker_info()
+        if isinstance(self.dataset, IterableDataset):
+            own = iter(self.dataset)
+            return (itertools.islice(own, skip, None) if skip else own), own
+        if info is None:
+            return itertools.islice(iter(self.dataset), skip, None), None
+        first = info.id + skip * info.num_workers
+        return itertools.islice(iter(self.dataset), first, None, info.num_workers), None
 
     def _checked_length(self, sample: Any, position: int) -> int:
         length = _sample_length(sample, position)
@@ -173,22 +185,31 @@ class BucketedStream(IterableDataset):
         return batches
 
 
+def _check_state(state: Any, config: dict[str, Any]) -> None:
+    check_checkpoint(state, what="BucketedStream", keys={"version", "config", "epoch", "source", "rng", "read",
+                                                        "emitted"},
+                     version=STATE_VERSION, config=config, settings="the bucketing settings")
+
+
 class _BucketIterator:
     """One pass of a BucketedStream: fill a buffer, cut it into batches, emit them; remembers where its buffer
-    started (the wrapped dataset's state, the generator's state) so that a checkpoint can rebuild it."""
+    started (the wrapped dataset's state, the generator's state) so that a checkpoint can rebuild it. Inside a
+    DataLoader worker it is that worker's pass, and its state that worker's (collected by stoker.DataLoader)."""
 
-    def __init__(self, stream: BucketedStream, resume: dict[str, Any] | None) -> None:
+    def __init__(self, stream: BucketedStream) -> None:
         info = get_worker_info()
         self.stream = stream
+        self.worker = 0 if info is None else info.id
         self.epoch = stream.epoch
-        self.rng = epoch_rng(stream.seed, self.epoch, 0 if info is None else info.id)
+        self.rng = epoch_rng(stream.seed, self.epoch, self.worker)
         self.source: Iterator[Any] | None = None
-        self.resume = resume
+        self.own: Any = None  # the wrapped dataset's iterator, when it can checkpoint itself
+        self.resume: dict[str, Any] | None = None
         self.read = 0  # samples read from the wrapped dataset
         self.ready: collections.deque[list[Any]] = collections.deque()
         self.skip = 0  # batches of the first buffer emitted before the checkpoint
         self.emitted = 0  # batches of the current buffer emitted
-        self.buffer_state: dict[str, Any] = dict(resume) if resume is not None else self._mark(None)
+        self.buffer_state: dict[str, Any] = self._mark(None)
         self.exhausted = False
         self.first_fill = True
 
@@ -209,19 +230,38 @@ class _BucketIterator:
         """{version, config, epoch, source, rng, read, emitted}: see `BucketedStream.state_dict`."""
         return dict(self.buffer_state, emitted=self.emitted)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Before the first batch: emit exactly the batches the pass a `state_dict()` was taken of had not."""
+        _check_state(state, self.stream._config())
+        if self.source is not None:
+            raise StateError("load a BucketedStream iterator's state before its first batch")
+        self.resume = state
+        self.epoch = int(state["epoch"])
+        self.rng = epoch_rng(self.stream.seed, self.epoch, self.worker)
+        self.buffer_state = dict(state)
+
     def _start(self) -> None:
         resume, skip = self.resume, 0
+        stream = self.stream
         if resume is not None:
             self.read = int(resume["read"])
             if resume["rng"] is not None:
                 self.rng.bit_generator.state = resume["rng"]
             self.skip = int(resume["emitted"])
-            if resume["source"] is not None:
-                self.stream.dataset.load_state_dict(resume["source"])
-            else:
+            if resume["source"] is None:
                 skip = self.read
-        self.buffer_state = self._mark(self.stream._source_state())
-        self.source = self.stream._source(skip)
+        self.source, own = stream._source(skip)
+        self.own = own if callable(getattr(own, "state_dict", None)) else None
+        if resume is not None and resume["source"] is not None:
+            if self.own is None or not callable(getattr(own, "load_state_dict", None)):
+                raise StateError("this BucketedStream checkpoint holds the wrapped dataset's iterator state, but "
+                                 f"iterating {type(stream.dataset).__name__} gives an iterator without "
+                                 "load_state_dict: resume with the dataset the checkpoint was made with")
+            own.load_state_dict(resume["source"])
+        self.buffer_state = self._mark(self._source_state())
+
+    def _source_state(self) -> dict[str, Any] | None:
+        return self.own.state_dict() if self.own is not None else None
 
     def _mark(self, source: Any) -> dict[str, Any]:
         # Where the buffer about to be filled starts.
@@ -233,7 +273,7 @@ class _BucketIterator:
         stream, source = self.stream, self.source
         assert source is not None
         if not self.first_fill:  # a new buffer starts here (`_start` marked the first one)
-            self.buffer_state = self._mark(stream._source_state())
+            self.buffer_state = self._mark(self._source_state())
         self.first_fill = False
         self.emitted = 0
         buffer: list[Any] = []

@@ -25,8 +25,9 @@ from stoker.dataloader import workers
 from stoker.clock import StageClock
 from stoker.dataloader.reader import ReadOptions, ShardSource
 from stoker.dataloader.stages import Batches, Bundler, Progress, RowReader, Samples, progress_state
-from stoker.dataloader.state import StreamPosition, read_state, stream_config
-from stoker.errors import ConfigError
+from stoker.checkpoint import check_checkpoint
+from stoker.dataloader.state import STATE_VERSION, StreamPosition, read_state, stream_config
+from stoker.errors import ConfigError, StateError
 from stoker.formats import integrity
 from stoker.options import check_seed, positive_int
 from stoker.formats.manifest import Manifest
@@ -239,15 +240,21 @@ class BatchStream(IterableDataset):
 
 
 class _SampleIterator:
-    """One epoch of a StreamingDataset's samples in this process: RowReader -> Samples, built on the first next()."""
+    """One epoch of a StreamingDataset's samples in this process: RowReader -> Samples, built on the first next().
+
+    Its `state_dict()` is this reader's own progress (its share of the epoch, dealt to this rank and worker), so a
+    wrapper that iterates the dataset inside DataLoader workers (`BucketedStream`) checkpoints each worker's share."""
 
     def __init__(self, ds: StreamingDataset) -> None:
         self.ds = ds
         self.epoch, self.start = ds.epoch, ds.position.start
         self.topology = ds._topology or workers.topology()
         self.progress = Progress(self.epoch, self.start, 1, self.topology[1])
-        self.in_worker = get_worker_info() is not None
+        info = get_worker_info()
+        self.in_worker = info is not None
+        self.deal = [*self.topology, *((info.id, info.num_workers) if info is not None else (0, 1))]
         self.samples: Samples | None = None
+        self.resume: dict[str, Any] | None = None  # a loaded state, applied when the stages are built
 
     def __iter__(self) -> _SampleIterator:
         return self
@@ -258,6 +265,8 @@ class _SampleIterator:
             clock = ds.process_resources().clock if self.in_worker else ds._clock
             reader = RowReader(ds, self.epoch, self.start, 1, ds.drop_last, self.topology, clock)
             self.samples = Samples(reader, ds.transform, clock)
+            if self.resume is not None:
+                self.samples.load_state_dict(self.resume)
         try:
             sample = next(self.samples)
         except StopIteration:
@@ -268,6 +277,35 @@ class _SampleIterator:
                 self.ds.skipped += self.samples.reader.take_skipped()
         self.progress.delivered = self.samples.position  # skipped samples count as delivered: resume skips them
         return sample
+
+    def state_dict(self) -> dict[str, Any]:
+        """{version, config, deal, samples}: this reader's share ([rank, world, worker, workers]) and the samples of
+        it delivered; a fresh iterator of the same dataset, rank and worker continues there (`load_state_dict`)."""
+        if self.samples is not None:
+            samples = self.samples.state_dict()
+        elif self.resume is not None:
+            samples = self.resume
+        else:
+            samples = {"reader": {"epoch": self.epoch, "start": self.start, "next": 0}}
+        return {"version": STATE_VERSION, "config": self.ds.order_config(), "deal": list(self.deal),
+                "samples": samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Before the first sample: deliver the rest of the share a `state_dict()` was taken of."""
+        check_checkpoint(state, what="StreamingDataset iterator", keys={"version", "config", "deal", "samples"},
+                         version=STATE_VERSION, config=self.ds.order_config(),
+                         settings="the dataset and shuffle settings")
+        if self.samples is not None:
+            raise StateError("load the iterator's state before its first sample")
+        if list(state["deal"]) != self.deal:
+            raise StateError(f"this iterator state is of rank {state['deal'][0]} of {state['deal'][1]}, worker "
+                             f"{state['deal'][2]} of {state['deal'][3]}, but this iterator is rank {self.deal[0]} of "
+                             f"{self.deal[1]}, worker {self.deal[2]} of {self.deal[3]}: resume with the same world "
+                             "size and number of DataLoader workers")
+        reader = state["samples"]["reader"]
+        self.epoch, self.start = int(reader["epoch"]), int(reader["start"])
+        self.progress = Progress(self.epoch, self.start, 1, self.topology[1], delivered=int(reader["next"]))
+        self.resume = state["samples"]
 
 
 class _BatchIterator:
