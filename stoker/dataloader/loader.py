@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch.utils.data
 
 from stoker import storage
-from stoker.dataloader import autotune, order, workers
+from stoker.dataloader import autotune, order, resumable, workers
 from stoker.clock import StageClock
 from stoker.dataloader.stages import Progress, progress_state
 from stoker.dataloader.stream import BatchPlan, StreamingDataset
@@ -104,6 +104,11 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             persistent_workers=persistent_workers, pin_memory_device=pin_memory_device, in_order=in_order,
         )
         self._streaming = streaming
+        # An iterable dataset whose iterators checkpoint themselves (BucketedStream): one message per item, with its
+        # worker's state, so that this loader can checkpoint (`resumable.py`).
+        self._resumable = not streaming and batch_size is None and resumable.is_resumable(dataset)
+        self._resume: resumable.Progress | None = None  # the last pass's progress, or a loaded checkpoint's
+        self._resume_pending = False  # whether `_resume` is a loaded checkpoint the next pass starts from
         self._user_collate = collate_fn
         self._inner: torch.utils.data.DataLoader | None = None
         self._inner_key: tuple[Any, ...] | None = None
@@ -116,6 +121,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         self.skipped = 0  # damaged samples its workers left out (ReadOptions(on_error="skip")), each warned about
 
     def __iter__(self) -> Any:
+        if self._resumable:
+            return self._resumable_pass()
         if not self._streaming:
             return _forking(super().__iter__)
         # A pass abandoned after a re-deal left the dataset's start mid-epoch: start where the epoch started.
@@ -132,7 +139,12 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         return order.rank_units(remaining, self.batch_size, rank, world, self.drop_last or self.dataset.drop_last)
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpoint of this rank's progress: {version, config, epoch, consumed}; valid for any rank to load."""
+        """Checkpoint of this rank's progress. A StreamingDataset's: {version, config, epoch, consumed}, valid for any
+        rank to load; a resumable iterable's (BucketedStream): each worker's state, for this rank and worker count."""
+        if self._resumable:
+            config = resumable.loader_config(self.dataset, self.num_workers, workers.topology())
+            progress = self._resume or resumable.Progress.fresh(self.dataset.epoch, self.num_workers)
+            return progress.state(config)
         ds = self._stream_dataset()
         position = ds.position
         return progress_state(ds.order_config(), self._progress, position.epoch, position.epoch_start,
@@ -140,6 +152,12 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration deliver exactly the samples the checkpointed run had not delivered yet."""
+        if self._resumable:
+            config = resumable.loader_config(self.dataset, self.num_workers, workers.topology())
+            self._resume = resumable.read_state(state, config)
+            self._resume_pending = True
+            self.dataset.set_epoch(self._resume.epoch)
+            return
         self._stream_dataset().load_state_dict(state)
         self._progress = None
 
@@ -172,7 +190,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
     def _stream_dataset(self) -> StreamingDataset:
         if not self._streaming:
             raise ConfigError(
-                "state_dict/load_state_dict need a StreamingDataset and a batch_size; for other datasets, "
+                "state_dict/load_state_dict need a StreamingDataset and a batch_size, or a BucketedStream (any "
+                "iterable dataset whose iterators checkpoint themselves) and batch_size=None; for other datasets, "
                 "checkpoint your sampler and dataset yourself"
             )
         return self.dataset
@@ -200,6 +219,27 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             self._inner_key = key
             self._inner_started = False
         return self._inner
+
+    def _resumable_pass(self) -> resumable.ResumableIterator:
+        """A pass over a resumable iterable: from a loaded checkpoint (on new workers, which take it along), else
+        from the start of the dataset's epoch (persistent workers kept)."""
+        epoch = self.dataset.epoch
+        resume = self._resume if self._resume_pending and self._resume.epoch == epoch else None
+        self._resume_pending = False  # a `set_epoch` to another epoch since the load discards it
+        if self._inner is None or resume is not None:
+            collate = self._user_collate or torch.utils.data.default_convert
+            self._inner = torch.utils.data.DataLoader(
+                resumable.WorkerView(self.dataset, collate, resume), batch_size=None, num_workers=self.num_workers,
+                collate_fn=_passthrough, pin_memory=self.pin_memory, timeout=self.timeout,
+                worker_init_fn=self.worker_init_fn, multiprocessing_context=self.multiprocessing_context,
+                generator=self.generator, prefetch_factor=self.prefetch_factor,
+                persistent_workers=self.persistent_workers, pin_memory_device=self.pin_memory_device,
+                in_order=True,  # the round robin over workers is what a checkpoint records
+            )
+        inner = _forking(self._inner.__iter__)
+        self._inner.dataset.started()
+        self._resume = resume or resumable.Progress.fresh(epoch, self.num_workers)
+        return resumable.ResumableIterator(self.dataset, inner, self._resume)
 
     def _start_batches(self, topology: tuple[int, int], first_batch: int = 0) -> tuple[Any, bool]:
         """(iterator of the inner loader, whether its workers are new rather than persistent ones reused);
