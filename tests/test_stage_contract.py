@@ -73,7 +73,15 @@ def cases(images: str, text: str) -> dict[str, Case]:
         "DataLoader(workers=0)": Case(lambda: DataLoader(StreamingDataset(images, seed=3), batch_size=8), keys),
         "DataLoader(workers=2)": Case(lambda: DataLoader(StreamingDataset(images, seed=3), batch_size=8,
                                                          num_workers=2), keys),
+        "DataLoader(BucketedStream, workers=0)": Case(lambda: bucketed_loader(text, 0), tuple),
+        "DataLoader(BucketedStream, workers=2)": Case(lambda: bucketed_loader(text, 2), tuple),
     }
+
+
+def bucketed_loader(text: str, workers: int) -> DataLoader:
+    """A BucketedStream in stoker.DataLoader's workers: the loader collects each worker's state."""
+    stream = BucketedStream(StreamingDataset(text, seed=1, shuffle_buffer=50), max_tokens=300, buffer_size=32, seed=2)
+    return DataLoader(stream, batch_size=None, collate_fn=bucket_keys, num_workers=workers)
 
 
 NAMES = list(cases("", ""))

@@ -255,6 +255,7 @@ class _SampleIterator:
         self.deal = [*self.topology, *((info.id, info.num_workers) if info is not None else (0, 1))]
         self.samples: Samples | None = None
         self.resume: dict[str, Any] | None = None  # a loaded state, applied when the stages are built
+        self._config: dict[str, Any] | None = None  # the dataset's order_config (hashing the shard list), once
 
     def __iter__(self) -> _SampleIterator:
         return self
@@ -287,14 +288,18 @@ class _SampleIterator:
             samples = self.resume
         else:
             samples = {"reader": {"epoch": self.epoch, "start": self.start, "next": 0}}
-        return {"version": STATE_VERSION, "config": self.ds.order_config(), "deal": list(self.deal),
-                "samples": samples}
+        return {"version": STATE_VERSION, "config": self.config(), "deal": list(self.deal), "samples": samples}
+
+    def config(self) -> dict[str, Any]:
+        """The dataset's `order_config()`, computed once per pass (a wrapper asks at every buffer it fills)."""
+        if self._config is None:
+            self._config = self.ds.order_config()
+        return self._config
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Before the first sample: deliver the rest of the share a `state_dict()` was taken of."""
         check_checkpoint(state, what="StreamingDataset iterator", keys={"version", "config", "deal", "samples"},
-                         version=STATE_VERSION, config=self.ds.order_config(),
-                         settings="the dataset and shuffle settings")
+                         version=STATE_VERSION, config=self.config(), settings="the dataset and shuffle settings")
         if self.samples is not None:
             raise StateError("load the iterator's state before its first sample")
         if list(state["deal"]) != self.deal:
