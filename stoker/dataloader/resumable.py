@@ -2,7 +2,7 @@
 
 A dataset qualifies (`is_resumable`) when it is an IterableDataset with `order_config()`, `epoch` and `set_epoch()`,
 and `iter(dataset)` gives an iterator with `state_dict()` and `load_state_dict()` (called before its first item),
-as `stoker.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset, so each worker's
+as `stoker.bucketing.bucketed.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset, so each worker's
 iterator holds that worker's progress: here every item travels with its worker's iterator state after it
 (`Checkpointed`). The training process delivers the items in torch's order -- round robin over the workers,
 skipping those that have ended -- and keeps each worker's state as of the last item of it that was delivered.
