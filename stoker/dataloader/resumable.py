@@ -2,10 +2,10 @@
 
 A dataset qualifies (`is_resumable`) when it is an IterableDataset with `order_config()`, `epoch` and `set_epoch()`,
 and `iter(dataset)` gives an iterator with `state_dict()` and `load_state_dict()` (called before its first item),
-as `stoker.bucketing.bucketed.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset, so each worker's
-iterator holds that worker's progress: here every item travels with its worker's iterator state after it
-(`Checkpointed`). The training process delivers the items in torch's order -- round robin over the workers,
-skipping those that have ended -- and keeps each worker's state as of the last item of it that was delivered.
+as `stoker.bucketing.bucketed.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset,
+so each worker's iterator holds that worker's progress: here every item travels with its worker's iterator state
+after it (`Checkpointed`). The training process delivers the items in torch's order -- round robin over the
+workers, skipping those that have ended -- and keeps each worker's state as of the last item of it delivered.
 
 A checkpoint is those states, which workers had ended and whose turn is next. Resuming gives each worker its state
 back and continues the round robin where it stopped, so the rest of the epoch is exactly the items that had not
@@ -30,7 +30,7 @@ KEYS = {"version", "config", "epoch", "turn", "workers"}
 
 def is_resumable(dataset: Any) -> bool:
     """Whether `dataset` is an iterable dataset whose iterators checkpoint themselves (see the module's doc)."""
-    return isinstance(dataset, IterableDataset) and all(
+    return isinstance(dataset, IterableDataset) and hasattr(dataset, "epoch") and all(
         callable(getattr(dataset, name, None)) for name in ("order_config", "set_epoch"))
 
 
