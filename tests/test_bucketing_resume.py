@@ -150,3 +150,13 @@ def test_two_gloo_ranks_with_two_workers_each_resume_their_own_share_exactly(tex
         assert "rank (checkpoint" in rest[rank]["refused"]
     delivered = [k for r in full for batch in r["batches"] for k in batch]
     assert sorted(delivered) == sorted(f"{i:06d}" for i in range(sum(ROWS)))  # the ranks share no sample
+
+
+def test_set_epoch_to_another_epoch_after_loading_discards_the_checkpoint(text):
+    _, state = stop_after(loader(text, 2), 3)
+    resumed = loader(text, 2)
+    resumed.load_state_dict(state)
+    resumed.dataset.set_epoch(1)
+    fresh = loader(text, 2)
+    fresh.dataset.set_epoch(1)
+    assert list(resumed) == list(fresh)

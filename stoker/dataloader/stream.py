@@ -309,7 +309,8 @@ class _SampleIterator:
                              "size and number of DataLoader workers")
         reader = state["samples"]["reader"]
         self.epoch, self.start = int(reader["epoch"]), int(reader["start"])
-        self.progress = Progress(self.epoch, self.start, 1, self.topology[1], delivered=int(reader["next"]))
+        # The same Progress object: the dataset reports it (`StreamingDataset.state_dict`) when iterated here.
+        self.progress.epoch, self.progress.start, self.progress.delivered = self.epoch, self.start, int(reader["next"])
         self.resume = state["samples"]
 
 
