@@ -106,8 +106,10 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         self._streaming = streaming
         # An iterable dataset whose iterators checkpoint themselves (BucketedStream): one message per item, with its
         # worker's state, so that this loader can checkpoint (`resumable.py`).
-        self._resumable = not streaming and batch_size is None and resumable.is_resumable(dataset)
-        self._resume: resumable.Progress | None = None  # the last pass's progress, or a loaded checkpoint's
+        # (A StreamingDataset without a batch_size goes through torch's own machinery, as documented.)
+        self._resumable = (batch_size is None and not isinstance(dataset, StreamingDataset)
+                           and resumable.is_resumable(dataset))
+        self._resume: resumable.WorkerStates | None = None  # the last pass's progress, or a loaded checkpoint's
         self._resume_pending = False  # whether `_resume` is a loaded checkpoint the next pass starts from
         self._user_collate = collate_fn
         self._inner: torch.utils.data.DataLoader | None = None
@@ -143,7 +145,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         rank to load; a resumable iterable's (BucketedStream): each worker's state, for this rank and worker count."""
         if self._resumable:
             config = resumable.loader_config(self.dataset, self.num_workers, workers.topology())
-            progress = self._resume or resumable.Progress.fresh(self.dataset.epoch, self.num_workers)
+            progress = self._resume or resumable.WorkerStates.fresh(self.dataset.epoch, self.num_workers)
             return progress.state(config)
         ds = self._stream_dataset()
         position = ds.position
@@ -238,7 +240,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
             )
         inner = _forking(self._inner.__iter__)
         self._inner.dataset.started()
-        self._resume = resume or resumable.Progress.fresh(epoch, self.num_workers)
+        self._resume = resume or resumable.WorkerStates.fresh(epoch, self.num_workers)
         return resumable.ResumableIterator(self.dataset, inner, self._resume)
 
     def _start_batches(self, topology: tuple[int, int], first_batch: int = 0) -> tuple[Any, bool]:

@@ -41,7 +41,7 @@ def loader_config(dataset: Any, num_workers: int, topology: tuple[int, int]) -> 
 
 
 @dataclass
-class Progress:
+class WorkerStates:
     """What a pass delivered: per worker (one in-process when there are no workers) the iterator state as of its
     last delivered item (None: from its start) and whether it ended; `turn` is the worker whose item is next."""
 
@@ -52,19 +52,19 @@ class Progress:
     finished: bool = False
 
     @classmethod
-    def fresh(cls, epoch: int, num_workers: int) -> Progress:
+    def fresh(cls, epoch: int, num_workers: int) -> WorkerStates:
         count = max(1, num_workers)
         return cls(epoch, [None] * count, [False] * count)
 
     def state(self, config: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint; after a finished pass, the start of the next epoch."""
         if self.finished:
-            return Progress.fresh(self.epoch + 1, len(self.states)).state(config)
+            return WorkerStates.fresh(self.epoch + 1, len(self.states)).state(config)
         return {"version": STATE_VERSION, "config": dict(config), "epoch": self.epoch, "turn": self.turn,
                 "workers": [{"state": s, "ended": e} for s, e in zip(self.states, self.ended)]}
 
 
-def read_state(state: Any, config: dict[str, Any]) -> Progress:
+def read_state(state: Any, config: dict[str, Any]) -> WorkerStates:
     """The progress a checkpoint holds, after checking that it was made under `config`."""
     check_checkpoint(state, what="DataLoader", keys=KEYS, version=STATE_VERSION, config=config,
                      settings="the dataset, its settings, the number of DataLoader workers and the rank")
@@ -77,7 +77,7 @@ def read_state(state: Any, config: dict[str, Any]) -> Progress:
     turn = int(state["turn"])
     if not 0 <= turn < count:
         raise StateError(f"DataLoader checkpoint's turn {turn} is outside its {count} workers")
-    return Progress(int(state["epoch"]), [e["state"] for e in entries], [bool(e["ended"]) for e in entries], turn)
+    return WorkerStates(int(state["epoch"]), [e["state"] for e in entries], [bool(e["ended"]) for e in entries], turn)
 
 
 class Checkpointed:
@@ -98,7 +98,7 @@ class WorkerView(IterableDataset):
     """What the inner torch DataLoader iterates: in each worker (or in this process), the dataset's items through
     `collate_fn`, as `Checkpointed` messages; `resume` holds each worker's entry of a checkpoint, used once."""
 
-    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], resume: Progress | None) -> None:
+    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], resume: WorkerStates | None) -> None:
         self.dataset, self.collate_fn, self.resume = dataset, collate_fn, resume
 
     def __iter__(self) -> Iterator[Checkpointed]:
@@ -153,7 +153,7 @@ class ResumableIterator:
 
     dataset: Any
     inner: Iterator[Checkpointed]
-    progress: Progress
+    progress: WorkerStates
     received: dict[tuple[int, int], Checkpointed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
