@@ -2,9 +2,11 @@
 
 Any other dataset goes through torch's own machinery untouched (it already fetches with `__getitems__` when a
 dataset has it), so samplers, batch samplers, collate functions, worker seeding, timeouts and errors behave exactly
-as in torch. For a StreamingDataset with a batch size, workers build whole batches instead of single samples:
-each worker gathers its batch's rows straight from the mapped record batches, collates column by column, and sends
-the variable-width data through a reusable shared-memory slab (see `workers.py`). The main process counts delivered
+as in torch; an iterable dataset whose iterators checkpoint themselves (BucketedStream, with batch_size=None) goes
+through it too, one message per batch carrying its worker's state, so that it can be checkpointed (`resumable.py`).
+For a StreamingDataset with a batch size, workers build whole batches instead of single samples: each worker
+gathers its batch's rows straight from the mapped record batches, collates column by column, and sends the
+variable-width data through a reusable shared-memory slab (see `workers.py`). The main process counts delivered
 batches, which is all a checkpoint needs (see `order.py`).
 
 `num_workers="auto"` and/or `prefetch_factor="auto"` hand those settings to `autotune.Tuner`: the iterator times
