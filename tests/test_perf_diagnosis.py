@@ -14,6 +14,7 @@ from stoker.perf.diagnosis import (
     Phase,
     RunFacts,
     advice,
+    blamed_stage,
     describe,
     diagnose,
     slowest_stage,
@@ -158,3 +159,51 @@ def test_too_short_run_gives_no_advice_and_says_why() -> None:
     assert verdict.state == TOO_SHORT and verdict.advice == ()
     assert verdict.headline == "too short to judge: 3 steady steps after start-up (at least 10 needed)"
     assert math.isclose(verdict.startup.fraction, 1.0 / 1.1)
+
+
+ONE_WORKER = RunFacts(num_workers=1, usable_cores=2, has_stage_times=True)
+
+
+@pytest.mark.parametrize(
+    ("costs", "workers", "expected"),
+    [
+        ({"read": 0.0001, "collate": 0.00005}, 1, None),  # every stage far faster than the 6 ms step
+        ({"read": 0.0001, "transform": 0.009}, 1, "transform"),  # slower than the step alone
+        ({"read": 0.003, "transform": 0.004}, 2, "transform"),  # 7 ms together in each worker, none alone
+        ({"read": 0.003, "pin": 0.004}, 2, None),  # pin runs in the training process, apart from the workers
+        ({"pin": 0.007, "read": 0.001}, 2, "pin"),
+        ({"read": 0.0001, "collate": 0.00005}, 0, "read"),  # no workers: every stage is waited for in next()
+        ({"read": 0.0001}, None, "read"),
+        ({}, 2, None),
+    ],
+)
+def test_a_stage_is_blamed_only_when_slower_than_the_step(costs, workers, expected) -> None:
+    assert blamed_stage(costs, Phase(100, 0.05, 0.6), workers) == expected  # 6 ms of compute per step
+
+
+def test_waits_with_every_stage_faster_than_the_step_are_the_hand_off_not_a_stage() -> None:
+    # 100 steady steps of 6 ms compute and 0.45 ms wait (7%); local reads take 0.1 ms per batch in 1 worker
+    verdict = diagnose(Phase(100, 0.045, 0.6), Phase(1, 0.3, 0.006), {"read": 0.01, "collate": 0.005}, ONE_WORKER,
+                       0.05)
+    assert verdict.state == STARVING and verdict.stage is None
+    assert verdict.headline == (
+        "STARVING 7% of step time: no loader stage is slower than the step (the slowest, local shard reads, takes "
+        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step is the hand-off of "
+        "each batch to the training process")
+    text = "\n".join(verdict.advice)
+    assert "neither more workers nor faster stages" in text and "starve_threshold" in text
+    assert "Raise num_workers" not in text and "NVMe" not in text
+    # the same loop with a stage slower than the step names that stage and its advice
+    slow = diagnose(Phase(100, 0.045, 0.6), Phase(1, 0.3, 0.006), {"read": 1.0}, ONE_WORKER, 0.05)
+    assert slow.stage == "read" and slow.headline == "STARVING 7% of step time: local shard reads"
+    assert any("Raise num_workers (1 now, 2 usable cores)" in line for line in slow.advice)
+
+
+def test_stages_slower_only_together_are_named_with_their_sum() -> None:
+    verdict = diagnose(Phase(100, 0.4, 0.5), Phase(2, 0.3, 0.01), {"read": 0.6, "transform": 0.8}, CPU, 0.05)
+    assert verdict.stage == "transform"
+    assert verdict.headline == (
+        "STARVING 44% of step time: decode and augment in stoker's transform (CPU, pil, 2 workers), the largest of the "
+        "stages each worker runs one after another (7.0 ms per batch together against 5.0 ms of compute per step; "
+        "none alone is slower)")
+    assert any("Raise num_workers (2 now, 8 usable cores)" in line for line in verdict.advice)

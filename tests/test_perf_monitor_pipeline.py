@@ -102,6 +102,24 @@ def test_fast_everything_is_not_starving(rows) -> None:
     assert report["bottleneck_stage"] is None
 
 
+def test_waits_while_every_stage_keeps_ahead_are_the_hand_off_not_a_stage(rows) -> None:
+    # A fast loader (rows only, 1 worker, far below a millisecond a batch) and a 20 ms step: with a threshold this
+    # low the loop's small waits make it STARVING, and still no stage may be blamed for them, nor more workers.
+    loader = stoker.DataLoader(stoker.StreamingDataset(rows, seed=0), batch_size=16, num_workers=1)
+    lines: list[str] = []
+    with stoker.monitor(loader, log=lines.append, log_every=5, starve_threshold=1e-6) as m:
+        for _ in m:
+            time.sleep(0.02)
+    report, text = m.last_report, "\n".join(lines)
+    assert report["state"] == STARVING and report["local"]["stage_seconds"], text
+    assert report["bottleneck_stage"] is None, text
+    assert "no loader stage is slower than the step" in report["headline"], text
+    assert "is the hand-off of each batch to the training process" in report["headline"]
+    assert not any("num_workers" in line or "NVMe" in line for line in report["advice"]), text
+    assert "neither more workers nor faster stages" in " ".join(report["advice"])
+    assert "STARVING:" not in text  # the periodic lines blame no stage either
+
+
 def _rank_main(rank: int, out: str, jpegs: str) -> None:
     spec = stoker.TransformSpec(size=224 if rank == 1 else 32)
     transform = stoker.build_transform(spec, backend="pil", seed=0)

@@ -6,6 +6,9 @@ Pure functions over numbers the monitor measured, so every rule is tested from a
   only the steady state decides STARVING, and a run with too few steady steps is called too short to judge;
 - the stage is named from the loader's `stage_times()` (busy seconds per stage, summed over its workers): a stage
   that runs in every worker costs the loop its time divided by the workers, one in the training process all of it;
+  with workers, the loader works while the step computes, so a stage is blamed only when it is slower than the
+  step (alone, or with the other stages each worker runs one after another); when none is, the wait is the hand-off
+  of each batch to the training process and the verdict says so instead of naming a stage;
 - the advice is in stoker's own knobs and only what this run can still change (no "more workers" when the loader
   already has a worker per usable core, no GPU backend without a GPU).
 """
@@ -94,6 +97,28 @@ def stage_costs(stage_times: Mapping[str, float], batches: int, num_workers: int
 def slowest_stage(costs: Mapping[str, float]) -> str | None:
     """The stage with the largest cost per batch, or None when nothing was timed."""
     return max(costs, key=costs.__getitem__) if costs else None
+
+
+def step_seconds(steady: Phase) -> float:
+    """Compute per steady step: the time the loader has to deliver each batch in without the loop waiting."""
+    return steady.compute_s / steady.steps if steady.steps > 0 else 0.0
+
+
+def blamed_stage(costs: Mapping[str, float], steady: Phase, num_workers: int | None) -> str | None:
+    """The stage to blame for a starving loop, or None when no stage is slower than the step.
+
+    Without workers every stage runs inside `next()`, so all of its time is waited for: the largest is to blame.
+    With workers the loader runs while the step computes: a stage makes the loop wait only when its cost per batch
+    exceeds the step, alone or with the stages each worker runs one after another (then the largest of those).
+    """
+    stage = slowest_stage(costs)
+    if stage is None or not num_workers:
+        return stage
+    step = step_seconds(steady)
+    if costs[stage] > step:
+        return stage
+    in_workers = {name: cost for name, cost in costs.items() if name not in MAIN_PROCESS_STAGES}
+    return slowest_stage(in_workers) if sum(in_workers.values()) > step else None
 
 
 def describe(stage: str, facts: RunFacts) -> str:
@@ -218,7 +243,7 @@ class Diagnosis:
     state: str  # STARVING, keeping up, too short to judge
     steady: Phase
     startup: Phase
-    stage: str | None  # the stage that costs the loop most per batch, when the loader reports stage times
+    stage: str | None  # the stage to blame (`blamed_stage`) when starving, else None
     stage_costs: Mapping[str, float]  # seconds per batch each stage costs the loop (see `stage_costs`)
     headline: str  # one line, e.g. "STARVING 62% of step time: decode (CPU, pil, 2 workers)"
     advice: tuple[str, ...]
@@ -233,14 +258,40 @@ def diagnose(steady: Phase, startup: Phase, stage_times: Mapping[str, float] | N
     """
     verdict = state(steady, threshold, min_steps)
     costs = stage_costs(stage_times or {}, steady.steps, facts.num_workers)
-    stage = slowest_stage(costs)
     if verdict == TOO_SHORT:
         headline = (f"{TOO_SHORT}: {steady.steps} steady step{'s' if steady.steps != 1 else ''} after start-up "
                     f"(at least {min_steps} needed)")
-        return Diagnosis(verdict, steady, startup, stage, costs, headline, ())
+        return Diagnosis(verdict, steady, startup, None, costs, headline, ())
     headline = f"{verdict} ({steady.fraction:.1%} of step time waiting for data{where})"
     if verdict == KEEPING_UP:
-        return Diagnosis(verdict, steady, startup, stage, costs, headline, ())
-    if stage is not None:
-        headline = f"{verdict} {steady.fraction:.0%} of step time{where}: {describe(stage, facts)}"
+        return Diagnosis(verdict, steady, startup, None, costs, headline, ())
+    if not costs:
+        return Diagnosis(verdict, steady, startup, None, costs, headline, advice(None, facts))
+    stage = blamed_stage(costs, steady, facts.num_workers)
+    figure = f"{verdict} {steady.fraction:.0%} of step time{where}"
+    if stage is None:
+        return Diagnosis(verdict, steady, startup, None, costs, *_handoff_wait(figure, costs, steady, facts))
+    headline = f"{figure}: {describe(stage, facts)}"
+    step = step_seconds(steady)
+    if facts.num_workers and costs[stage] <= step:  # slower than the step only with the other worker stages
+        together = sum(cost for name, cost in costs.items() if name not in MAIN_PROCESS_STAGES)
+        headline += (f", the largest of the stages each worker runs one after another ({together * 1e3:.1f} ms "
+                     f"per batch together against {step * 1e3:.1f} ms of compute per step; none alone is slower)")
     return Diagnosis(verdict, steady, startup, stage, costs, headline, advice(stage, facts))
+
+
+def _handoff_wait(figure: str, costs: Mapping[str, float], steady: Phase,
+                  facts: RunFacts) -> tuple[str, tuple[str, ...]]:
+    """Headline and advice when the loop waits although every stage is faster than the step: the workers keep
+    ahead, so what the loop waits for is each batch being handed over to it, which more workers do not shorten."""
+    slowest = slowest_stage(costs)
+    assert slowest is not None
+    step, wait = step_seconds(steady), steady.wait_s / steady.steps
+    headline = (f"{figure}: no loader stage is slower than the step (the slowest, {describe(slowest, facts)}, "
+                f"takes {costs[slowest] * 1e3:.2f} ms per batch against {step * 1e3:.1f} ms of compute per step); "
+                f"the {wait * 1e3:.2f} ms waited per step is the hand-off of each batch to the training process")
+    lines = (f"The loader's stages keep ahead of the step, so neither more workers nor faster stages remove this "
+             f"wait: it is a fixed cost of taking each batch in ({wait * 1e3:.2f} ms per step, "
+             f"{steady.fraction:.1%} of a {(step + wait) * 1e3:.1f} ms step). For steps this short it is expected: "
+             "raise monitor(starve_threshold=...) above it.",)
+    return headline, lines

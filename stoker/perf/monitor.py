@@ -425,9 +425,10 @@ class Monitor:
         samples_per_s = None if self._samples is None else rate(self._samples - samples0, elapsed)
         stage = None
         if starving:
-            costs = diagnosis.stage_costs(self._steady_stage_times(), max(self._steady().steps, 1),
+            steady_run = self._steady()
+            costs = diagnosis.stage_costs(self._steady_stage_times(), max(steady_run.steps, 1),
                                           self._facts.num_workers)
-            stage = diagnosis.slowest_stage(costs)
+            stage = diagnosis.blamed_stage(costs, steady_run, self._facts.num_workers)
         row = {"steps": steps, "samples": None if self._samples is None else self._samples - samples0,
                "wait_s": wait, "compute_s": elapsed - wait, "data_wait_fraction": fraction,
                "steps_per_s": rate(steps, elapsed), "samples_per_s": samples_per_s, "starving": starving,
