@@ -22,6 +22,16 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_text_corpus(tmp_path_factory.mktemp("raw") / "text" / "corpus.jsonl", num_docs=300, seed=1)
 
 
+@pytest.fixture(scope="session")
+def large_jpegs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """4 classes x 50 JPEGs of 300-500 px packed into Arrow shards of 1 MB: decoding and augmenting them is most of
+    a loader's work. The raw tree is beside the shards, in `../raw`."""
+    root = tmp_path_factory.mktemp("large-jpegs")
+    make_image_tree(str(root / "raw"), num_classes=4, per_class=50, min_side=300, max_side=500, seed=0)
+    pack_dataset(str(root / "raw"), str(root / "shards"), format="arrow", shard_size=1 << 20, progress=False)
+    return str(root / "shards")
+
+
 @pytest.fixture(scope="session", params=["arrow", "msgpack"])
 def shard_format(request: pytest.FixtureRequest) -> str:
     return request.param

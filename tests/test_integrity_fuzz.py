@@ -23,14 +23,18 @@ def _same(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]]) ->
 
 
 def _fuzz(root: Path, target: str, trials: int, seed: int) -> dict[str, int]:
+    """Outcomes of `trials` seeded flips of `target`; also asserts they reached both ends of the file, so that its
+    header and its footer (the parts a reader trusts first) were damaged too, not only the samples between."""
     expected = read_both(root)
     path = root / target
     original = path.read_bytes()
     rng = np.random.default_rng(seed)
     counts = {"error": 0, "harmless": 0}
+    flipped = set()
     for _ in range(trials):
         data = bytearray(original)
         at = int(rng.integers(len(data)))
+        flipped.add(at)
         data[at] ^= int(rng.integers(1, 256))
         path.write_bytes(bytes(data))
         try:
@@ -43,6 +47,8 @@ def _fuzz(root: Path, target: str, trials: int, seed: int) -> dict[str, int]:
             assert _same(got, expected), f"byte {at} of {target} changed a sample without an error"
             counts["harmless"] += 1
     path.write_bytes(original)
+    tenth = len(original) // 10
+    assert min(flipped) < tenth and max(flipped) >= len(original) - tenth, f"flips of {target} missed an end"
     return counts
 
 
@@ -51,11 +57,11 @@ def test_single_byte_flips_in_shards_are_errors_or_harmless(tmp_path: Path, fmt:
     root = Path(make_dataset(tmp_path / "d", rows=(12, 12), fmt=fmt, payload=(20, 120)))
     counts = _fuzz(root, Manifest.load(str(root)).shards[1].name, TRIALS, seed=7)
     print(f"{fmt} shard flips: {counts}")
-    assert sum(counts.values()) == TRIALS and counts["error"] > TRIALS // 2
+    assert counts["error"] > TRIALS // 2
 
 
 def test_single_byte_flips_in_the_manifest_are_errors_or_harmless(tmp_path: Path) -> None:
     root = Path(make_dataset(tmp_path / "d", rows=(6, 6), payload=(20, 60)))
     counts = _fuzz(root, MANIFEST_NAME, TRIALS, seed=11)
     print(f"manifest flips: {counts}")
-    assert sum(counts.values()) == TRIALS and counts["error"] > TRIALS // 2
+    assert counts["error"] > TRIALS // 2

@@ -7,21 +7,10 @@ import time
 import pytest
 
 import stoker
-from stoker.formats.pack import pack_dataset
 from stoker.perf.bench import bench_dataset
 from stoker.perf.loaders import clock_stage, make_loader
 from stoker.perf.stages import BenchOptions
 from stoker.perf.verdict import Consumption
-from stoker.synthetic import make_image_tree
-
-
-@pytest.fixture(scope="module")
-def jpegs(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("agree")
-    make_image_tree(str(root / "raw"), num_classes=4, per_class=40, min_side=300, max_side=500, seed=1)
-    pack_dataset(str(root / "raw"), str(root / "shards"), format="arrow", shard_size=1 << 20, overwrite=True,
-                 progress=False)
-    return str(root / "shards")
 
 
 @pytest.mark.parametrize("bench_stage, expected", [("read", "read"), ("decode", "transform"),
@@ -31,16 +20,16 @@ def test_clock_stage_of_each_bench_stage(bench_stage, expected) -> None:
     assert clock_stage("read", remote=True) == "fetch"
 
 
-def test_bench_and_monitor_name_the_same_stage(jpegs) -> None:
+def test_bench_and_monitor_name_the_same_stage(large_jpegs) -> None:
     batch, workers, size = 8, 1, 224
     # A step of 1 ms per batch of 8 needs 8,000 img/s: far more than one worker decodes, so both must find the
     # loader short and say where.
     need = Consumption(batch / 0.001, "img/s", 1, "a 1 ms step")
-    report = bench_dataset(jpegs, BenchOptions(seconds=1.5, batch_size=batch, workers=workers, size=size),
+    report = bench_dataset(large_jpegs, BenchOptions(seconds=1.5, batch_size=batch, workers=workers, size=size),
                            consumption=need)
     assert report.verdict is not None and not report.verdict.keeps_up
 
-    loader, _ = make_loader(jpegs, image=True, batch_size=batch, workers=workers, size=size)
+    loader, _ = make_loader(large_jpegs, image=True, batch_size=batch, workers=workers, size=size)
     with stoker.monitor(loader, log=lambda line: None) as m:
         for _ in m:
             time.sleep(0.001)

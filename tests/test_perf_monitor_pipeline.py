@@ -19,19 +19,8 @@ from stoker.synthetic import make_dataset
 from _distributed import run_gloo_ranks
 from stoker.formats.pack import pack_dataset
 from stoker.perf.diagnosis import KEEPING_UP, STARVING
-from stoker.synthetic import make_image_tree
 
 STEPS_AT_LEAST = 20  # more than start-up plus the steady steps the verdict needs
-
-
-@pytest.fixture(scope="module")
-def jpegs(tmp_path_factory) -> str:
-    """Real JPEGs of 300-500 px: decoding and augmenting them is most of the loader's work."""
-    root = tmp_path_factory.mktemp("monitor-jpegs")
-    make_image_tree(str(root / "raw"), num_classes=4, per_class=50, min_side=300, max_side=500, seed=0)
-    pack_dataset(str(root / "raw"), str(root / "shards"), format="arrow", shard_size=1 << 20, overwrite=True,
-                 progress=False)
-    return str(root / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +40,9 @@ def big_sample(sample: dict) -> dict:
     return {"x": torch.empty(1 << 20), "label": sample["label"]}
 
 
-def test_costly_decode_and_augment_names_the_transform(jpegs) -> None:
+def test_costly_decode_and_augment_names_the_transform(large_jpegs) -> None:
     transform = stoker.build_transform(stoker.TransformSpec(size=224), backend="pil", seed=0)
-    loader = stoker.DataLoader(stoker.StreamingDataset(jpegs, seed=0), batch_size=8, num_workers=2,
+    loader = stoker.DataLoader(stoker.StreamingDataset(large_jpegs, seed=0), batch_size=8, num_workers=2,
                                collate_fn=transform)
     lines: list[str] = []
     report = watch(loader, 0.001, lines)
@@ -137,8 +126,8 @@ def _labels_only(samples: list[dict]) -> dict:
     return {"label": torch.tensor([int(s["label"]) for s in samples])}
 
 
-def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(jpegs, tmp_path) -> None:
-    run_gloo_ranks(_rank_main, 2, str(tmp_path), jpegs, timeout=120)
+def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(large_jpegs, tmp_path) -> None:
+    run_gloo_ranks(_rank_main, 2, str(tmp_path), large_jpegs, timeout=120)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in reports:
         report = result["report"]
@@ -150,11 +139,11 @@ def test_two_gloo_ranks_name_the_slow_rank_and_its_stage(jpegs, tmp_path) -> Non
     assert "on rank 1" in "\n".join(reports[0]["lines"])
 
 
-def test_slow_object_store_names_remote_reads(jpegs, object_store, tmp_path) -> None:
+def test_slow_object_store_names_remote_reads(large_jpegs, object_store, tmp_path) -> None:
     # Shards of a few images each, so fetching goes on all run long rather than only during start-up; 100 ms
     # before every first byte and 1 MB/s per connection: fetching dwarfs everything else.
     small = str(tmp_path / "small")
-    pack_dataset(str(Path(jpegs).parent / "raw"), small, format="arrow", shard_size=64 << 10, progress=False)
+    pack_dataset(str(Path(large_jpegs).parent / "raw"), small, format="arrow", shard_size=64 << 10, progress=False)
     store = object_store(small, latency=0.1, rate=1e6)
     # No shuffle: a shuffle window wider than this small dataset would fetch every shard during start-up.
     dataset = stoker.StreamingDataset(store.url("s3"), shuffle=False, storage_options=store.storage_options(),
@@ -204,8 +193,9 @@ def test_a_short_run_is_not_starving_because_of_start_up(rows) -> None:
             if step == 19:  # tens of steps
                 break
     report = m.last_report
-    # Counting start-up (0.3 s against 0.6 s of steps), the loop waited a third of its time; the steady state did not.
-    assert report["local"]["data_wait_fraction"] > 0.25
+    # Counting start-up (0.3 s against 0.6 s of steps), the loop waited about a third of its time, far above the
+    # threshold; the steady state did not.
+    assert report["local"]["data_wait_fraction"] > report["local"]["starve_threshold"]
     assert report["state"] == KEEPING_UP, "\n".join(lines)
     assert report["ranks"][0]["startup_wait_s"] >= 0.3
     assert "not counted in the verdict" in "\n".join(lines)
