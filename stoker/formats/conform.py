@@ -13,14 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 
 from stoker.errors import ManifestError, ShardError
 from stoker.formats.integrity import COLUMN as CHECKSUM
-from stoker.formats.shard import arrow_to_numpy
+from stoker.formats.schema import Kind, describe, schema_for
+from stoker.formats.shard import arrow_to_numpy, format_names
 
 _TYPES = {
     "string": pa.string(), "binary": pa.binary(),
@@ -28,11 +29,7 @@ _TYPES = {
     "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(), "uint64": pa.uint64(),
     "list<item: uint16>": pa.list_(pa.uint16()), "list<item: uint32>": pa.list_(pa.uint32()),
 }
-_REQUIRED = {
-    "image": {"key": "string", "label": "int32", "image": "binary", "height": "int32", "width": "int32"},
-    "text": {"key": "string", "length": "int32"},  # plus "tokens": list<item: token_dtype>
-}
-_FORMATS = ("arrow", "msgpack")
+_KINDS = get_args(Kind)
 _TOKEN_DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -59,10 +56,10 @@ def check_manifest_fields(data: dict[str, Any]) -> tuple[Any, ...]:
     """The typed fields of a parsed manifest (kind, format, schema, classes, vocab_size, token_dtype, tokenizer,
     skipped, options, shard entries), or a ManifestError saying which one is wrong."""
     kind, fmt = data.get("kind"), data.get("format")
-    if not _one_of(kind, _REQUIRED):
+    if not _one_of(kind, _KINDS):
         raise ManifestError(f"kind {str(kind)[:40]!r} is not 'image' or 'text'")
-    if not _one_of(fmt, _FORMATS):
-        raise ManifestError(f"format {str(fmt)[:40]!r} is not one of {', '.join(_FORMATS)}")
+    if not _one_of(fmt, format_names()):
+        raise ManifestError(f"format {str(fmt)[:40]!r} is not one of {', '.join(format_names())}")
     dtype, vocab = data.get("token_dtype"), data.get("vocab_size")
     if kind == "text" and not _one_of(dtype, _TOKEN_DTYPES):
         raise ManifestError(f"token_dtype {str(dtype)[:40]!r} is not one of {', '.join(_TOKEN_DTYPES)}")
@@ -78,11 +75,9 @@ def check_manifest_fields(data: dict[str, Any]) -> tuple[Any, ...]:
     for name, type_name in schema.items():
         if not _FIELD_NAME.fullmatch(name) or not _one_of(type_name, _TYPES):
             raise ManifestError(f"schema field {name[:80]!r}: type {str(type_name)[:80]!r} is not one stoker reads")
-    required = dict(_REQUIRED[kind])
-    if data.get("format_version") != 1:  # from version 2 on every sample carries its checksum
-        required[CHECKSUM] = "uint64"
-    if kind == "text":
-        required["tokens"] = f"list<item: {dtype}>"
+    required = describe(schema_for(kind, np.dtype(dtype) if kind == "text" else None))
+    if data.get("format_version") == 1:  # from version 2 on every sample carries its checksum
+        del required[CHECKSUM]
     for name, type_name in required.items():
         if schema.get(name) != type_name:
             raise ManifestError(f"schema field {name!r} is {schema.get(name)!r}; a {kind} dataset has {type_name!r}")
@@ -127,9 +122,11 @@ def check_schema(shard: str, schema: pa.Schema, rules: Rules) -> None:
         raise ShardError(shard, f"schema carries metadata {sorted(schema.metadata)[:4]}; stoker's shards have none", 0)
 
 
-def check_batch(shard: str, batch: pa.RecordBatch, first_row: int, rules: Rules) -> None:
+def check_batch(shard: str, batch: pa.RecordBatch, first_row: int, rules: Rules,
+                lengths: np.ndarray | None = None) -> None:
     """A ShardError naming the row unless every value of `batch` (rows from `first_row` of `shard`) is one the
-    manifest allows; one vectorised pass per column."""
+    manifest allows; one vectorised pass per column. `lengths`: the manifest's token counts of these rows, which
+    the stored token lists must have."""
     def fail(message: str, at: np.ndarray) -> ShardError:
         return ShardError(shard, message, row=first_row + int(np.flatnonzero(at)[0]))
 
@@ -160,13 +157,21 @@ def check_batch(shard: str, batch: pa.RecordBatch, first_row: int, rules: Rules)
             bad = arrow_to_numpy(column) < 0
             if bad.any():
                 raise fail(f"column {name!r} is negative", bad)
-    if "length" in batch.schema.names and "tokens" in batch.schema.names:
-        counts = np.diff(arrow_to_numpy(batch.column("tokens").offsets))
-        lengths = arrow_to_numpy(batch.column("length"))
-        bad = lengths != counts
+    if "tokens" not in batch.schema.names:
+        return
+    counts = np.diff(arrow_to_numpy(batch.column("tokens").offsets))
+    if "length" in batch.schema.names:
+        said = arrow_to_numpy(batch.column("length"))
+        bad = said != counts
         if bad.any():
             at = int(np.flatnonzero(bad)[0])
-            raise fail(f"column 'length' says {int(lengths[at])} but {int(counts[at])} tokens are stored", bad)
+            raise fail(f"column 'length' says {int(said[at])} but {int(counts[at])} tokens are stored", bad)
+    if lengths is not None:
+        bad = counts != lengths
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise fail(f"column 'tokens' has {int(counts[at])} tokens but the manifest records {int(lengths[at])}",
+                       bad)
 
 
 def _nulls(array: pa.Array) -> np.ndarray:

@@ -33,7 +33,8 @@ FOOTER_MAGIC = b"STKMIDX1"
 _FOOTER = struct.Struct("<QQ8s")
 VERSION = 1
 MAX_FIELDS = 64
-_SCALARS = (str, bytes, int, float, bool, type(None))
+# What the unpacker can build besides scalars within its limits (no entries in arrays or ext types): never a value.
+_NOT_SCALARS = frozenset({dict, list, msgpack.ExtType})
 
 
 class MsgpackShardWriter(ShardWriter):
@@ -137,15 +138,11 @@ class MsgpackShardReader(ShardReader):
 
     def _record(self, row: int) -> dict[str, Any]:
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
-        view = self._data[start:end]
         try:
-            record = msgpack.unpackb(view, max_map_len=len(self._fields), max_array_len=0, max_ext_len=0,
-                                     object_hook=_flat)
+            record = _unpack(self._data, start, end, len(self._fields))
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise self._fail(f"record {row} is corrupt ({exc})", start, row) from None
-        finally:
-            view.release()  # an error's traceback keeps this frame: the file's map must still be closable
-        if type(record) is not dict or len(record) != len(self._fields):
+        if len(record) != len(self._fields):
             raise self._fail(f"record {row} does not have the fields {self.schema.names}", start, row)
         for name, python, low, high, width in self._fields:
             value = record.get(name, record)  # the record itself as a value of no field's type: missing
@@ -201,29 +198,29 @@ def _field_check(field: pa.Field) -> tuple[str, type, int, int, int]:
 
 
 def _flat(pairs: dict[Any, Any]) -> dict[Any, Any]:
-    # Arrays are refused by the unpacker's limits, so a map is the only value that can nest.
     for value in pairs.values():
-        if type(value) is dict:
-            raise TypeError("a nested map where a value belongs")
+        if type(value) in _NOT_SCALARS:
+            raise TypeError("a nested map or array where a value belongs")
     return pairs
 
 
 def _unpack(data: memoryview, start: int, end: int, max_entries: int, nested: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The msgpack map in data[start:end], of at most `max_entries` scalar values (maps only under the keys `nested`). No arrays, no
-    ext types, and a map where none belongs fails as soon as it is built: input of N bytes never builds more than
-    a few small maps, whatever it claims."""
-    def only_scalars(pairs: dict[Any, Any]) -> dict[Any, Any]:
-        if any(not isinstance(v, _SCALARS) and k not in nested for k, v in pairs.items()):
+    """The msgpack map in data[start:end], of at most `max_entries` scalar values (maps only under the keys `nested`).
+    No arrays, no ext types, and a map where none belongs fails as soon as it is built: input of N bytes never
+    builds more than a few small maps, whatever it claims."""
+    def flat_but_nested(pairs: dict[Any, Any]) -> dict[Any, Any]:
+        if any(type(v) in _NOT_SCALARS and k not in nested for k, v in pairs.items()):
             raise TypeError("a nested map or array where a value belongs")
         return pairs
 
     view = data[start:end]
     try:
+        # _flat, not a closure, for records: this runs once per sample read.
         record = msgpack.unpackb(view, max_map_len=max_entries, max_array_len=0, max_ext_len=0,
-                                 object_hook=only_scalars)
+                                 object_hook=flat_but_nested if nested else _flat)
     finally:
         view.release()  # an error's traceback keeps this frame: the file's map must still be closable
-    if not isinstance(record, dict):
+    if type(record) is not dict:
         raise TypeError(f"expected a map, found {type(record).__name__}")
     return record
 
