@@ -26,7 +26,8 @@ _FLAGS = (("on_error='skip'", "--on-error skip"), ("overwrite=True", "--overwrit
           ("vocab_size", "--vocab-size"), ("max_side=", "--max-side "), ("shard_size=", "--shard-size "),
           ("tokenizer=", "--tokenizer "), ("on_error=", "--on-error "), ("validate=", "--validate "),
           ("workers=", "--workers "), ("engine=", "--engine "), ("ray_address=", "--ray-address "),
-          ("max_retries=", "--max-retries "), ("format=", "--format "), ("part=", "--part "))
+          ("max_retries=", "--max-retries "), ("format=", "--format "), ("part=", "--part "),
+          ("seconds=", "--seconds "), ("batch_size=", "--batch-size "), ("num_gpus=", "--gpus "))
 
 
 def cli_wording(message: str) -> str:

@@ -16,6 +16,7 @@ from stoker.errors import ConfigError
 from stoker.formats.pack import pack_dataset
 from stoker.perf import monitor_report, stages
 from stoker.perf.bench import Consumption, Stage, bench_pipeline, resolve_consumption, time_stage
+from stoker.perf.stages import BenchOptions
 from stoker.synthetic import make_image_tree, make_text_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,9 +164,20 @@ def test_a_missing_loader_is_reported_in_its_row_and_the_rest_still_judged(packe
     assert data["verdict"]["keeps_up"] is True
 
 
-def test_cli_rejects_a_bad_option(packed_images: Path, capsys) -> None:
-    assert main(["bench", str(packed_images), "--seconds", "0"]) == 2
-    assert "--seconds must be positive" in capsys.readouterr().err
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--seconds", "0", "--seconds 0.0 must be positive"),
+    ("--batch-size", "0", "--batch-size 0 must be at least 1"),
+    ("--workers", "-1", "--workers -1 must be 0 or more"),
+    ("--gpus", "0", "--gpus 0 must be at least 1"),
+])
+def test_cli_rejects_a_bad_option_in_its_own_flags(packed_images: Path, capsys, flag, value, expected) -> None:
+    assert main(["bench", str(packed_images), flag, value, "--step-time", "0.1"]) == 2
+    assert f"error: {expected}" in capsys.readouterr().err
+
+
+def test_bench_options_word_errors_for_python_callers() -> None:
+    with pytest.raises(ConfigError, match=r"^batch_size=0 must be at least 1$"):
+        BenchOptions(batch_size=0)
 
 
 def test_cli_without_a_consumption_rate_says_how_to_get_a_verdict(packed_images: Path, capsys) -> None:

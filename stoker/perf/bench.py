@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from stoker import storage
 from stoker.errors import ConfigError
+from stoker.formats.manifest import Manifest
 from stoker.perf.diagnosis import RunFacts
 from stoker.perf.monitor_report import pyplot
 from stoker.perf.report import BenchReport, format_bench, machine_info, plot_bench
@@ -45,19 +46,18 @@ def bench_pipeline(stages: Sequence[Stage], seconds: float = DEFAULT_SECONDS, *,
 
 
 def bench_dataset(source: str, options: BenchOptions | None = None, *,
-                  consumption: Consumption | None = None) -> BenchReport:
-    """Measure every stage of loading the packed dataset at `source` (directory or URL) and judge the result."""
+                  consumption: Consumption | None = None, manifest: Manifest | None = None) -> BenchReport:
+    """Measure every stage of loading the packed dataset at `source` (directory or URL) and judge the result;
+    `manifest`: the dataset's, when the caller has already loaded it."""
     import torch
 
-    from stoker.formats.manifest import Manifest
-
     options = options or BenchOptions()
-    manifest = Manifest.load(source, options.storage_options)
+    manifest = manifest or Manifest.load(source, options.storage_options)
     if not manifest.num_samples:
         raise ConfigError(f"{storage.redact(source)} holds no samples; nothing to measure")
     image = manifest.kind == "image"
     unit = "img/s" if image else "tokens/s"
-    batch = options.batch_size or (64 if image else 32)
+    batch = options.batch(image)
     workers = usable_cores() if options.workers is None else options.workers
     results = dataset_stages(source, manifest, options)
     facts = RunFacts(num_workers=workers, usable_cores=usable_cores(), cuda=torch.cuda.is_available(),
@@ -96,29 +96,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run `stoker bench` from parsed arguments; prints the table (or JSON) and saves the plot."""
-    from stoker.formats.manifest import Manifest
-
-    for flag, value, low in (("--seconds", args.seconds, 0.0), ("--batch-size", args.batch_size, 1),
-                             ("--workers", args.workers, 0), ("--gpus", args.gpus, 1)):
-        if value is not None and (value < low or (flag == "--seconds" and value <= 0)):
-            raise ConfigError(f"{flag} must be {'positive' if flag == '--seconds' else f'at least {low}'}, "
-                              f"got {value}")
-    if args.plot:
-        pyplot("stoker bench --plot")  # fail before minutes of measuring, not after
+    # Bad values raise here, before minutes of measuring, worded for the Python API: `stoker`'s error handler shows
+    # the command line's flags instead (`cli.cli_wording`).
     options = BenchOptions(seconds=args.seconds, batch_size=args.batch_size, workers=args.workers, size=args.size)
+    if args.plot:
+        pyplot("stoker bench --plot")
     manifest = Manifest.load(args.dataset)
     image = manifest.kind == "image"
-    batch = args.batch_size or (64 if image else 32)
+    batch = options.batch(image)
     # For text, a step of `batch` sequences consumes `batch` x the mean sequence length in tokens.
     per_sample = 1.0 if image else float(manifest.lengths.mean()) if manifest.num_samples else 0.0
     consumption = resolve_consumption(step_time=args.step_time, items_per_step=batch * per_sample, model=args.model,
                                       gpu=args.gpu, num_gpus=args.gpus, unit="img/s" if image else "tokens/s")
     if args.tune:
         seconds = args.seconds if args.seconds != DEFAULT_SECONDS else 2.0
-        result = sweep_settings(args.dataset, replace(options, seconds=seconds), consumption=consumption)
+        result = sweep_settings(args.dataset, replace(options, seconds=seconds), consumption=consumption,
+                                manifest=manifest)
         print(json.dumps(result.to_dict(), indent=2) if args.json else format_sweep(result))
         return 0
-    report = bench_dataset(args.dataset, options, consumption=consumption)
+    report = bench_dataset(args.dataset, options, consumption=consumption, manifest=manifest)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_bench(report))
     if args.plot:
         plot_bench(report, args.plot)

@@ -46,12 +46,17 @@ class BenchOptions:
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        # Worded as `name=value` so that `stoker bench` shows its own flags instead (`cli.cli_wording`).
         if not self.seconds > 0:
-            raise ConfigError(f"seconds must be positive, got {self.seconds}")
+            raise ConfigError(f"seconds={self.seconds} must be positive")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
         if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+            raise ConfigError(f"workers={self.workers} must be 0 or more")
+
+    def batch(self, image: bool) -> int:
+        """Samples per batch: `batch_size`, else 64 images or 32 text samples."""
+        return self.batch_size or (64 if image else 32)
 
 
 def _shard_urls(source: str, manifest: Any) -> list[str]:
@@ -320,7 +325,7 @@ def _loader(source: str, options: BenchOptions, image: bool, batch: int, workers
 def dataset_stages(source: str, manifest: Any, options: BenchOptions) -> list[StageResult]:
     """Time every stage of loading the packed dataset at `source` (its manifest already loaded)."""
     image = manifest.kind == "image"
-    batch = options.batch_size or (64 if image else 32)
+    batch = options.batch(image)
     workers = usable_cores() if options.workers is None else options.workers
     lanes = max(1, min(workers, usable_cores()))  # one copy per worker; workers beyond the cores add nothing
     seconds = options.seconds

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from stoker.formats.manifest import Manifest
 from stoker.perf.loaders import count_items, make_loader
 from stoker.perf.stages import BenchOptions
 from stoker.perf.timing import usable_cores
@@ -75,13 +76,13 @@ def measure(source: str, options: BenchOptions, image: bool, batch: int, workers
     return Trial(workers, prefetch, rate, first)
 
 
-def sweep_settings(source: str, options: BenchOptions, *, consumption: Consumption | None = None) -> Sweep:
-    """Measure every setting of `settings()` on `source` and pick one (see the module docstring)."""
-    from stoker.formats.manifest import Manifest
-
-    manifest = Manifest.load(source, options.storage_options)
+def sweep_settings(source: str, options: BenchOptions, *, consumption: Consumption | None = None,
+                   manifest: Manifest | None = None) -> Sweep:
+    """Measure every setting of `settings()` on `source` and pick one (see the module docstring); `manifest`:
+    the dataset's, when the caller has already loaded it."""
+    manifest = manifest or Manifest.load(source, options.storage_options)
     image = manifest.kind == "image"
-    batch = options.batch_size or (64 if image else 32)
+    batch = options.batch(image)
     trials = tuple(measure(source, options, image, batch, w, p) for w, p in settings(usable_cores()))
     measured = [t for t in trials if t.rate is not None]
     if not measured:

@@ -86,7 +86,7 @@ def resolve_consumption(*, step_time: float | None = None, items_per_step: float
                         unit: str = "img/s") -> Consumption | None:
     """The consumption rate from a measured step (`step_time`, `items_per_step`) or the reference table; or None."""
     if num_gpus < 1:
-        raise ConfigError(f"num_gpus must be at least 1, got {num_gpus}")
+        raise ConfigError(f"num_gpus={num_gpus} must be at least 1")
     if step_time is not None and model is not None:
         raise ConfigError("give either a measured step (step_time, items_per_step) or a reference (model, gpu)")
     if step_time is not None:
