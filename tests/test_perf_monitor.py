@@ -103,6 +103,22 @@ def test_stage_times_name_the_slow_stage_and_give_its_advice() -> None:
     assert "decode 6.0" in "\n".join(lines)
 
 
+def test_a_single_rank_report_judges_the_rank_once(monkeypatch) -> None:
+    from stoker.perf import diagnosis
+
+    calls = []
+    real = diagnosis.diagnose
+    monkeypatch.setattr(diagnosis, "diagnose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = monitor(StagedLoader(15, 0.001), log_every=0, **quiet())
+    for _ in m:
+        pass
+    calls.clear()
+    report = m.report()
+    assert len(calls) == 1
+    assert report["ranks"][0]["headline"] == report["headline"] == report["local"]["headline"]
+    assert report["ranks"][0]["stage"] == report["bottleneck_stage"] == "decode"
+
+
 def test_stage_times_found_on_the_dataset_as_a_plain_dict() -> None:
     class Dataset:
         stage_times = {"read": 0.0, "decode": 0.0}

@@ -266,7 +266,7 @@ class Monitor:
             "headline": judged.headline,
             "starving": starving,
             "bottleneck": _bottleneck(judged.state),
-            "bottleneck_stage": judged.stage if starving else None,
+            "bottleneck_stage": judged.stage,
             "stage_seconds": stages,
             "stage_ms_per_batch": {k: v * 1e3 for k, v in judged.stage_costs.items()},
             "stage_shares": {k: v / total for k, v in stages.items()} if total > 0 else {},
@@ -279,17 +279,22 @@ class Monitor:
         """Build the report, across ranks when distributed (a collective: call it on every rank), and log it."""
         local = self.metrics()
         everyone = aggregate and self._aggregate
-        ranks = self._gather(local) if everyone else [rank_rows.rank_row(local)]
-        for row in ranks:
-            facts = replace(self._facts, num_workers=row["num_workers"], has_stage_times=row["has_stage_times"],
-                            backend=row["backend"])
-            judged = self._diagnose(Phase(row["steady_steps"], row["steady_wait_s"], row["steady_compute_s"]),
-                                    Phase(row["startup_steps"], row["startup_wait_s"], row["startup_compute_s"]),
-                                    row["stage_seconds"] if row["has_stage_times"] else None, facts,
-                                    where=f" on rank {row['rank']}" if len(ranks) > 1 else "")
-            row.update(state=judged.state, headline=judged.headline, advice=list(judged.advice),
-                       stage=judged.stage if judged.state == diagnosis.STARVING else None,
-                       stage_ms_per_batch={k: v * 1e3 for k, v in judged.stage_costs.items()})
+        if everyone:
+            ranks = self._gather(local)
+            for row in ranks:  # each rank judged with its own facts, its headline naming it among several
+                facts = replace(self._facts, num_workers=row["num_workers"],
+                                has_stage_times=row["has_stage_times"], backend=row["backend"])
+                judged = self._diagnose(Phase(row["steady_steps"], row["steady_wait_s"], row["steady_compute_s"]),
+                                        Phase(row["startup_steps"], row["startup_wait_s"], row["startup_compute_s"]),
+                                        row["stage_seconds"] if row["has_stage_times"] else None, facts,
+                                        where=f" on rank {row['rank']}" if len(ranks) > 1 else "")
+                row.update(state=judged.state, headline=judged.headline, advice=list(judged.advice),
+                           stage=judged.stage,
+                           stage_ms_per_batch={k: v * 1e3 for k, v in judged.stage_costs.items()})
+        else:  # this rank alone: `metrics` has judged it already
+            ranks = [rank_rows.rank_row(local)]
+            ranks[0].update(state=local["state"], headline=local["headline"], advice=local["advice"],
+                            stage=local["bottleneck_stage"], stage_ms_per_batch=local["stage_ms_per_batch"])
         # Under DDP every rank runs at the pace of the slowest, which waits in next() while the others wait in
         # all-reduce (counted as their compute): the slowest rank is the one with most steady data wait per step.
         slowest = max(ranks, key=rank_rows.wait_per_step)
