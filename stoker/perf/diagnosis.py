@@ -282,16 +282,18 @@ def diagnose(steady: Phase, startup: Phase, stage_times: Mapping[str, float] | N
 
 def _handoff_wait(figure: str, costs: Mapping[str, float], steady: Phase,
                   facts: RunFacts) -> tuple[str, tuple[str, ...]]:
-    """Headline and advice when the loop waits although every stage is faster than the step: the workers keep
-    ahead, so what the loop waits for is each batch being handed over to it, which more workers do not shorten."""
+    """Headline and advice when the loop waits although every stage is faster than the step: the wait is not stage
+    work but batches being handed over to the training process, which more workers do not shorten."""
     slowest = slowest_stage(costs)
     assert slowest is not None
     step, wait = step_seconds(steady), steady.wait_s / steady.steps
     headline = (f"{figure}: no loader stage is slower than the step (the slowest, {describe(slowest, facts)}, "
                 f"takes {costs[slowest] * 1e3:.2f} ms per batch against {step * 1e3:.1f} ms of compute per step); "
-                f"the {wait * 1e3:.2f} ms waited per step is the hand-off of each batch to the training process")
+                f"the {wait * 1e3:.2f} ms waited per step goes to handing batches over to the training process, "
+                "not to a stage")
     lines = (f"The loader's stages keep ahead of the step, so neither more workers nor faster stages remove this "
-             f"wait: it is a fixed cost of taking each batch in ({wait * 1e3:.2f} ms per step, "
-             f"{steady.fraction:.1%} of a {(step + wait) * 1e3:.1f} ms step). For steps this short it is expected: "
-             "raise monitor(starve_threshold=...) above it.",)
+             f"wait ({wait * 1e3:.2f} ms per step, {steady.fraction:.1%} of a {(step + wait) * 1e3:.1f} ms step): "
+             "taking batches in costs the training process about a millisecond for each message of batches from a "
+             "worker, more when the CPU is busy. For steps this short it is expected: raise "
+             "monitor(starve_threshold=...) above it.",)
     return headline, lines
