@@ -188,8 +188,9 @@ def test_waits_with_every_stage_faster_than_the_step_are_the_hand_off_not_a_stag
     assert verdict.state == STARVING and verdict.stage is None
     assert verdict.headline == (
         "STARVING 7% of step time: no loader stage is slower than the step (the slowest, local shard reads, takes "
-        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step goes to handing "
-        "batches over to the training process, not to a stage")
+        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step is not a stage's work: "
+        "it goes to handing batches over to the training process, and to workers waiting for a core when the CPU "
+        "is busy")
     text = "\n".join(verdict.advice)
     assert "neither more workers nor faster stages" in text and "starve_threshold" in text
     assert "Raise num_workers" not in text and "NVMe" not in text
