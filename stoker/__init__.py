@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; written out by hand so readers and type checkers can follow it.
 _EXPORTS = {
     "BucketBatchSampler": "stoker.bucketing.samplers",
+    "BucketedStream": "stoker.bucketing.bucketed",
     "DataLoader": "stoker.dataloader.loader",
     "Manifest": "stoker.formats.manifest",
     "ReadOptions": "stoker.dataloader.reader",
@@ -47,6 +48,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from stoker.augment.registry import build_transform
     from stoker.augment.spec import TransformSpec
+    from stoker.bucketing.bucketed import BucketedStream
     from stoker.bucketing.collate import pack_collate, pad_collate
     from stoker.bucketing.samplers import BucketBatchSampler, TokenBudgetBatchSampler
     from stoker.dataloader.loader import DataLoader

@@ -57,9 +57,14 @@ class StageClock:
 
     def take(self) -> dict[str, float]:
         """Seconds per stage added since the last call (what a worker sends with a message)."""
-        out = {k: v - self._taken.get(k, 0.0) for k, v in self._totals.items() if v != self._taken.get(k, 0.0)}
+        out = added(self._totals, self._taken)
         self._taken = dict(self._totals)
         return out
+
+
+def added(now: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    """Seconds per stage that cumulative times `now` add to an earlier reading `before` (stages that moved only)."""
+    return {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
 
 
 def sum_times(*parts: Mapping[str, float]) -> dict[str, float]:

@@ -91,8 +91,9 @@ class BucketedStream(IterableDataset):
         return int(self._epoch[0])
 
     def stage_times(self) -> dict[str, float]:
-        """Busy seconds per stage of iterating in this process: the wrapped dataset's (when it reports them) and
-        this stream's bucketing, counted as "collate"."""
+        """Busy seconds per stage of iterating in this process (in a DataLoader worker: that worker's, which
+        stoker.DataLoader collects with each batch): the wrapped dataset's (when it reports them) and this stream's
+        bucketing, counted as "collate"."""
         inner = getattr(self.dataset, "stage_times", None)
         return sum_times(inner() if inner is not None else {}, self._clock.totals())
 

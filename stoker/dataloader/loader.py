@@ -168,10 +168,11 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
     def stage_times(self) -> dict[str, float]:
         """Busy seconds per pipeline stage since this loader was built, summed over its workers, in this process.
 
-        Keys (`stoker.clock.STAGES`) appear once their stage ran. A StreamingDataset's stages are timed
-        in the workers; another dataset's only when it reports them itself (`stage_times()`) and runs without
-        workers, since torch's own workers have no way to send them."""
-        if self._streaming:
+        Keys (`stoker.clock.STAGES`) appear once their stage ran. A StreamingDataset's stages and a BucketedStream's
+        (any resumable iterable's: its own `stage_times()` and `collate_fn`) are timed in the workers and sent with
+        each batch; another dataset's only when it reports them itself (`stage_times()`) and runs without workers,
+        since torch's own workers have no way to send them."""
+        if self._streaming or self._resumable:
             return self._clock.totals()
         own = getattr(self.dataset, "stage_times", None)
         return own() if own is not None and self.num_workers == 0 else {}
@@ -231,9 +232,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         resume = self._resume if self._resume_pending and self._resume.epoch == epoch else None
         self._resume_pending = False  # a `set_epoch` to another epoch since the load discards it
         if self._inner is None or resume is not None:
-            collate = self._user_collate or torch.utils.data.default_convert
             self._inner = torch.utils.data.DataLoader(
-                resumable.WorkerView(self.dataset, collate, resume), batch_size=None, num_workers=self.num_workers,
+                resumable.WorkerView(self.dataset, self._user_collate, resume), batch_size=None, num_workers=self.num_workers,
                 collate_fn=_passthrough, pin_memory=self.pin_memory, timeout=self.timeout,
                 worker_init_fn=self.worker_init_fn, multiprocessing_context=self.multiprocessing_context,
                 generator=self.generator, prefetch_factor=self.prefetch_factor,
@@ -243,7 +243,7 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         inner = _forking(self._inner.__iter__)
         self._inner.dataset.started()
         self._resume = resume or resumable.WorkerStates.fresh(epoch, self.num_workers)
-        return resumable.ResumableIterator(self.dataset, inner, self._resume)
+        return resumable.ResumableIterator(self.dataset, inner, self._resume, self._clock)
 
     def _start_batches(self, topology: tuple[int, int], first_batch: int = 0) -> tuple[Any, bool]:
         """(iterator of the inner loader, whether its workers are new rather than persistent ones reused);

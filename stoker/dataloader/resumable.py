@@ -4,7 +4,8 @@ A dataset qualifies (`is_resumable`) when it is an IterableDataset with `order_c
 and `iter(dataset)` gives an iterator with `state_dict()` and `load_state_dict()` (called before its first item),
 as `stoker.bucketing.bucketed.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset,
 so each worker's iterator holds that worker's progress: here every item travels with its worker's iterator state
-after it (`Checkpointed`). The training process delivers the items in torch's order -- round robin over the
+after it (`Checkpointed`), and with the stage seconds the worker spent since its previous message: the dataset's own
+clocks (`stage_times()`, e.g. a BucketedStream's reads and bucketing) and `collate_fn`'s. The training process delivers the items in torch's order -- round robin over the
 workers, skipping those that have ended -- and keeps each worker's state as of the last item of it delivered.
 
 A checkpoint is those states, which workers had ended and whose turn is next. Resuming gives each worker its state
@@ -15,13 +16,16 @@ so a checkpoint fits only the same ones (and the same `order_config()`); anythin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_convert, get_worker_info
 
 from stoker.checkpoint import check_checkpoint
+from stoker.clock import StageClock, added, sum_times
+from stoker.dataloader.workers import PickleSeconds, UnpickleStart
 from stoker.errors import StateError, StokerError
 
 STATE_VERSION = 1
@@ -82,23 +86,40 @@ def read_state(state: Any, config: dict[str, Any]) -> WorkerStates:
 
 class Checkpointed:
     """Item number `number` of DataLoader worker `worker`, with that worker's iterator state after it; `end`: the
-    worker's last message, which holds no item."""
+    worker's last message, which holds no item. `times`: the worker's stage seconds since its previous message;
+    crossing processes adds "handoff", pinning adds "pin" (as for `workers.Bundle`)."""
 
-    def __init__(self, worker: int, number: int, state: Any, item: Any, end: bool = False) -> None:
+    def __init__(self, worker: int, number: int, state: Any, item: Any, end: bool = False,
+                 times: dict[str, float] | None = None) -> None:
         self.worker, self.number, self.state, self.item, self.end = worker, number, state, item, end
+        self.times = {} if times is None else times
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_arrived, (UnpickleStart(), self.worker, self.number, self.state, self.item, self.end, self.times,
+                           PickleSeconds(time.perf_counter())))
 
     def pin_memory(self) -> Checkpointed:
         """What torch's pin-memory thread calls: the item pinned as torch pins a lone batch."""
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return Checkpointed(self.worker, self.number, self.state, pin_memory(self.item), self.end)
+        start = time.perf_counter()
+        item = pin_memory(self.item)
+        return Checkpointed(self.worker, self.number, self.state, item, self.end,
+                            sum_times(self.times, {"pin": time.perf_counter() - start}))
+
+
+def _arrived(start: float, worker: int, number: int, state: Any, item: Any, end: bool, times: dict[str, float],
+             pickled: float) -> Checkpointed:
+    return Checkpointed(worker, number, state, item, end,
+                        sum_times(times, {"handoff": pickled + time.perf_counter() - start}))
 
 
 class WorkerView(IterableDataset):
     """What the inner torch DataLoader iterates: in each worker (or in this process), the dataset's items through
-    `collate_fn`, as `Checkpointed` messages; `resume` holds each worker's entry of a checkpoint, used once."""
+    `collate_fn` (None: torch's default_convert), as `Checkpointed` messages; `resume` holds each worker's entry of
+    a checkpoint, used once."""
 
-    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], resume: WorkerStates | None) -> None:
+    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any] | None, resume: WorkerStates | None) -> None:
         self.dataset, self.collate_fn, self.resume = dataset, collate_fn, resume
 
     def __iter__(self) -> Iterator[Checkpointed]:
@@ -116,10 +137,19 @@ class WorkerView(IterableDataset):
 
 
 class _Tagged:
-    """One worker's pass: its items, each with the iterator's state after it, then one end message."""
+    """One worker's pass: its items, each with the iterator's state after it, then one end message; each message
+    with the stage seconds spent since the previous one (the dataset's clocks and this pass's `collate_fn`)."""
 
-    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any], worker: int, state: Any, ended: bool) -> None:
-        self.collate_fn, self.worker = collate_fn, worker
+    def __init__(self, dataset: Any, collate_fn: Callable[[Any], Any] | None, worker: int, state: Any,
+                 ended: bool) -> None:
+        self.collate_fn, self.worker = collate_fn or default_convert, worker
+        # The loader's collate_fn counts as "transform", as on StreamingDataset's path; torch's default_convert
+        # (no collate_fn) as "collate", the batching's own.
+        self.collate_stage = "collate" if collate_fn is None else "transform"
+        self.clock = StageClock()
+        own = getattr(dataset, "stage_times", None)
+        self.dataset_times: Callable[[], dict[str, float]] | None = own if callable(own) else None
+        self.seen = self.dataset_times() if self.dataset_times is not None else {}  # cumulative, in this process
         self.number = 0
         self.ended = ended
         self.iterator = None if ended else iter(dataset)
@@ -139,10 +169,22 @@ class _Tagged:
             item = next(self.iterator)
         except StopIteration:
             self.iterator = None
-            return Checkpointed(self.worker, self.number, None, None, end=True)
-        message = Checkpointed(self.worker, self.number, self.iterator.state_dict(), self.collate_fn(item))
+            return Checkpointed(self.worker, self.number, None, None, end=True, times=self._take())
+        start = time.perf_counter()
+        batch = self.collate_fn(item)
+        self.clock.add(self.collate_stage, time.perf_counter() - start)
+        message = Checkpointed(self.worker, self.number, self.iterator.state_dict(), batch, times=self._take())
         self.number += 1
         return message
+
+    def _take(self) -> dict[str, float]:
+        # Stage seconds since the previous message: a few dict operations per batch, no clock reads.
+        own = self.clock.take()
+        if self.dataset_times is None:
+            return own
+        now = self.dataset_times()
+        since, self.seen = added(now, self.seen), now
+        return sum_times(since, own)
 
 
 @dataclass
@@ -154,6 +196,7 @@ class ResumableIterator:
     dataset: Any
     inner: Iterator[Checkpointed]
     progress: WorkerStates
+    clock: StageClock  # the loader's: each message's stage seconds are added to it on arrival
     received: dict[tuple[int, int], Checkpointed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -190,6 +233,7 @@ class ResumableIterator:
                 message = next(self.inner)
             except StopIteration:
                 raise StokerError(f"DataLoader worker {worker} stopped without its end message") from None
+            self.clock.merge(message.times)
             self.received[(message.worker, message.number)] = message
         self.counts[worker] += 1
         return self.received.pop(key)

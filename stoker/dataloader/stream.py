@@ -151,8 +151,12 @@ class StreamingDataset(IterableDataset):
         return stream_config(self.manifest, seed=self.seed, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
 
     def stage_times(self) -> dict[str, float]:
-        """Busy seconds per stage (`clock.STAGES`) of iterating this dataset in this process, without workers."""
-        return self._clock.totals()
+        """Busy seconds per stage (`clock.STAGES`) of iterating this dataset in this process; inside a DataLoader
+        worker, that worker's (what a wrapper such as BucketedStream sends on to stoker.DataLoader)."""
+        if get_worker_info() is None:
+            return self._clock.totals()
+        resources = self._resources
+        return resources.clock.totals() if resources is not None and resources.pid == os.getpid() else {}
 
     def __len__(self) -> int:
         """Samples this rank gets in the current epoch (all of them when not distributed)."""

@@ -94,8 +94,8 @@ class Bundle:
         self.skipped = skipped
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_bundle_arrived, (_UnpickleStart(), self.worker, self.first, self.items, self.times, self.skipped,
-                                  _PickleSeconds(time.perf_counter())))
+        return (_bundle_arrived, (UnpickleStart(), self.worker, self.first, self.items, self.times, self.skipped,
+                                  PickleSeconds(time.perf_counter())))
 
     def pin_memory(self) -> Bundle:
         """What torch's pin-memory thread calls: pin each batch as it would pin a lone one."""
@@ -107,16 +107,18 @@ class Bundle:
                       self.skipped)
 
 
-class _UnpickleStart:
-    # Pickled first among a message's arguments: unpickling it reads the clock, so the function that rebuilds the
-    # message (unpickled last) knows how long unpickling its batches took.
+class UnpickleStart:
+    """Pickled first among a message's arguments: unpickling it reads the clock, so the function that rebuilds the
+    message (unpickled last) knows how long unpickling its batches took."""
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (time.perf_counter, ())
 
 
-class _PickleSeconds:
-    # Pickled last among a message's arguments: it turns into the seconds the worker spent pickling the batches
-    # before it (moving tensors into shared memory included).
+class PickleSeconds:
+    """Pickled last among a message's arguments: it turns into the seconds the worker spent pickling the batches
+    before it (moving tensors into shared memory included)."""
+
     def __init__(self, start: float) -> None:
         self.start = start
 
@@ -139,8 +141,8 @@ class WireBundle:
         self.skipped = 0  # as `Bundle.skipped`
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (unpack_bundle, (_UnpickleStart(), self.worker, self.first, self.key, self.slab, self.replaced,
-                                self.parts, self.times, self.skipped, _PickleSeconds(time.perf_counter())))
+        return (unpack_bundle, (UnpickleStart(), self.worker, self.first, self.key, self.slab, self.replaced,
+                                self.parts, self.times, self.skipped, PickleSeconds(time.perf_counter())))
 
 
 def unpack_bundle(start: float, worker: int, first: int, key: Key | None, slab: torch.Tensor | None,

@@ -1,0 +1,144 @@
+"""Stage clocks of a BucketedStream through stoker.DataLoader, in real worker processes, and the monitor's verdict on
+such a text loader.
+
+Each worker sends the stage seconds it spent since its previous batch with the batch (the wrapped StreamingDataset's
+reads and transform, the bucketing, the collate_fn); the loader adds them up. No timed assertions: the costly stage
+sleeps a known time per sample or per batch, so its total has a floor and it comes out on top on any machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import stoker
+from stoker import DataLoader, StreamingDataset
+from stoker.clock import STAGES
+from stoker.perf.diagnosis import KEEPING_UP, STARVING
+from stoker.synthetic import make_dataset
+
+ROWS = (60, 60)  # 120 text samples
+BATCH = 4  # samples per bucketed batch: 30 batches, enough steady steps for the monitor to judge
+SLEEP = 0.02  # per batch in a costly collate_fn
+SAMPLE_SLEEP = 0.01  # per sample in a costly transform
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("txt"), rows=ROWS, kind="text", fmt="msgpack")
+
+
+def slow_transform(sample):
+    time.sleep(SAMPLE_SLEEP)
+    return sample
+
+
+class SlowPad:
+    """pad_collate that also sleeps per batch: a costly collate_fn (a class, so spawned workers can pickle it)."""
+
+    def __init__(self) -> None:
+        self.pad = stoker.pad_collate()
+
+    def __call__(self, samples):
+        time.sleep(SLEEP)
+        return self.pad(samples)
+
+
+def loader(text, workers, *, transform=None, collate_fn=None, persistent=False):
+    stream = stoker.BucketedStream(StreamingDataset(text, seed=0, transform=transform), batch_size=BATCH,
+                                   buffer_size=32, seed=1)
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
+                      collate_fn=stoker.pad_collate() if collate_fn is None else collate_fn)
+
+
+def samples_in(batches):
+    return sum(int(b["lengths"].numel()) for b in batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_costly_transform_of_the_wrapped_dataset_comes_back_from_every_worker(text, workers):
+    it = loader(text, workers, transform=slow_transform)
+    assert it.stage_times() == {}  # nothing ran yet
+    assert samples_in(list(it)) == sum(ROWS)
+    times = it.stage_times()
+    assert set(times) <= set(STAGES) and all(v > 0 for v in times.values())
+    # Every sample slept in the transform, in whichever worker read it: all of it is counted, not one worker's share.
+    assert times["transform"] >= sum(ROWS) * SAMPLE_SLEEP
+    assert max(times, key=times.get) == "transform"
+    # The wrapped dataset's reads and the stream's bucketing ("collate") are their own stages.
+    assert {"read", "collate"} <= set(times)
+    assert ("handoff" in times) == (workers > 0)  # batches crossed processes only with workers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_costly_collate_fn_is_the_largest_stage(text, workers):
+    it = loader(text, workers, collate_fn=SlowPad())
+    batches = list(it)
+    assert samples_in(batches) == sum(ROWS)
+    times = it.stage_times()
+    # The loader's collate_fn is the user's part, "transform" (as on StreamingDataset's own path).
+    assert times["transform"] >= len(batches) * SLEEP and max(times, key=times.get) == "transform"
+    assert times["read"] > 0 and times["collate"] > 0
+
+
+def test_without_a_collate_fn_torchs_conversion_counts_as_collate(text):
+    stream = stoker.BucketedStream(StreamingDataset(text, seed=0), batch_size=BATCH, buffer_size=32, seed=1)
+    it = DataLoader(stream, batch_size=None, num_workers=2)
+    assert sum(len(b) for b in it) == sum(ROWS)
+    times = it.stage_times()
+    assert {"read", "collate", "handoff"} <= set(times) and "transform" not in times
+
+
+def test_stage_times_only_grow_over_epochs_and_a_resumed_pass(text):
+    it = loader(text, 2, persistent=True)
+    list(it)
+    first = it.stage_times()
+    list(it)  # the second epoch, on the same persistent workers
+    second = it.stage_times()
+    assert all(second[k] > first[k] for k in ("read", "collate", "transform", "handoff"))
+    # A pass resumed from a checkpoint times its own batches: the rest of the epoch, on new workers.
+    head = iter(it)
+    for _ in range(5):
+        next(head)
+    state = it.state_dict()
+    resumed = loader(text, 2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert rest and {"read", "collate", "transform", "handoff"} <= set(resumed.stage_times())
+
+
+def watch(it, step_s):
+    lines: list[str] = []
+    with stoker.monitor(it, log=lines.append, log_every=0) as m:
+        for _ in m:
+            time.sleep(step_s)  # the training step
+    return m.last_report, "\n".join(lines)
+
+
+def test_the_monitor_names_a_costly_collate_fn_of_a_bucketed_text_loader(text):
+    report, lines = watch(loader(text, 2, collate_fn=SlowPad()), 0.001)
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", lines
+    assert "the transform / collate_fn (CPU, 2 workers)" in report["headline"]
+    assert report["local"]["stage_seconds"]["transform"] > 0
+    assert any("per batch" in line for line in report["advice"])  # the per-sample Python advice, not "stage_times()"
+
+
+def test_the_monitor_names_a_costly_transform_under_a_bucketed_stream(text):
+    report, lines = watch(loader(text, 2, transform=slow_transform), 0.001)
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", lines
+    assert "the transform / collate_fn (CPU, 2 workers)" in report["headline"]
+
+
+def test_the_monitor_keeps_a_fast_bucketed_text_loader_apart_from_a_slow_step(text):
+    # Taking one batch in costs the training process a millisecond or two on a busy machine (one message per batch,
+    # its tensors' shared memory mapped): a 100 ms step keeps that well under the 5% threshold.
+    report, lines = watch(loader(text, 2), 0.1)
+    assert report["state"] == KEEPING_UP and report["bottleneck_stage"] is None, lines
+    assert report["local"]["stage_seconds"]  # the clocks came back from the workers; still no stage is blamed
+
+
+def test_the_package_exports_the_stream_beside_the_samplers_and_collates():
+    from stoker.bucketing.bucketed import BucketedStream
+
+    assert stoker.BucketedStream is BucketedStream and "BucketedStream" in stoker.__all__
