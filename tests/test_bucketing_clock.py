@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 import stoker
 from stoker import DataLoader, StreamingDataset
@@ -106,6 +107,16 @@ def test_stage_times_only_grow_over_epochs_and_a_resumed_pass(text):
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert rest and {"read", "collate", "transform", "handoff"} <= set(resumed.stage_times())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for pinned memory")
+def test_pinned_batches_count_pinning_in_the_training_process(text):
+    it = DataLoader(stoker.BucketedStream(StreamingDataset(text, seed=0), batch_size=BATCH, buffer_size=32, seed=1),
+                    batch_size=None, num_workers=2, collate_fn=stoker.pad_collate(), pin_memory=True)
+    batches = list(it)
+    assert samples_in(batches) == sum(ROWS) and all(b["input_ids"].is_pinned() for b in batches)
+    assert {"pin", "handoff", "read", "collate", "transform"} <= set(it.stage_times())
 
 
 def watch(it, step_s):
