@@ -4,9 +4,10 @@ A dataset qualifies (`is_resumable`) when it is an IterableDataset with `order_c
 and `iter(dataset)` gives an iterator with `state_dict()` and `load_state_dict()` (called before its first item),
 as `stoker.bucketing.bucketed.BucketedStream`'s does. Each DataLoader worker iterates its own copy of the dataset,
 so each worker's iterator holds that worker's progress: here every item travels with its worker's iterator state
-after it (`Checkpointed`), and with the stage seconds the worker spent since its previous message: the dataset's own
-clocks (`stage_times()`, e.g. a BucketedStream's reads and bucketing) and `collate_fn`'s. The training process delivers the items in torch's order -- round robin over the
-workers, skipping those that have ended -- and keeps each worker's state as of the last item of it delivered.
+after it (`Checkpointed`), and with the stage seconds the worker spent since its previous message (the dataset's own
+`stage_times()`, e.g. a BucketedStream's reads and bucketing, and `collate_fn`'s), which the loader adds up. The
+training process delivers the items in torch's order -- round robin over the workers, skipping those that have
+ended -- and keeps each worker's state as of the last item of it delivered.
 
 A checkpoint is those states, which workers had ended and whose turn is next. Resuming gives each worker its state
 back and continues the round robin where it stopped, so the rest of the epoch is exactly the items that had not
