@@ -153,3 +153,15 @@ def test_the_package_exports_the_stream_beside_the_samplers_and_collates():
     from stoker.bucketing.bucketed import BucketedStream
 
     assert stoker.BucketedStream is BucketedStream and "BucketedStream" in stoker.__all__
+
+
+def test_the_monitors_advice_reads_the_wrapped_datasets_settings(text, tmp_path):
+    from stoker.perf.loader_facts import run_facts
+
+    # Advice on fetch and read rests on the shards' settings ("raise parallel_reads (now 8)", "give it a cache_dir"):
+    # under a BucketedStream they are its wrapped StreamingDataset's, not missing.
+    read = stoker.ReadOptions(parallel_reads=3, prefetch_shards=5)
+    inner = StreamingDataset(text, seed=0, read=read, cache_dir=str(tmp_path))
+    facts = run_facts(DataLoader(stoker.BucketedStream(inner, batch_size=BATCH), batch_size=None, num_workers=2))
+    assert (facts.parallel_reads, facts.prefetch_shards, facts.cache_dir) == (3, 5, str(tmp_path))
+    assert facts.shard_bytes is not None and facts.num_workers == 2 and facts.has_stage_times

@@ -64,6 +64,8 @@ def run_facts(loader: Any) -> RunFacts:
     from stoker import storage
 
     dataset = getattr(loader, "dataset", None)
+    if not hasattr(dataset, "manifest"):  # a wrapper (BucketedStream): the shards are its wrapped dataset's
+        dataset = getattr(dataset, "dataset", dataset)
     workers = getattr(loader, "num_workers", None)
     source = getattr(dataset, "source", None)
     read = getattr(dataset, "read", None)
