@@ -132,13 +132,36 @@ def test_the_monitor_names_a_costly_collate_fn_of_a_bucketed_text_loader(text):
     assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", lines
     assert "the transform / collate_fn (CPU, 2 workers)" in report["headline"]
     assert report["local"]["stage_seconds"]["transform"] > 0
-    assert any("per batch" in line for line in report["advice"])  # the per-sample Python advice, not "stage_times()"
+    # Advice for this run: its collate_fn (no per-sample transform), text shards (nothing about images).
+    advice = " ".join(report["advice"])
+    assert "Your collate_fn is the slow part" in advice, advice
+    assert "image" not in advice and "once per sample" not in advice and "stage times" not in advice
 
 
 def test_the_monitor_names_a_costly_transform_under_a_bucketed_stream(text):
     report, lines = watch(loader(text, 2, transform=slow_transform), 0.001)
     assert report["state"] == STARVING and report["bottleneck_stage"] == "transform", lines
     assert "the transform / collate_fn (CPU, 2 workers)" in report["headline"]
+    advice = " ".join(report["advice"])
+    assert "Your transform runs once per sample in Python" in advice, advice
+    assert "image" not in advice and "build_transform" not in advice
+
+
+@pytest.mark.parametrize("sample_transform, expected", [
+    (False, ["Your collate_fn is the slow part"]),
+    (True, ["Your transform runs once per sample in Python: do the work per batch (one tensor op on the stacked "
+            "batch)."]),
+])
+def test_transform_advice_for_text_on_a_gpu_machine_names_no_image_backend(sample_transform, expected):
+    from stoker.perf.diagnosis import RunFacts, advice
+
+    facts = RunFacts(num_workers=2, usable_cores=2, cuda=True, has_stage_times=True, images=False,
+                     sample_transform=sample_transform)
+    lines = advice("transform", facts)
+    assert len(lines) == 1 and lines[0].startswith(expected[0]), lines  # no DALI, kornia, --max-side
+    # Image shards keep the image advice.
+    image_lines = " ".join(advice("transform", RunFacts(num_workers=2, usable_cores=2, cuda=True, images=True)))
+    assert "--max-side" in image_lines and "backend='dali'" in image_lines and "build_transform" in image_lines
 
 
 def test_the_monitor_keeps_a_fast_bucketed_text_loader_apart_from_a_slow_step(text):

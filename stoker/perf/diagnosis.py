@@ -56,6 +56,8 @@ class RunFacts:
     cache_dir: str | None = None
     backend: str | None = None  # stoker's augment backend ("pil", "dali", "kornia"), when it is the collate_fn
     pin_memory: bool = False
+    images: bool | None = None  # the shards hold images (False: text), when known
+    sample_transform: bool | None = None  # the dataset runs a per-sample transform (False: the stage is collate_fn)
 
 
 @dataclass(frozen=True)
@@ -177,19 +179,24 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         return tuple(lines + more_workers)
     if stage in ("decode", "augment", "transform"):
         lines = []
-        if stage in ("decode", "transform"):
+        images = stage != "transform" or facts.images is not False  # image advice, unless the shards hold text
+        if images and stage in ("decode", "transform"):
             lines.append("Pack with `pack-dataset --max-side N` (N near the model's input side) so each image "
                          "decodes fewer pixels.")
-        if facts.cuda and facts.backend != "dali" and stage in ("decode", "transform"):
+        if images and facts.cuda and facts.backend != "dali" and stage in ("decode", "transform"):
             lines.append("Decode on the GPU: build_transform(spec, backend='dali') (pip install 'stoker[gpu]').")
-        if facts.cuda and facts.backend not in ("dali", "kornia") and stage in ("augment", "transform"):
+        if images and facts.cuda and facts.backend not in ("dali", "kornia") and stage in ("augment", "transform"):
             lines.append("Augment on the GPU: build_transform(spec, backend='kornia').")
         if stage == "augment":
             lines.append("Make each sample cheaper to augment: a smaller output (TransformSpec size), and no "
                          "colour jitter if it is on (the costliest op on a CPU).")
-        if stage == "transform" and facts.backend is None:
+        if stage == "transform" and facts.backend is None and facts.sample_transform is False:
+            lines.append("Your collate_fn is the slow part (once per batch in each worker): build the batch with "
+                         "whole-array numpy/torch operations rather than Python loops over its samples.")
+        elif stage == "transform" and facts.backend is None:
             lines.append("Your transform runs once per sample in Python: do the work per batch (one tensor op on "
-                         "the stacked batch) or use stoker.build_transform, which decodes and augments per batch.")
+                         "the stacked batch)" + (" or use stoker.build_transform, which decodes and augments per "
+                                                 "batch." if images else "."))
         return tuple(lines + more_workers)
     if stage == "collate":
         return ("Collating samples into batches is the slow part: make each sample smaller before it is stacked "

@@ -67,6 +67,7 @@ def run_facts(loader: Any) -> RunFacts:
     if not hasattr(dataset, "manifest"):  # a wrapper (BucketedStream): the shards are its wrapped dataset's
         dataset = getattr(dataset, "dataset", dataset)
     workers = getattr(loader, "num_workers", None)
+    kind = getattr(getattr(dataset, "manifest", None), "kind", None)
     source = getattr(dataset, "source", None)
     read = getattr(dataset, "read", None)
     collate = getattr(loader, "collate_fn", None)
@@ -85,6 +86,8 @@ def run_facts(loader: Any) -> RunFacts:
         cache_dir=getattr(dataset, "cache_dir", None),
         backend=backend if backend in diagnosis.BACKENDS else None,
         pin_memory=bool(getattr(loader, "pin_memory", False)),
+        images=None if kind is None else kind == "image",
+        sample_transform=getattr(dataset, "transform", None) is not None if hasattr(dataset, "transform") else None,
     )
 
 
