@@ -191,7 +191,7 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
             lines.append("Make each sample cheaper to augment: a smaller output (TransformSpec size), and no "
                          "colour jitter if it is on (the costliest op on a CPU).")
         if stage == "transform" and facts.backend is None and facts.sample_transform is False:
-            lines.append("Your collate_fn is the slow part (once per batch in each worker): build the batch with "
+            lines.append("Your collate_fn is the slow part (it runs once per batch): build the batch with "
                          "whole-array numpy/torch operations rather than Python loops over its samples.")
         elif stage == "transform" and facts.backend is None:
             lines.append("Your transform runs once per sample in Python: do the work per batch (one tensor op on "
