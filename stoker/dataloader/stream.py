@@ -192,6 +192,8 @@ class StreamingDataset(IterableDataset):
         """This process's shard source, slab pool and worker clock, made on first use in each process (persistent
         workers keep their cache handles, slabs and unsent stage seconds across epochs)."""
         if self._resources is None or self._resources.pid != os.getpid():
+            if get_worker_info() is not None and not storage.is_local(self.source):
+                workers.limit_heap_arenas()  # before the download threads start (see `workers.trim_heap`)
             source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
                                  self.read)
             self._resources = ProcessResources(os.getpid(), source, shm.SlabPool(max_slabs=8), StageClock())
@@ -340,4 +342,9 @@ class _BatchIterator:
             reader = RowReader(ds, self.epoch, self.start, plan.batch_size, ds.drop_last or plan.drop_last,
                                plan.topology, clock, plan.persistent)
             self.bundler = Bundler(Batches(reader, plan, clock, in_worker), clock)
-        return next(self.bundler)
+        try:
+            return next(self.bundler)
+        except StopIteration:
+            if get_worker_info() is not None and not storage.is_local(self.stream.dataset.source):
+                workers.trim_heap()  # what the epoch's downloads freed
+            raise

@@ -14,6 +14,7 @@ with the worker's traceback attached as a note.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -60,6 +61,31 @@ def topology() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
+
+
+# glibc gives each thread that allocates its own heap arena (up to 8 per core) and keeps what is freed there. A worker
+# reading a remote dataset runs dozens of download threads; with an arena each, freed download buffers scattered
+# over them and the worker's heap grew epoch after epoch (benchmarks/soak.py). Two arenas, trimmed at each epoch's
+# end, keep it flat; a lower mmap threshold would too, but costs a page fault per page of every large buffer.
+_M_ARENA_MAX = -8
+
+
+def _libc() -> Any | None:
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
+
+
+def limit_heap_arenas() -> None:
+    """Cap this process's glibc heap arenas at two (before it starts threads), unless MALLOC_ARENA_MAX is set."""
+    libc = _libc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(_M_ARENA_MAX, 2)
+
+
+def trim_heap() -> bool:
+    """Hand this process's free heap pages back to the system (glibc); whether any were."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 class WireBatch:
