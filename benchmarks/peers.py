@@ -14,11 +14,15 @@ re-encoded), ~8 MB shards, `--workers` processes, batches of 64, shuffled, local
                  stoker with its own batch transform as collate_fn and stoker.DataLoader
     same xform   every system hands encoded samples to stoker's batch transform as collate_fn, so only the
                  storage format and the loader differ
-  S3       every packed dataset is uploaded to moto_server on 127.0.0.1 and read back through a proxy that adds
-           `--s3-delay-ms` (20) to every request: one epoch with an empty cache, each system as documented, timed
-           from building its dataset (index downloads count) to the last batch. WebDataset streams presigned
-           HTTP URLs through curl (its gopen); LitData gets `allow_http` for its obstore client (moto is not
-           HTTPS); HF datasets' load_from_disk downloads everything first, its documented way. `--no-s3` skips it.
+  store    every packed dataset is served by a real object store on 127.0.0.1 (stoker.testing.ObjectStore: nginx
+           with `--store-latency-ms` (20) before every first byte and `--store-rate-mb` (100) MB/s per connection, as
+           S3 roughly gives; read-only, as a bucket of published data is) and read back as each system's docs say:
+           one epoch with an empty cache, timed from building its dataset (index downloads count) to the last batch.
+           stoker: s3:// with a path-style endpoint (storage_options as s3fs takes them); WebDataset: plain http
+           URLs of the tars (its gopen pipes them through curl); MosaicML Streaming: s3:// with S3_ENDPOINT_URL;
+           LitData: s3:// with storage_options for its client (allow_http: the store is not HTTPS); HF datasets:
+           load_dataset("arrow", data_files=http URLs of the saved shards), which downloads everything first
+           (load_from_disk on s3:// lists the folder, which a read-only store does not serve). `--no-store` skips it.
 Every pack and every round of loads runs in a fresh child process (see `run`). A peer that does not import in this
 interpreter is listed with the reason, never dropped. Peers need their own venv (docs/bench.md): mosaicml-streaming
 imports torchvision, and no torchvision wheel here works with the project's torch 2.13 CPU build.
@@ -28,11 +32,9 @@ The machine may be shared: compare ratios from one run; `--rounds` keeps each me
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import io
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -67,7 +69,8 @@ class Config:
     batch: int
     shard_bytes: int
     rounds: int
-    s3_delay_ms: int | None = 20  # None: no S3 leg
+    store_latency_ms: int | None = 20  # None: no object-store leg
+    store_rate_mb: int = 100  # per connection
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,33 @@ class Peer:
     package: str  # what pip installs
     pack: Callable[[Path, Path, Config], None] | None  # None: reads the raw files, nothing to pack
     dataset: Callable[[Path, Path, Config, Item], tuple[Any, Callable[..., Any]]]  # (dataset, loader class)
-    remote: Callable[[str, Path, Config, Item, dict[str, str]], tuple[Any, Callable[..., Any]]] | None = None
-    # ^ the same from s3://peers/<package> (its packed files, uploaded) through the S3 endpoint given, caching in
-    #   the folder given; None: the system has no S3 reader
+    remote: Callable[[Store, Path, Config, Item], tuple[Any, Callable[..., Any]]] | None = None
+    # ^ the same from the object store (its packed folder, served read-only), caching in the folder given;
+    #   None: the system has no reader for object stores
+
+
+@dataclass(frozen=True)
+class Store:
+    """One peer's packed folder on the object store, as a child process is told about it."""
+
+    endpoint: str  # http://127.0.0.1:PORT, a path-style S3 endpoint and a plain http server at once
+    bucket: str
+    prefix: str  # the peer's folder in the bucket
+    objects: tuple[str, ...]  # its files, relative to the folder (what a reader that cannot list is given)
+    key: str
+    secret: str
+    region: str
+
+    @property
+    def s3_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def http_url(self, name: str) -> str:
+        return f"{self.endpoint}/{self.bucket}/{self.prefix}/{name}"
+
+    def s3fs_options(self) -> dict[str, Any]:
+        return {"key": self.key, "secret": self.secret,
+                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": self.region}}
 
 
 # ---- what every loader applies to a sample ----
@@ -168,11 +195,9 @@ def _stoker_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[A
     return stoker.StreamingDataset(str(packed), shuffle=True, seed=0, columns=["key", "label", "image"]), stoker.DataLoader
 
 
-def _stoker_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
-    options = {"key": s3["key"], "secret": s3["secret"],
-               "client_kwargs": {"endpoint_url": s3["endpoint"], "region_name": s3["region"]}}
-    dataset = stoker.StreamingDataset(url, shuffle=True, seed=0, columns=["key", "label", "image"],
-                                      storage_options=options, cache_dir=str(cache))
+def _stoker_remote(store: Store, cache: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
+    dataset = stoker.StreamingDataset(store.s3_url, shuffle=True, seed=0, columns=["key", "label", "image"],
+                                      storage_options=store.s3fs_options(), cache_dir=str(cache))
     return dataset, stoker.DataLoader
 
 
@@ -210,19 +235,11 @@ def _wds_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any,
     return Mapped(dataset, functools.partial(_wds_item, item)), DataLoader
 
 
-def _wds_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+def _wds_remote(store: Store, cache: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
     import webdataset as wds
 
-    # WebDataset reads object stores through URLs it can stream: presigned HTTP URLs of the tar objects, which
-    # its gopen pipes through curl (the other documented way, `pipe:aws s3 cp`, needs the AWS CLI).
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["key"],
-                          aws_secret_access_key=s3["secret"], region_name=s3["region"])
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    names = sorted(name for name in s3["objects"].split(",") if name.endswith(".tar"))
-    urls = [client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": f"{prefix}/{name}"})
-            for name in names]
+    # WebDataset streams the tars from http(s) URLs, which its gopen pipes through curl.
+    urls = [store.http_url(name) for name in sorted(store.objects) if name.endswith(".tar")]
     dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False).shuffle(1000)
     return Mapped(dataset, functools.partial(_wds_item, item)), DataLoader
 
@@ -249,14 +266,15 @@ def _mosaic_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[A
     return Mapped(dataset, _sample_fn(item)), DataLoader
 
 
-def _mosaic_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+def _mosaic_remote(store: Store, cache: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
-    os.environ.update(S3_ENDPOINT_URL=s3["endpoint"], AWS_ACCESS_KEY_ID=s3["key"], AWS_SECRET_ACCESS_KEY=s3["secret"],
-                      AWS_DEFAULT_REGION=s3["region"])  # how Streaming is pointed at an S3-compatible store
-    dataset = StreamingDataset(remote=url, local=str(cache), shuffle=True, shuffle_seed=0, batch_size=cfg.batch)
+    os.environ.update(S3_ENDPOINT_URL=store.endpoint, AWS_ACCESS_KEY_ID=store.key, AWS_SECRET_ACCESS_KEY=store.secret,
+                      AWS_DEFAULT_REGION=store.region)  # how Streaming is pointed at an S3-compatible store
+    dataset = StreamingDataset(remote=store.s3_url, local=str(cache), shuffle=True, shuffle_seed=0,
+                               batch_size=cfg.batch)
     return Mapped(dataset, _sample_fn(item)), DataLoader
 
 
@@ -280,18 +298,18 @@ def _litdata_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[
     return dataset, litdata.StreamingDataLoader
 
 
-def _litdata_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+def _litdata_remote(store: Store, cache: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
     import litdata
 
-    options = {"endpoint_url": s3["endpoint"], "aws_access_key_id": s3["key"], "aws_secret_access_key": s3["secret"],
-               "region_name": s3["region"]}  # LitData hands these to its boto3 client
-    dataset = litdata.StreamingDataset(input_dir=url, cache_dir=str(cache), shuffle=True, seed=0,
+    options = {"endpoint_url": store.endpoint, "aws_access_key_id": store.key,
+               "aws_secret_access_key": store.secret, "region_name": store.region}  # for LitData's S3 client
+    dataset = litdata.StreamingDataset(input_dir=store.s3_url, cache_dir=str(cache), shuffle=True, seed=0,
                                        transform=_sample_fn(item), storage_options=options)
     return dataset, functools.partial(litdata.StreamingDataLoader, worker_init_fn=_litdata_allow_http)
 
 
 def _litdata_allow_http(worker_id: int) -> None:
-    """LitData's obstore downloads refuse a plain-HTTP endpoint (moto is not HTTPS) and take no option for it."""
+    """LitData's obstore downloads refuse a plain-HTTP endpoint (the store is not HTTPS) and take no option for it."""
     from litdata.streaming import downloader
 
     downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True  # in each worker: its loader does not fork them
@@ -318,14 +336,15 @@ def _hf_dataset(src: Path, packed: Path, cfg: Config, item: Item) -> tuple[Any, 
     return Indexed(len(table), table.__getitem__, functools.partial(_hf_item, item)), DataLoader
 
 
-def _hf_remote(url: str, cache: Path, cfg: Config, item: Item, s3: dict[str, str]) -> tuple[Any, Callable[..., Any]]:
+def _hf_remote(store: Store, cache: Path, cfg: Config, item: Item) -> tuple[Any, Callable[..., Any]]:
     from datasets import Image as HFImage
-    from datasets import load_from_disk
+    from datasets import load_dataset
 
-    options = {"key": s3["key"], "secret": s3["secret"],
-               "client_kwargs": {"endpoint_url": s3["endpoint"], "region_name": s3["region"]}}
-    # load_from_disk downloads the whole saved dataset first, then maps it: its documented way to read from S3.
-    table = load_from_disk(url, storage_options=options).cast_column("image", HFImage(decode=False))
+    # save_to_disk's shards are Arrow streams, which the "arrow" builder reads from URLs, downloading every file into
+    # its cache first. load_from_disk(s3://...) would list the folder first, which a read-only store does not serve.
+    urls = [store.http_url(name) for name in sorted(store.objects) if name.endswith(".arrow")]
+    table = load_dataset("arrow", data_files=urls, split="train", cache_dir=str(cache))
+    table = table.cast_column("image", HFImage(decode=False))
     return Indexed(len(table), table.__getitem__, functools.partial(_hf_item, item)), DataLoader
 
 
@@ -396,16 +415,17 @@ def load_rate(peer: Peer, src: Path, packed: Path, cfg: Config, same_transform: 
     return count / seconds, first or 0.0, count
 
 
-def s3_load_rate(peer: Peer, url: str, cache: Path, cfg: Config, s3: dict[str, str]) -> tuple[float, float, int]:
-    """(images/s, seconds to the first batch, images) of one epoch from S3 with an empty cache, each as documented.
+def store_load_rate(peer: Peer, store: Store, cache: Path, cfg: Config) -> tuple[float, float, int]:
+    """(images/s, seconds to the first batch, images) of one epoch from the object store with an empty cache, each
+    as documented.
 
     Timed from building the dataset, so index downloads (and a download of everything first, where that is the
-    system's way) count; every shard crosses the delayed loopback connection once.
+    system's way) count; every shard crosses the store's latency and per-connection rate once.
     """
     item: Item = _encoded_item if peer.name == "stoker" else _typical_item
     collate = stoker.build_transform(stoker.TransformSpec(size=SIZE), backend="pil", seed=0) if item is _encoded_item else None
     start = time.perf_counter()
-    dataset, loader_class = peer.remote(url, cache, cfg, item, s3)
+    dataset, loader_class = peer.remote(store, cache, cfg, item)
     options: dict[str, Any] = {"shuffle": True} if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) else {}
     loader = loader_class(dataset, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate, **options)
     first, count = None, 0
@@ -442,73 +462,11 @@ def run(cfg: Config, peers: tuple[Peer, ...], work: Path) -> dict[str, Any]:
             row["error"] = loads.pop("error", None)
             results["per_sample_transform"] = loads.pop("per_sample", results.get("per_sample_transform"))
             _keep_best(row, loads)
-    if cfg.s3_delay_ms is not None:
-        results["s3"] = _s3_rounds(cfg, peers, work, results["peers"])
+    if cfg.store_latency_ms is not None:
+        results["store"] = _store_rounds(cfg, peers, work, results["peers"])
     if "typical" in results["peers"].get("stoker", {}):  # stoker's typical path already is its own batch transform
         results["peers"]["stoker"]["same_transform"] = results["peers"]["stoker"]["typical"]
     return results
-
-
-# The S3 leg still runs against moto behind this delay proxy: the peers upload and list, which the nginx store
-# (stoker.testing) does not serve.
-async def _proxy(listen_port: int, target_port: int, delay: float, ready: mp.Event) -> None:
-    loop = asyncio.get_running_loop()
-
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, pause: float) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def pump() -> None:
-            while data := await src.read(1 << 16):
-                queue.put_nowait((loop.time() + pause, data))  # each chunk leaves `pause` after it arrived
-            queue.put_nowait((0.0, b""))
-
-        async def drain() -> None:
-            while True:
-                due, data = await queue.get()
-                if not data:
-                    break
-                if due > loop.time():
-                    await asyncio.sleep(due - loop.time())
-                dst.write(data)
-                await dst.drain()
-            dst.close()
-
-        try:
-            await asyncio.gather(pump(), drain())
-        except (ConnectionError, OSError):
-            dst.close()
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(client_r, server_w, delay), pipe(server_r, client_w, 0.0))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
-    ready.set()
-    async with server:
-        await server.serve_forever()
-
-
-def _run_proxy(listen_port: int, target_port: int, delay: float, ready: mp.Event) -> None:
-    asyncio.run(_proxy(listen_port, target_port, delay, ready))
-
-
-class DelayProxy:
-    """A TCP proxy on 127.0.0.1 that delays client-to-server bytes by `delay` seconds (own process)."""
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        from stoker.testing import free_port
-
-        self.port = free_port()
-        ctx = mp.get_context("fork")
-        ready = ctx.Event()
-        self.process = ctx.Process(target=_run_proxy, args=(self.port, target_port, delay, ready), daemon=True)
-        self.process.start()
-        if not ready.wait(30):
-            raise RuntimeError("delay proxy did not start within 30 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.join(10)
 
 
 def _keep_best(row: dict[str, Any], loads: dict[str, Any]) -> None:
@@ -517,40 +475,31 @@ def _keep_best(row: dict[str, Any], loads: dict[str, Any]) -> None:
             row[mode], row[f"{mode}_first_batch_s"], row[f"{mode}_images"] = rate, first, count
 
 
-def _s3_rounds(cfg: Config, peers: tuple[Peer, ...], work: Path, rows: dict[str, Any]) -> str:
-    """Load every packed dataset from moto_server on 127.0.0.1 behind a delay proxy, `rounds` times each.
+def _store_rounds(cfg: Config, peers: tuple[Peer, ...], work: Path, rows: dict[str, Any]) -> str:
+    """Load every packed dataset from the object store on 127.0.0.1 (nginx, `stoker.testing.ObjectStore`),
+    `rounds` times each. Returns what the leg ran against, or why it could not run (then no store figures)."""
+    from stoker import testing
 
-    Returns what the S3 leg ran against, or why it could not run (then no S3 figures are recorded).
-    """
-    try:
-        from stoker.testing import KEY, REGION, SECRET, S3Server
-        import boto3  # noqa: F401 - the uploads below
-    except ImportError as exc:
-        return f"not run: {exc} (needs moto[server], boto3 and s3fs in {sys.executable})"
-    with S3Server() as server:
-        proxy = DelayProxy(server.port, cfg.s3_delay_ms / 1000)
-        try:
-            server.create_bucket("peers")
-            client = server.client()
-            objects: dict[str, list[str]] = {}
+    if not testing.available():
+        return f"not run: {testing.INSTALL_HINT}"
+    latency, rate = cfg.store_latency_ms / 1000, cfg.store_rate_mb * 1e6
+    with testing.ObjectStore(work, latency=latency, rate=rate, bucket="peers") as server:
+        stores: dict[str, Store] = {}
+        for peer in peers:
+            packed = work / peer.package
+            if peer.remote is None or rows[peer.name]["error"] is not None or not packed.is_dir():
+                continue
+            objects = tuple(str(p.relative_to(packed)) for p in sorted(packed.rglob("*")) if p.is_file())
+            stores[peer.name] = Store(server.endpoint_url, server.bucket, peer.package, objects, testing.KEY,
+                                      testing.SECRET, testing.REGION)
+        for _ in range(cfg.rounds):
             for peer in peers:
-                packed = work / peer.package
-                if peer.remote is None or rows[peer.name]["error"] is not None or not packed.is_dir():
-                    continue
-                objects[peer.name] = [str(p.relative_to(packed)) for p in sorted(packed.rglob("*")) if p.is_file()]
-                for name in objects[peer.name]:
-                    client.upload_file(str(packed / name), "peers", f"{peer.package}/{name}")
-            s3 = {"endpoint": f"http://127.0.0.1:{proxy.port}", "key": KEY, "secret": SECRET, "region": REGION}
-            for _ in range(cfg.rounds):
-                for peer in peers:
-                    if peer.name in objects:
-                        env = {"PEERS_S3": json.dumps({**s3, "objects": ",".join(objects[peer.name])})}
-                        loads = _child(peer, "s3load", cfg, work, env)
-                        rows[peer.name].setdefault("s3_error", loads.pop("error", None))
-                        _keep_best(rows[peer.name], loads)
-        finally:
-            proxy.stop()
-    return f"moto_server on 127.0.0.1, {cfg.s3_delay_ms} ms added to every request, cold cache, one epoch"
+                if peer.name in stores:
+                    loads = _child(peer, "storeload", cfg, work, {"PEERS_STORE": json.dumps(asdict(stores[peer.name]))})
+                    rows[peer.name].setdefault("store_error", loads.pop("error", None))
+                    _keep_best(rows[peer.name], loads)
+    return (f"nginx on 127.0.0.1 (stoker.testing.ObjectStore), {cfg.store_latency_ms} ms before every first byte, "
+            f"{cfg.store_rate_mb} MB/s per connection, read-only; cold cache, one epoch")
 
 
 def _child(peer: Peer, task: str, cfg: Config, work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -591,10 +540,11 @@ def child_main(package: str, task: str, work: Path, cfg: Config) -> dict[str, An
         return row
     # Import torchvision once here: forked workers inherit it instead of each importing it again.
     transform = "PIL (torchvision missing)" if _augment() is _pil_augment else "torchvision.transforms.v2"
-    if task == "s3load":
-        s3 = json.loads(os.environ["PEERS_S3"])
+    if task == "storeload":
+        fields = json.loads(os.environ["PEERS_STORE"])
+        store = Store(**{**fields, "objects": tuple(fields["objects"])})
         with tempfile.TemporaryDirectory(prefix=f"cache-{package}-") as cache:
-            return {"s3": s3_load_rate(peer, f"s3://peers/{peer.package}", Path(cache), cfg, s3)}
+            return {"store": store_load_rate(peer, store, Path(cache), cfg)}
     modes = ("typical",) if peer.name == "stoker" else ("typical", "same_transform")
     return {"per_sample": transform, **{mode: load_rate(peer, src, packed, cfg, mode != "typical") for mode in modes}}
 
@@ -605,11 +555,11 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
     lines = [f"input: {images} JPEGs ({mb:.1f} MB), {cfg.workers} workers, batch {cfg.batch}, "
              f"{cfg.shard_bytes >> 20} MB shards, best of {cfg.rounds}; torch {torch.__version__}; per-sample "
              f"transform of the typical peers: {results.get('per_sample_transform')}",
-             f"S3: {results.get('s3', 'not run (--no-s3)')}",
-             f"{'system':26s} {'pack s':>8s} {'pack img/s':>10s} {'load img/s':>11s} {'same xform':>11s} {'S3 img/s':>9s}  notes"]
+             f"store: {results.get('store', 'not run (--no-store)')}",
+             f"{'system':26s} {'pack s':>8s} {'pack img/s':>10s} {'load img/s':>11s} {'same xform':>11s} {'store img/s':>11s}  notes"]
     for name, row in results["peers"].items():
         if row["error"] and "typical" not in row:
-            lines.append(f"{name:26s} {'-':>8s} {'-':>10s} {'-':>11s} {'-':>11s} {'-':>9s}  {row['error']}")
+            lines.append(f"{name:26s} {'-':>8s} {'-':>10s} {'-':>11s} {'-':>11s} {'-':>11s}  {row['error']}")
             continue
         pack = row.get("pack_s")
         pack_text = (f"{pack:8.2f} {images / pack:10,.0f}") if pack else f"{'n/a':>8s} {'n/a':>10s}"
@@ -618,12 +568,12 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
             note += f"; pack --validate none {row['pack_unvalidated_s']:.2f} s"
         if row.get("typical_images", images) != images:  # some loaders pad or drop to split evenly over workers
             note += f"; {row['typical_images']} images per epoch"
-        if row.get("s3"):
-            note += f"; S3 first batch {row['s3_first_batch_s']:.2f} s"
+        if row.get("store"):
+            note += f"; store first batch {row['store_first_batch_s']:.2f} s"
         note += f"; {row['error']}" if row["error"] else ""
-        note += f"; S3: {row['s3_error']}" if row.get("s3_error") else ""
-        s3_text = f"{row['s3']:9,.0f}" if row.get("s3") else f"{'n/a':>9s}"
-        lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f} {s3_text}  {note}")
+        note += f"; store: {row['store_error']}" if row.get("store_error") else ""
+        store_text = f"{row['store']:11,.0f}" if row.get("store") else f"{'n/a':>11s}"
+        lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f} {store_text}  {note}")
     lines += ratio_lines(results)
     return lines
 
@@ -636,7 +586,7 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for key, what, goal in (("typical", "loading (each as documented)", 1.3),
                             ("same_transform", "loading (same batch transform)", None),
-                            ("s3", "loading from S3 (each as documented, cold cache)", 1.3),
+                            ("store", "remote loading from the object store (each as documented, cold cache)", 1.3),
                             ("pack_s", "packing", 1.5),
                             ("pack_unvalidated_s", "packing without validation, as the peers do", None)):
         candidates = {n: r.get("pack_s" if key.startswith("pack") else key) for n, r in others.items()}
@@ -663,8 +613,9 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="repetitions of each measurement; the best is kept")
     parser.add_argument("--only", nargs="*", default=None, help="pip package names to run, e.g. webdataset")
-    parser.add_argument("--s3-delay-ms", type=int, default=20, help="latency the S3 proxy adds to every request")
-    parser.add_argument("--no-s3", action="store_true", help="skip loading from S3 (moto_server on 127.0.0.1)")
+    parser.add_argument("--store-latency-ms", type=int, default=20, help="object store: wait before every first byte")
+    parser.add_argument("--store-rate-mb", type=int, default=100, help="object store: MB/s per connection")
+    parser.add_argument("--no-store", action="store_true", help="skip loading from the object store (nginx)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)  # PACKAGE TASK WORK CONFIG
     args = parser.parse_args()
@@ -674,7 +625,7 @@ def main() -> None:
         print(json.dumps(child_main(package, task, Path(work), Config(**json.loads(config)))))
         return
     cfg = Config(args.per_class, args.workers, args.batch, args.shard_mb << 20, args.rounds,
-                 None if args.no_s3 else args.s3_delay_ms)
+                 None if args.no_store else args.store_latency_ms, args.store_rate_mb)
     peers = tuple(p for p in PEERS if args.only is None or p.package in args.only or p.name == "stoker")
     _data.image_tree(per_class=cfg.per_class)  # generate once here, not in racing children
     with tempfile.TemporaryDirectory(prefix="stoker-peers-") as tmp:

@@ -4,7 +4,7 @@
 
 Each script prints its ratios on its last lines ("ratio ...", often with "(goal >= X)"); they are collected, goals
 checked, and written with the machine's details. By default every script runs at reduced sizes (QUICK below) so
-that the whole run takes about 20 minutes on 2 cores, half of it peers.py with its S3 leg; --full runs each with
+that the whole run takes about 20 minutes on 2 cores, half of it peers.py with its object-store leg; --full runs each with
 its own defaults. peers.py runs under --peers-python (default .venv-bench/bin/python when it exists: the peers
 need their own venv, see docs/bench.md).
 """
