@@ -193,7 +193,7 @@ class StreamingDataset(IterableDataset):
         workers keep their cache handles, slabs and unsent stage seconds across epochs)."""
         if self._resources is None or self._resources.pid != os.getpid():
             if get_worker_info() is not None and not storage.is_local(self.source):
-                workers.limit_heap_arenas()  # before the download threads start (see `workers.trim_heap`)
+                workers.limit_heap_arenas()  # before the download threads start
             source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
                                  self.read)
             self._resources = ProcessResources(os.getpid(), source, shm.SlabPool(max_slabs=8), StageClock())

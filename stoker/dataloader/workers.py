@@ -64,9 +64,10 @@ def topology() -> tuple[int, int]:
 
 
 # glibc gives each thread that allocates its own heap arena (up to 8 per core) and keeps what is freed there. A worker
-# reading a remote dataset runs dozens of download threads; with an arena each, freed download buffers scattered
-# over them and the worker's heap grew epoch after epoch (benchmarks/soak.py). Two arenas, trimmed at each epoch's
-# end, keep it flat; a lower mmap threshold would too, but costs a page fault per page of every large buffer.
+# reading a remote dataset runs dozens of download threads; with an arena each, freed download buffers scatter over
+# them and the heap creeps up epoch after epoch (benchmarks/soak.py). Two arenas, trimmed at each epoch's end, keep
+# it flat; a fixed mmap threshold would too, but costs a page fault per page of every large buffer (3x the CPU per
+# downloaded GB here).
 _M_ARENA_MAX = -8
 
 
