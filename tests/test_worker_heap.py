@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from stoker.synthetic import keys_of, make_dataset
 from stoker import DataLoader, StreamingDataset
@@ -93,6 +94,13 @@ def test_remote_workers_limit_arenas_at_start_and_trim_at_each_epoch_end(tmp_pat
     for pid in pids:
         mine = [what for what, who in zip(seen[::2], seen[1::2]) if who == pid]
         assert mine == ["limit", "trim", "trim"]
+
+    calls.unlink()  # torch's own DataLoader over the same dataset: workers iterate samples, not batches
+    for epoch in range(2):
+        remote.set_epoch(epoch)
+        assert sum(len(b["key"]) for b in torch.utils.data.DataLoader(remote, batch_size=16, num_workers=2)) == 120
+    seen = calls.read_text().split()
+    assert sorted(seen[::2]) == ["limit"] * 4 + ["trim"] * 4 and str(os.getpid()) not in seen  # 2 workers a pass
 
     calls.unlink()
     local_loader = DataLoader(StreamingDataset(local), batch_size=16, num_workers=2)

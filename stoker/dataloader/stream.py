@@ -278,6 +278,8 @@ class _SampleIterator:
             sample = next(self.samples)
         except StopIteration:
             self.progress.done = True
+            if self.in_worker and not storage.is_local(self.ds.source):
+                workers.trim_heap()  # what the epoch's downloads freed
             raise
         finally:
             if not self.in_worker:
