@@ -4,8 +4,12 @@ Safe with many threads, processes and jobs on one machine:
 - a file appears under its final name only by atomic rename, so a file with its final name is complete;
 - filling takes a per-file lock (fcntl, so a dead holder releases it), so one process downloads while the others
   wait for it, each with a timeout;
-- least recently used files (by mtime, touched on every use) are evicted to stay under the byte limit, skipping
-  files whose lock is held; evicting a file another process has open is harmless on POSIX (its pages stay valid);
+- least recently used files (by access time, touched on every use; the mtime stays the fill's) are evicted to stay
+  under the byte limit, skipping files being filled and files a reader holds (`hold`: a shared flock on the entry);
+- a reader hands rows of a held entry to another process (the training process maps the same file) through a pin,
+  a hard link under `.pins/` made from the reader's open file, so the very file it read stays on disk until the
+  other process has opened it, whatever eviction does meanwhile (`Held.handoff`, `claim`); pins of a process that
+  is gone are removed during eviction;
 - temporary files carry a per-writer unique name; orphans of crashed writers are removed during eviction.
 
 Downloads are parallel ranged reads (through the client `dataloader.remote` chooses), each retried with exponential backoff, all bounded by one
@@ -20,7 +24,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import errno
+import fcntl
 import hashlib
+import itertools
 import os
 import queue
 import threading
@@ -35,6 +41,7 @@ from stoker.errors import ShardError, ShardNotFoundError, StokerError, StorageEr
 from stoker.names import unsafe_name
 
 _LOCKS = ".locks"
+_PINS = ".pins"
 
 
 _Task = tuple[cf.Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -172,6 +179,7 @@ class ShardCache:
         limit = self.limit if limit is None else limit
         os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
         with FileLock(os.path.join(self.directory, _LOCKS, "evict.lock"), timeout=timeout):
+            _remove_stale_pins(os.path.join(self.directory, _PINS))
             entries, total = [], 0
             for entry in os.scandir(self.directory):
                 if not entry.is_file(follow_symlinks=False):
@@ -180,7 +188,7 @@ class ShardCache:
                     self._remove_orphan(entry.name)
                     continue
                 stat = entry.stat(follow_symlinks=False)
-                entries.append((stat.st_mtime, stat.st_size, entry.name))
+                entries.append((stat.st_atime_ns, stat.st_size, entry.name))
                 total += stat.st_size
             for _, size, name in sorted(entries):
                 if total + incoming <= limit:
@@ -200,20 +208,141 @@ class ShardCache:
         except Timeout:
             return False  # being filled or read right now
         try:
+            fd = os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            lock.release()
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a reader holds it (`hold`)
             os.remove(os.path.join(self.directory, name))
             return True
-        except FileNotFoundError:
+        except (BlockingIOError, FileNotFoundError):
             return False
         finally:
+            os.close(fd)
             lock.release()
+
+
+class Held(tuple):
+    """(path, device, inode, size, mtime) of a cache entry this process reads, with `fd`: the entry opened and
+    share-locked, which eviction respects. `path` opens the very file held, even if its name was removed since."""
+
+    fd: int
+
+    def __new__(cls, path: str, stat: os.stat_result, fd: int) -> Held:
+        held = super().__new__(cls, (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        held.fd = fd
+        return held
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return tuple, (tuple(self),)  # the descriptor means nothing in another process
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def unchanged(self) -> bool:
+        """Whether the held file still has the size and mtime it had when held (not truncated or rewritten)."""
+        stat = os.fstat(self.fd)
+        return (stat.st_size, stat.st_mtime_ns) == (self[3], self[4])
+
+    def handoff(self) -> Handoff:
+        """This identity with a pin: a new hard link to the held file, for the process that `claim`s it."""
+        pins = os.path.join(os.path.dirname(self[0]), _PINS)
+        name = f"{os.getppid()}-{os.getpid()}-{next(_pin_numbers)}-{os.path.basename(self[0])}"
+        try:
+            os.makedirs(pins, exist_ok=True)
+            directory = os.open(pins, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: the open file itself, not what the entry's name
+                # points at now (a directory descriptor makes os.link use linkat with that flag).
+                os.link(self.path, name, dst_dir_fd=directory, follow_symlinks=True)
+            finally:
+                os.close(directory)
+        except OSError:
+            return Handoff(tuple(self))  # its name was removed (found damaged): the receiver checks by path
+        return Handoff(tuple(self), os.path.join(pins, name))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_pin_numbers = itertools.count()
+
+
+class Handoff(tuple):
+    """A held entry's identity (equal to it) on its way to another process, with the pin that keeps its file on disk
+    until then; unpickled, it opens the pin (`fd`, or None if there was none) and removes it."""
+
+    pin: str | None
+    fd: int | None
+
+    def __new__(cls, identity: tuple[Any, ...], pin: str | None = None, fd: int | None = None) -> Handoff:
+        handoff = super().__new__(cls, identity)
+        handoff.pin, handoff.fd = pin, fd
+        return handoff
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return claim, (tuple(self), self.pin)
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+def claim(identity: tuple[Any, ...], pin: str | None) -> Handoff:
+    """The receiving side of `Held.handoff`: the pinned file opened (its pin removed), or no file if there is none."""
+    if pin is None:
+        return Handoff(identity)
+    try:
+        fd = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return Handoff(identity)
+    _remove(pin)
+    return Handoff(identity, fd=fd)
+
+
+def hold(path: str, what: str) -> Held:
+    """Open the cache entry at `path` and hold it (a shared flock) until `Held.close`: it is not evicted meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ShardNotFoundError(f"{what} was evicted from the cache {os.path.dirname(path)} before it was opened") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        stat = os.fstat(fd)
+        if stat.st_nlink == 0:  # evicted between open and lock
+            raise ShardNotFoundError(f"{what} was evicted from the cache {os.path.dirname(path)} before it was opened")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Held(path, stat, fd)
+
+
+def _remove_stale_pins(pins: str) -> None:
+    # "<training process pid>-<worker pid>-<n>-<key>": left over when the training process never received the batch.
+    try:
+        names = os.listdir(pins)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name.split("-", 1)[0]), 0)
+            continue
+        except ProcessLookupError:
+            _remove(os.path.join(pins, name))
+        except (ValueError, PermissionError):
+            continue  # not ours, or a process of another user: alive
 
 
 def _touch(path: str, size: int | None = None) -> bool:
     """Whether a complete entry is at `path` (of `size` bytes, if given); marks it as just used."""
     try:
-        if size is not None and os.stat(path).st_size != size:
+        st = os.stat(path)
+        if size is not None and st.st_size != size:
             return False  # truncated or replaced behind our back: refilled under the lock
-        os.utime(path)  # the mtime is the LRU clock
+        # The access time is the LRU clock; the mtime stays the fill's, part of the entry's identity (`file_identity`).
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
         return True
     except FileNotFoundError:
         return False

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from torch.utils.data import get_worker_info
 
 from stoker import cache, storage
 from stoker.dataloader import remote
@@ -132,13 +133,18 @@ class OpenShard:
     def check_unchanged(self) -> None:
         """A ShardError naming the shard if its local file was truncated or replaced since it was mapped: reading
         a mapped page past a truncated end kills the process with SIGBUS instead of raising."""
-        if self.identity and file_identity(self.identity[0]) != self.identity:
+        if isinstance(self.identity, cache.Held) and not self.identity.unchanged():
+            raise ShardError(self.name, f"cache entry {self.identity[0]} was truncated or rewritten while being read; "
+                             "remove it from the cache and restart the epoch")
+        if self.identity and not isinstance(self.identity, cache.Held) and file_identity(self.identity[0]) != self.identity:
             raise ShardError(self.name, f"changed on disk while being read ({self.identity[0]}: truncated or "
                              "replaced); restart the epoch once the dataset is whole again")
 
     def close(self) -> None:
         self.columns.clear()
         self.reader.close()
+        if isinstance(self.identity, cache.Held):
+            self.identity.close()
 
 
 def check_against_manifest(shard: OpenShard, info: ShardInfo) -> None:
@@ -201,7 +207,12 @@ class RaggedPlan:
         if self.origins is None:
             return None
         used, ref = np.unique(self.src, return_inverse=True)
-        return MappedRows(tuple(self.origins[s] for s in used.tolist()), ref.astype(np.int32), self.start, self.length)
+        refs = [self.origins[s] for s in used.tolist()]
+        # Cache entries cross with a pin each (one per file), so that eviction cannot take them before they are mapped.
+        pinned = {identity: identity.handoff() for identity in {identity for identity, _ in refs}
+                  if isinstance(identity, cache.Held)}
+        return MappedRows(tuple((pinned.get(identity, identity), batch) for identity, batch in refs),
+                          ref.astype(np.int32), self.start, self.length)
 
 
 class MappedRows(NamedTuple):
@@ -219,7 +230,13 @@ def mapped_values(identity: Identity, column: str) -> list[np.ndarray]:
     this process; a ShardError if the file is gone or changed since a worker planned rows from it."""
     path = identity[0]
     name = os.path.basename(path)
-    if file_identity(path) != identity:
+    fd = getattr(identity, "fd", None)  # a cache entry's pinned file (`cache.claim`): the very file the worker read
+    if fd is not None:
+        stat = os.fstat(fd)
+        if (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != tuple(identity):
+            raise ShardError(name, f"cache entry {path} changed while being read; restart the epoch")
+        path = f"/proc/self/fd/{fd}"
+    elif file_identity(path) != identity:
         raise ShardError(name, f"changed on disk while being read ({path}); restart the epoch")
     opened = OpenShard(open_shard(path, name=name), [column], identity=identity)
     sources = opened.columns[column].sources
@@ -430,6 +447,9 @@ class ShardSource:
         self.local = storage.is_local(url)
         self._check = integrity.checked_columns(manifest.schema, options.checksums)
         self._pid = os.getpid()
+        # Views of cache entries go to the training process only from workers: there a mapped file holds its disk
+        # space once evicted only while the loader maps it; batches a user keeps in this process would hold it longer.
+        self._in_worker = get_worker_info() is not None
         self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
         self._idle: LRU[tuple[int, tuple[str, ...]], OpenShard] = LRU(IDLE_SHARDS, OpenShard.close)
@@ -484,9 +504,17 @@ class ShardSource:
                 self.fetch_seconds += time.perf_counter() - waited
             key = os.path.basename(path)
             try:
-                return OpenShard(open_shard(path, name=name), columns, self.manifest.shards[shard],
-                                 self.manifest.rules, check=self._check,
-                                 on_damage=lambda: self._remote.cache.evict(key, 2 * self.options.shard_timeout))
+                # Held while open, so not evicted under the reader; rows go to the training process as views of
+                # the same file (like local shards), which `cache.Held.handoff` keeps on disk until it is mapped there.
+                held = cache.hold(path, f"shard {name}")
+                try:
+                    return OpenShard(open_shard(held.path, name=name), columns, self.manifest.shards[shard],
+                                     self.manifest.rules, check=self._check, identity=held,
+                                     mapped=self.manifest.format == "arrow" and self._in_worker,
+                                     on_damage=lambda: self._remote.cache.evict(key, 2 * self.options.shard_timeout))
+                except BaseException:
+                    held.close()
+                    raise
             except ShardNotFoundError:
                 if attempt:  # evicted by another process between fill and open, twice: the cache is too small
                     raise ConfigError(f"cache {self._remote.cache.directory} evicts shard {name} before it can be opened; "
