@@ -79,17 +79,20 @@ def cache_write_cpu(directory: str, nbytes: int = 128 << 20, shard: int = 32 << 
     parts = [memoryview(os.urandom(PART)) for _ in range(16)]
     per_shard = shard // PART
     pool = cache.IOPool(8, "bench-write")
-    costs = []
+    costs, files = [], []
     for _ in range(rounds):
         start = _cpu()
         for i in range(nbytes // shard):
+            # Files are kept until the end: each round writes into pages no earlier round freed, as a cold epoch's
+            # new cache entries do.
+            files.append(os.path.join(directory, f"write-cost-{len(files)}"))
             cache.download(lambda a, b, i=i: parts[(i * per_shard + a // PART) % len(parts)][:b - a],
-                           os.path.join(directory, f"write-cost-{i}"), shard, pool=pool, part_size=PART, parallel=8,
+                           files[-1], shard, pool=pool, part_size=PART, parallel=8,
                            attempts=1, backoff=0, deadline=time.monotonic() + 600, what="write cost", sha256=False)
         costs.append((_cpu() - start) / (nbytes / 1e9))
-        for i in range(nbytes // shard):
-            os.remove(os.path.join(directory, f"write-cost-{i}"))
     pool.close()
+    for path in files:
+        os.remove(path)
     return min(costs)
 
 
