@@ -341,11 +341,16 @@ def _touch(path: str, size: int | None = None) -> bool:
         st = os.stat(path)
         if size is not None and st.st_size != size:
             return False  # truncated or replaced behind our back: refilled under the lock
-        # The access time is the LRU clock; the mtime stays the fill's, part of the entry's identity (`file_identity`).
-        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
-        return True
     except FileNotFoundError:
         return False
+    try:
+        # The access time is the LRU clock; the mtime stays the fill's, part of the entry's identity (`Held`).
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        pass  # another user's entry in a shared cache: setting times needs its owner; it is complete all the same
+    return True
 
 
 def _remove(path: str) -> None:
