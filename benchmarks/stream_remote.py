@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -138,19 +140,82 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def raw_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int, float]:
+# Threads of a DataLoader worker by their OS name (stoker names its own): what each does for a remote read.
+_ROLES = {"stoker-prefetch": "filling the cache (download loop, writes)", "stoker-read": "calls into the client",
+          "tokio-rt-worker": "obstore's runtime (HTTP)"}
+
+
+class WorkerThreads:
+    """CPU seconds of the loader's worker processes by thread role, sampled every `interval` seconds from /proc
+    (a thread's last `interval` before its worker exits is not seen)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.seen = interval, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WorkerThreads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def roles(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for comm, cpu in self.seen.values():
+            role = next((r for prefix, r in _ROLES.items() if comm.startswith(prefix)),
+                        "reading, checking, handing over (the rest)")
+            totals[role] = totals.get(role, 0.0) + cpu
+        return totals
+
+    def _run(self) -> None:
+        ticks, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+        workers: list[int] = []
+        while not self._stop.wait(self.interval):
+            if not workers:
+                workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == me]
+            for pid in workers:
+                try:
+                    tasks = os.listdir(f"/proc/{pid}/task")
+                except OSError:
+                    continue
+                for tid in tasks:
+                    try:
+                        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                            stat = f.read()
+                    except OSError:
+                        continue
+                    fields = stat.rsplit(")", 1)[1].split()
+                    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                    self.seen[(pid, tid)] = (comm, (int(fields[11]) + int(fields[12])) / ticks)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def raw_epoch(source: str, workers: int, threads: WorkerThreads | None = None,
+              **kwargs) -> tuple[float, float, int, float]:
     """(MB/s of sample bytes, seconds to the first batch, bytes, CPU seconds per GB) of one epoch of raw samples,
-    timed from iter(); the CPU time counts this process and the workers (they exit at the end of the epoch)."""
+    timed from iter(); the CPU time counts this process and the workers (they exit at the end of the epoch).
+    `threads`, if given, samples the workers' threads during the epoch."""
     import stoker
 
     loader = stoker.DataLoader(stoker.StreamingDataset(source, seed=0, **kwargs), batch_size=64, num_workers=workers,
                                prefetch_factor=4)
     start, first, nbytes, cpu = time.perf_counter(), None, 0, _cpu()
-    for batch in loader:
-        first = time.perf_counter() - start if first is None else first
-        nbytes += sum(len(image) for image in batch["image"])
-    seconds = time.perf_counter() - start
-    del loader  # its workers exit and are waited for, so their CPU time is counted
+    with threads or contextlib.nullcontext():
+        for batch in loader:
+            first = time.perf_counter() - start if first is None else first
+            nbytes += sum(len(image) for image in batch["image"])
+        seconds = time.perf_counter() - start
+        del loader, batch  # its workers exit and are waited for, so their CPU time is counted
     return nbytes / seconds / 1e6, first or 0.0, nbytes, (_cpu() - cpu) / (nbytes / 1e9)
 
 
@@ -221,9 +286,11 @@ def main() -> None:
                     rates = pool.apply(client_rates, (store.endpoint_url, store.bucket, packed.name, shards,
                                                       store.process.pid))
                 cache = os.path.join(tmp, f"cache-{latency:g}")
-                served = tree_cpu(store.process.pid)
-                rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
-                                                cache_dir=cache)
+                served, threads = tree_cpu(store.process.pid), WorkerThreads()
+                main_cpu = time.process_time()
+                rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, threads,
+                                                     storage_options=store.storage_options(), cache_dir=cache)
+                main_cpu = time.process_time() - main_cpu  # includes the sampler's own
                 server_cpu = (tree_cpu(store.process.pid) - served) / (nbytes / 1e9)
                 assert nbytes == local_bytes, (nbytes, local_bytes)
                 shutil.rmtree(cache)
@@ -250,6 +317,11 @@ def main() -> None:
             cores = os.cpu_count() or 1
             budget = best_cpu + best_server + write_cpu + local_cpu
             possible = cores / budget * 1e3  # MB/s with every core busy on exactly this work
+            per_gb = nbytes / 1e9
+            print(f"where stoker's CPU went at {latency:g} ms (CPU-s/GB; workers' threads sampled every "
+                  f"{threads.interval:g} s): " + ", ".join(f"{role} {seconds / per_gb:.2f}"
+                                                          for role, seconds in threads.roles().items())
+                  + f"; training process (with this sampler) {main_cpu / per_gb:.2f}", flush=True)
             print(f"CPU budget at {latency:g} ms on {cores} CPUs: best client ({best_label}) {best_cpu:.2f} + nginx "
                   f"{best_server:.2f} + writing the cache {write_cpu:.2f} + stoker's loader on local data "
                   f"{local_cpu:.2f} = {budget:.2f} CPU-s/GB -> at most {possible:,.0f} MB/s, best ratio possible "

@@ -65,6 +65,7 @@ class IOPool:
         return future
 
     def _run(self) -> None:
+        _name_native_thread(threading.current_thread().name)
         while True:
             item = self._queue.get()
             if item is None:
@@ -80,6 +81,16 @@ class IOPool:
     def close(self) -> None:
         for _ in self._threads:
             self._queue.put(None)
+
+
+def _name_native_thread(name: str) -> None:
+    # The OS-level name (Linux, 15 characters), so that top -H, perf and /proc/<pid>/task tell these threads apart.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def wait(future: cf.Future[Any], deadline: float, what: str) -> Any:
