@@ -147,7 +147,7 @@ _ROLES = {"stoker-prefetch": "filling the cache (download loop, writes)", "stoke
 
 class WorkerThreads:
     """CPU seconds of the loader's worker processes by thread role, sampled every `interval` seconds from /proc
-    (a thread's last `interval` before its worker exits is not seen)."""
+    (a thread's last `interval` before its worker exits is not seen), and `main`: this process's over the epoch."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval, self.seen = interval, {}
@@ -155,12 +155,14 @@ class WorkerThreads:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> WorkerThreads:
+        self.main = time.process_time()  # this process: the training loop (and this sampler)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.main = time.process_time() - self.main
 
     def roles(self) -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -174,8 +176,9 @@ class WorkerThreads:
         ticks, me = os.sysconf("SC_CLK_TCK"), os.getpid()
         workers: list[int] = []
         while not self._stop.wait(self.interval):
-            if not workers:
-                workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == me]
+            if not workers:  # torch names its worker processes; found once they have started
+                workers = [int(p) for p in os.listdir("/proc")
+                           if p.isdigit() and _parent(int(p)) == me and _comm(int(p)) == "pt_data_worker"]
             for pid in workers:
                 try:
                     tasks = os.listdir(f"/proc/{pid}/task")
@@ -190,6 +193,14 @@ class WorkerThreads:
                     fields = stat.rsplit(")", 1)[1].split()
                     comm = stat[stat.index("(") + 1:stat.rindex(")")]
                     self.seen[(pid, tid)] = (comm, (int(fields[11]) + int(fields[12])) / ticks)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _parent(pid: int) -> int:
@@ -287,10 +298,8 @@ def main() -> None:
                                                       store.process.pid))
                 cache = os.path.join(tmp, f"cache-{latency:g}")
                 served, threads = tree_cpu(store.process.pid), WorkerThreads()
-                main_cpu = time.process_time()
                 rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, threads,
                                                      storage_options=store.storage_options(), cache_dir=cache)
-                main_cpu = time.process_time() - main_cpu  # includes the sampler's own
                 server_cpu = (tree_cpu(store.process.pid) - served) / (nbytes / 1e9)
                 assert nbytes == local_bytes, (nbytes, local_bytes)
                 shutil.rmtree(cache)
@@ -321,7 +330,9 @@ def main() -> None:
             print(f"where stoker's CPU went at {latency:g} ms (CPU-s/GB; workers' threads sampled every "
                   f"{threads.interval:g} s): " + ", ".join(f"{role} {seconds / per_gb:.2f}"
                                                           for role, seconds in threads.roles().items())
-                  + f"; training process (with this sampler) {main_cpu / per_gb:.2f}", flush=True)
+                  + f"; training process (with this sampler) {threads.main / per_gb:.2f}; not seen by the sampler "
+                  f"(worker start-up, each thread's last {threads.interval:g} s) "
+                  f"{cpu - (sum(threads.roles().values()) + threads.main) / per_gb:.2f}", flush=True)
             print(f"CPU budget at {latency:g} ms on {cores} CPUs: best client ({best_label}) {best_cpu:.2f} + nginx "
                   f"{best_server:.2f} + writing the cache {write_cpu:.2f} + stoker's loader on local data "
                   f"{local_cpu:.2f} = {budget:.2f} CPU-s/GB -> at most {possible:,.0f} MB/s, best ratio possible "
