@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -86,8 +87,6 @@ class IOPool:
 def _name_native_thread(name: str) -> None:
     # The OS-level name (Linux, 15 characters), so that top -H, perf and /proc/<pid>/task tell these threads apart.
     try:
-        import ctypes
-
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
