@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from operator import getitem
 from typing import Any
 
 import numpy as np
@@ -77,38 +78,62 @@ class Rows:
     def __init__(self, count: int) -> None:
         self.count = count
         self.header: list[np.ndarray] = []
-        self.pieces: list[list[memoryview]] = []  # per variable-width field, each row's bytes
+        # Per variable-width field: a byte view of each source a row uses, and each row's (source, begin, end).
+        self.pieces: list[tuple[dict[int, memoryview], list[int], list[int], list[int]]] = []
         self.variable_lengths: list[np.ndarray] = []
 
     def add_fixed(self, values: np.ndarray) -> None:
         self.header.append(values)
 
     def add_variable(self, sources: Sequence[np.ndarray], src: np.ndarray, start: np.ndarray, length: np.ndarray) -> None:
-        # A byte view of each row. The views of the sources (a catalog holds one per record batch of every open
-        # shard) are made as rows need them; offsets in values become offsets in bytes.
+        # Offsets in values become offsets in bytes. A catalog holds one source per record batch of every open
+        # shard, so only the sources these rows use get a view.
         width = sources[0].dtype.itemsize if len(sources) else 1
         begin = start * width
-        views: dict[int, memoryview] = {}
-        rows = []
-        for s, a, b in zip(src.tolist(), begin.tolist(), (begin + length * width).tolist()):
-            view = views.get(s)
-            if view is None:
-                view = views[s] = memoryview(np.ascontiguousarray(sources[s]).view(np.uint8))
-            rows.append(view[a:b])
+        rows = src.tolist()
+        views = _views_of(sources)
+        for s in set(rows).difference(views):
+            views[s] = _byte_view(sources[s])
         self.variable_lengths.append(length)
-        self.pieces.append(rows)
+        self.pieces.append((views, rows, begin.tolist(), (begin + length * width).tolist()))
 
     def digests(self) -> np.ndarray:
-        """XXH3 digest of each row (see the module docstring): one C call per row and field, no Python frame."""
+        """XXH3 digest of each row (see the module docstring): one C call per row and field, every loop over rows
+        in C (map), no Python frame per row."""
         n = self.count
         header = np.empty((n, len(self.variable_lengths) + len(self.header)), "<i8")
         for j, column in enumerate(self.variable_lengths + self.header):
             header[:, j] = column
         raw, width = header.tobytes(), header.shape[1] * 8
-        digests = list(map(_hash, [raw[i:i + width] for i in range(0, n * width, width)]))
-        for rows in self.pieces:
+        digests = list(map(_hash, map(raw.__getitem__, map(slice, range(0, n * width, width),
+                                                          range(width, n * width + width, width)))))
+        for views, rows, begin, end in self.pieces:
+            rows = map(getitem, map(views.__getitem__, rows), map(slice, begin, end))
             digests = list(map(_hash, rows, digests))
         return np.array(digests, np.uint64)
+
+
+# Byte views of the sources lists most recently checked (rows used so far): a catalog passes the same list of
+# sources (one per record batch of its open shards) per variable-width column for every batch until its shards
+# change. A few lists, one per column, so that columns do not evict each other.
+_recent_views: list[tuple[Sequence[np.ndarray], dict[int, memoryview]]] = []
+
+
+def _views_of(sources: Sequence[np.ndarray]) -> dict[int, memoryview]:
+    recent = _recent_views
+    for held, views in recent:
+        if held is sources:
+            return views
+    views = {}
+    recent.insert(0, (sources, views))
+    del recent[4:]
+    return views
+
+
+def _byte_view(values: np.ndarray) -> memoryview:
+    # The values' bytes in native order (little-endian where stoker runs, as the writer hashes them).
+    view = memoryview(values if values.flags.c_contiguous else np.ascontiguousarray(values))
+    return view if view.format == "B" else view.cast("B")
 
 
 def mismatches(rows: Rows, stored: np.ndarray) -> np.ndarray:
