@@ -1,12 +1,13 @@
 """What checking every sample's checksum costs: the same loaders with checking on (the default) and off.
 
-    .venv/bin/python benchmarks/integrity.py [--mb 512] [--images 512] [--workers 2] [--rounds 3]
+    .venv/bin/python benchmarks/integrity.py [--mb 512] [--images 512] [--workers 2] [--rounds 3] [--epochs 4]
 
   (1) raw bytes: image-sized random samples streamed from local Arrow shards by stoker.DataLoader (as in
-      stream_local.py), MB/s and CPU seconds per GB of all processes, twice: (1a) the training loop reads every
-      byte once (a numpy pass, what any consumer of the bytes does at least) and (1b) it only counts them. Unchecked,
-      (1b) never touches the bytes at all (workers hand out views of the mapped file), so there the check, which
-      must read every byte once in a worker, is the only pass over them: it roughly doubles CPU per GB.
+      stream_local.py), MB/s and CPU seconds per GB of the training loop and of the workers, twice: (1a) the training
+      loop reads every byte once (a numpy pass, what any consumer of the bytes does at least) and (1b) it only counts
+      them. Unchecked, (1b) never touches the bytes at all (workers hand out views of the mapped file), so there the
+      check, which must read every byte once in a worker, is the only pass over them: it roughly doubles CPU per GB.
+      A round is `--epochs` epochs: CPU clocks tick every 10 ms, 0.02 CPU-s/GB of one 512 MB epoch.
   (2) image pipeline: JPEGs packed with pack_dataset, StreamingDataset, stoker.DataLoader with the pil backend
       decoding and cropping to 224x224 (as in decode.py), img/s
   (3) the check alone, in one process: GB/s and CPU seconds per GB of digesting rows (what workers spend per byte),
@@ -14,9 +15,11 @@
       pass of (1a) (a numpy sum)
 Rounds are interleaved (checked, unchecked, checked, ...) and each figure keeps its best round, so both see the
 same machine load. Prints the ratios checked/unchecked on the last lines (goals: >= 0.97 images, >= 0.95 raw bytes
-read by the loop), and the best ratio possible when the loader's processes share saturated cores: the check adds its
-CPU per GB to the unchecked loader's, so throughput falls to cpu_off / (cpu_off + check). With idle cores for the
-workers the check runs beside the training loop instead, and the ratio depends only on whether workers keep up.
+read by the loop), what the check added to the workers' and the loop's CPU per GB, and the best ratio (1a) that
+the CPU per GB of the checked rounds allows: the training loop is one process, so it cannot go faster than one core
+over its CPU per GB, and all processes share the cores, so not faster than cores over their sum either. The
+unchecked loader is bound by its training loop alone (its workers only plan rows); checked, the workers read every
+byte too, and any time the loop waits for a core that a worker holds is lost.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import stoker
 from stoker.dataloader.reader import ReadOptions
 from stoker.formats import integrity
 from stoker.formats.shard import open_shard
+from stoker.options import cpu_cores
 
 from stream_local import cpu_seconds, make_bench_dataset, read_all, time_cat
 
@@ -43,17 +47,26 @@ def raw_loader(root: str, checksums: bool, workers: int) -> stoker.DataLoader:
     return stoker.DataLoader(ds, batch_size=64, num_workers=workers, persistent_workers=True, prefetch_factor=4)
 
 
-def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float]:
-    """(seconds, sample bytes, CPU seconds of this process and the loader's workers) of one epoch."""
+def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float, float]:
+    """(seconds, sample bytes, CPU seconds of this process, CPU seconds of the loader's workers) of one epoch."""
     import psutil
 
     pids = [p.pid for p in psutil.Process().children() if p.name() != "cat"]
-    cpu, start, nbytes = cpu_seconds(pids), time.perf_counter(), 0
+    main, workers = split_cpu(pids)
+    start, nbytes = time.perf_counter(), 0
     for batch in loader:
         nbytes += sum(len(image) for image in batch["image"])
         if read:
             read_all(batch["image"])
-    return time.perf_counter() - start, nbytes, cpu_seconds(pids) - cpu
+    seconds = time.perf_counter() - start
+    main_end, workers_end = split_cpu(pids)
+    return seconds, nbytes, main_end - main, workers_end - workers
+
+
+def split_cpu(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds so far of this process (the training loop) and of the live `pids` (the loader's workers)."""
+    own = cpu_seconds([])
+    return own, cpu_seconds(pids) - own
 
 
 def image_epoch(loader: stoker.DataLoader) -> float:
@@ -95,6 +108,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="raw-bytes epochs per round (CPU clocks tick at 10 ms)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
@@ -109,18 +123,22 @@ def main() -> None:
         for loader in loaders.values():
             raw_epoch(loader, False)  # workers started
         rates: dict[tuple[bool, bool], list[float]] = {}
-        cpu: dict[tuple[bool, bool], list[float]] = {}
+        cpu: dict[tuple[bool, bool], list[tuple[float, float]]] = {}  # (training loop, workers) CPU-s/GB per round
         for _ in range(args.rounds):
             for read in (True, False):
                 for on, loader in loaders.items():
-                    seconds, nbytes, used = raw_epoch(loader, read)
+                    seconds = nbytes = main = workers = 0
+                    for _ in range(args.epochs):
+                        took = raw_epoch(loader, read)
+                        seconds, nbytes, main, workers = (a + b for a, b in zip((seconds, nbytes, main, workers), took))
                     rates.setdefault((read, on), []).append(nbytes / seconds / 1e6)
-                    cpu.setdefault((read, on), []).append(used / (nbytes / 1e9))
+                    cpu.setdefault((read, on), []).append((main / (nbytes / 1e9), workers / (nbytes / 1e9)))
         for read, on in rates:
             print(f"(1{'a' if read else 'b'}) raw bytes, {'loop reads every byte' if read else 'loop counts bytes  '}, "
                   f"{args.workers} workers, checksums {'on ' if on else 'off'}: "
                   + ", ".join(f"{r:6.0f}" for r in rates[read, on]) + " MB/s; "
-                  + ", ".join(f"{c:.3f}" for c in cpu[read, on]) + " CPU-s/GB")
+                  + ", ".join(f"{m + w:.3f} ({m:.3f} + {w:.3f})" for m, w in cpu[read, on])
+                  + " CPU-s/GB (training loop + workers)")
         del loaders
 
         from stoker.synthetic import make_image_tree
@@ -148,13 +166,22 @@ def main() -> None:
     print(f"machine load average: {load:.1f} on {os.cpu_count()} CPUs")
     for read in (False, True):
         ratio = max(rates[read, True]) / max(rates[read, False])
+        total = {on: min(m + w for m, w in cpu[read, on]) for on in (True, False)}
         print(f"ratio raw bytes ({'1a, loop reads every byte' if read else '1b, bytes never touched'}) checked/unchecked: "
               f"{ratio:.3f}{' (goal >= 0.95)' if read else ''}; CPU per GB "
-              + (f"{min(cpu[read, True]) / min(cpu[read, False]):.2f}x" if min(cpu[read, False]) else
-                 "below the CPU clock's resolution (use a larger --mb)"))
-    off = min(cpu[True, False])
-    print(f"best ratio (1a) possible on saturated cores: {off:.3f} / ({off:.3f} + {check_cpu:.3f}) = "
-          f"{off / (off + check_cpu):.3f} (CPU-s/GB of the unchecked loader, plus the check's)")
+              + (f"{total[True] / total[False]:.2f}x" if total[False] else
+                 "below the CPU clock's resolution (use a larger --mb or --epochs)"))
+    # The bound: the training loop is one process (at most one core), and all processes share the cores, so checked
+    # throughput is at most min(1 / loop, cores / (loop + workers)) with the least CPU per GB any checked round spent.
+    loop_on, workers_on = (min(part[i] for part in cpu[True, True]) for i in (0, 1))
+    loop_off, workers_off = (min(part[i] for part in cpu[True, False]) for i in (0, 1))
+    cores = cpu_cores()
+    bound = min(1 / loop_on, cores / (loop_on + workers_on)) * 1e3
+    print(f"(1a) the check added {workers_on - workers_off:+.3f} CPU-s/GB in the workers and {loop_on - loop_off:+.3f} in "
+          f"the training loop (best rounds; checking alone: {check_cpu:.3f})")
+    print(f"best ratio (1a) possible with the CPU per GB this run spent checked: min(1 / {loop_on:.3f} (the loop, one core), "
+          f"{cores} cores / ({loop_on:.3f} + {workers_on:.3f})) = {bound:.0f} MB/s, against unchecked "
+          f"{max(rates[True, False]):.0f} MB/s: {bound / max(rates[True, False]):.3f}")
     print(f"ratio image pipeline checked/unchecked: {max(img_rates[True]) / max(img_rates[False]):.3f} (goal >= 0.97)")
 
 
