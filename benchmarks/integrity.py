@@ -47,12 +47,14 @@ def raw_loader(root: str, checksums: bool, workers: int) -> stoker.DataLoader:
     return stoker.DataLoader(ds, batch_size=64, num_workers=workers, persistent_workers=True, prefetch_factor=4)
 
 
-def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float, float]:
-    """(seconds, sample bytes, CPU seconds of this process, CPU seconds of the loader's workers) of one epoch."""
+def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float, float, float]:
+    """(seconds, sample bytes, CPU seconds of this process, CPU seconds of the loader's workers, seconds this process
+    was ready to run but waited for a core) of one epoch."""
     import psutil
 
     pids = [p.pid for p in psutil.Process().children() if p.name() != "cat"]
     main, workers = split_cpu(pids)
+    queued = run_queue_seconds()
     start, nbytes = time.perf_counter(), 0
     for batch in loader:
         nbytes += sum(len(image) for image in batch["image"])
@@ -60,7 +62,16 @@ def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float,
             read_all(batch["image"])
     seconds = time.perf_counter() - start
     main_end, workers_end = split_cpu(pids)
-    return seconds, nbytes, main_end - main, workers_end - workers
+    return seconds, nbytes, main_end - main, workers_end - workers, run_queue_seconds() - queued
+
+
+def run_queue_seconds() -> float:
+    """Seconds this process has waited on a run queue for a core (Linux schedstat; 0 where there is none)."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def split_cpu(pids: list[int]) -> tuple[float, float]:
@@ -124,21 +135,29 @@ def main() -> None:
             raw_epoch(loader, False)  # workers started
         rates: dict[tuple[bool, bool], list[float]] = {}
         cpu: dict[tuple[bool, bool], list[tuple[float, float]]] = {}  # (training loop, workers) CPU-s/GB per round
+        loop: dict[tuple[bool, bool], list[tuple[float, float, float]]] = {}  # the loop's s/GB: ran, queued, slept
         for _ in range(args.rounds):
             for read in (True, False):
                 for on, loader in loaders.items():
-                    seconds = nbytes = main = workers = 0
+                    seconds = nbytes = main = workers = queued = 0
                     for _ in range(args.epochs):
                         took = raw_epoch(loader, read)
-                        seconds, nbytes, main, workers = (a + b for a, b in zip((seconds, nbytes, main, workers), took))
-                    rates.setdefault((read, on), []).append(nbytes / seconds / 1e6)
-                    cpu.setdefault((read, on), []).append((main / (nbytes / 1e9), workers / (nbytes / 1e9)))
+                        seconds, nbytes, main, workers, queued = (
+                            a + b for a, b in zip((seconds, nbytes, main, workers, queued), took))
+                    gb = nbytes / 1e9
+                    rates.setdefault((read, on), []).append(gb / seconds * 1e3)
+                    cpu.setdefault((read, on), []).append((main / gb, workers / gb))
+                    loop.setdefault((read, on), []).append((main / gb, queued / gb, (seconds - main - queued) / gb))
         for read, on in rates:
             print(f"(1{'a' if read else 'b'}) raw bytes, {'loop reads every byte' if read else 'loop counts bytes  '}, "
                   f"{args.workers} workers, checksums {'on ' if on else 'off'}: "
                   + ", ".join(f"{r:6.0f}" for r in rates[read, on]) + " MB/s; "
                   + ", ".join(f"{m + w:.3f} ({m:.3f} + {w:.3f})" for m, w in cpu[read, on])
                   + " CPU-s/GB (training loop + workers)")
+        for on in (True, False):
+            ran, queued, slept = loop[True, on][int(np.argmax(rates[True, on]))]
+            print(f"(1a) checksums {'on ' if on else 'off'}, the training loop per GB in its best round: ran {ran:.3f} s, "
+                  f"waited for a core {queued:.3f} s, waited for batches {slept:.3f} s")
         del loaders
 
         from stoker.synthetic import make_image_tree

@@ -29,6 +29,7 @@ import pyarrow as pa
 import xxhash
 
 from stoker.errors import ChecksumError, SkippedSampleWarning, UncheckedDataWarning
+from stoker.formats.arrays import arrow_to_numpy, column_view
 
 COLUMN = "xxh3"
 FIELD = pa.field(COLUMN, pa.uint64(), nullable=False)
@@ -91,7 +92,7 @@ class Rows:
         width = sources[0].dtype.itemsize if len(sources) else 1
         begin = start * width
         rows = src.tolist()
-        views = _views_of(sources)
+        views = _views_of(sources) if len(sources) > 1 else {}  # one source: one view to make either way
         for s in set(rows).difference(views):
             views[s] = _byte_view(sources[s])
         self.variable_lengths.append(length)
@@ -161,12 +162,6 @@ def skip_warning(shard: str, row: int, key: Any) -> SkippedSampleWarning:
         "packed (on_error='skip'); run `stoker verify` on the dataset and repack or re-copy this shard")
 
 
-def _values(array: pa.Array) -> np.ndarray:
-    # Not Array.to_numpy: it imports pandas when pandas is installed (see shard.arrow_to_numpy).
-    dtype = np.dtype(array.type.to_pandas_dtype())
-    return np.frombuffer(array.buffers()[1], dtype, count=array.offset + len(array))[array.offset:]
-
-
 def batch_rows(batch: pa.RecordBatch) -> Rows:
     """The rows of an Arrow record batch (every field but the checksum), for `first_mismatch`."""
     rows = Rows(batch.num_rows)
@@ -174,17 +169,12 @@ def batch_rows(batch: pa.RecordBatch) -> Rows:
     for field, column in zip(batch.schema, batch.columns):
         if field.name == COLUMN:
             continue
-        if pa.types.is_list(field.type):
-            offsets = _values(column.offsets).astype(np.int64)
-            rows.add_variable([_values(column.values)], every, offsets[:-1], np.diff(offsets))
-        elif is_variable(field.type):
-            offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
-            data = column.buffers()[2]
-            values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-            offsets = offsets.astype(np.int64)
+        view = column_view(column)
+        if isinstance(view, tuple):
+            offsets, values = view
             rows.add_variable([values], every, offsets[:-1], np.diff(offsets))
         else:
-            rows.add_fixed(_values(column))
+            rows.add_fixed(view)
     return rows
 
 
@@ -192,7 +182,7 @@ def check_batch(shard: str, batch: pa.RecordBatch, rows: Sequence[int] | np.ndar
     """A ChecksumError naming shard, row and key unless every row of `batch` (shard rows `rows`) is as packed."""
     if COLUMN not in batch.schema.names or not batch.num_rows:
         return
-    stored = _values(batch.column(COLUMN))
+    stored = arrow_to_numpy(batch.column(COLUMN))
     bad = first_mismatch(batch_rows(batch), stored)
     if bad is not None:
         key = batch.column("key")[bad].as_py() if "key" in batch.schema.names else None

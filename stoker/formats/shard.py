@@ -23,6 +23,7 @@ import pyarrow as pa
 from stoker import storage
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
+from stoker.formats.arrays import arrow_to_numpy
 
 ShardInput = Union[str, os.PathLike, bytes, memoryview, pa.Buffer, IO[bytes]]
 SUFFIX: dict[str, str] = {}  # format name -> file suffix, for every registered format
@@ -273,18 +274,6 @@ def numpy_to_arrow(values: np.ndarray) -> pa.Array:
     """
     values = np.ascontiguousarray(values)
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
-
-
-def arrow_to_numpy(array: pa.Array) -> np.ndarray:
-    """The values of a fixed-width Arrow array as a read-only numpy view (copied only if it has nulls).
-
-    Not `Array.to_numpy`: it imports pandas on first use when pandas is installed (see numpy_to_arrow).
-    """
-    if array.null_count or not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
-        return array.to_numpy(zero_copy_only=False)
-    dtype = np.dtype(array.type.to_pandas_dtype())
-    # `count`: a buffer may be longer than its values (validated shards guarantee only that it is long enough).
-    return np.frombuffer(array.buffers()[1], dtype, count=array.offset + len(array))[array.offset:]
 
 
 def _binary_array(values: list[bytes], type_: pa.DataType) -> pa.Array:
