@@ -7,7 +7,7 @@
       loop reads every byte once (a numpy pass, what any consumer of the bytes does at least) and (1b) it only counts
       them. Unchecked, (1b) never touches the bytes at all (workers hand out views of the mapped file), so there the
       check, which must read every byte once in a worker, is the only pass over them: it roughly doubles CPU per GB.
-      A round is `--epochs` epochs: CPU clocks tick every 10 ms, 0.02 CPU-s/GB of one 512 MB epoch.
+      A round is `--epochs` epochs (in (2) too): CPU clocks tick every 10 ms, 0.02 CPU-s/GB of one 512 MB epoch.
   (2) image pipeline: JPEGs packed with pack_dataset, StreamingDataset, stoker.DataLoader with the pil backend
       decoding and cropping to 224x224 (as in decode.py), img/s
   (3) the check alone, in one process: GB/s and CPU seconds per GB of digesting rows (what workers spend per byte),
@@ -80,11 +80,12 @@ def split_cpu(pids: list[int]) -> tuple[float, float]:
     return own, cpu_seconds(pids) - own
 
 
-def image_epoch(loader: stoker.DataLoader) -> float:
-    """Images per second of one epoch."""
+def image_epochs(loader: stoker.DataLoader, epochs: int = 1) -> float:
+    """Images per second of `epochs` epochs."""
     start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch["image"])
+    for _ in range(epochs):
+        for batch in loader:
+            count += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch["image"])
     return count / (time.perf_counter() - start)
 
 
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="raw-bytes epochs per round (CPU clocks tick at 10 ms)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per round (CPU clocks tick every 10 ms)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
@@ -173,11 +174,11 @@ def main() -> None:
             images[on] = stoker.DataLoader(ds, batch_size=64, num_workers=args.workers, persistent_workers=True,
                                            prefetch_factor=4,
                                            collate_fn=stoker.build_transform(spec, backend="pil", seed=0))
-            image_epoch(images[on])
+            image_epochs(images[on])
         img_rates: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.rounds):
             for on, loader in images.items():
-                img_rates[on].append(image_epoch(loader))
+                img_rates[on].append(image_epochs(loader, args.epochs))
         for on in (True, False):
             print(f"(2) image pipeline, {args.workers} workers, checksums {'on ' if on else 'off'}: "
                   + ", ".join(f"{r:6.0f}" for r in img_rates[on]) + " img/s")
