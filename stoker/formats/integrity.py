@@ -87,6 +87,8 @@ class Rows:
         self.header.append(values)
 
     def add_variable(self, sources: Sequence[np.ndarray], src: np.ndarray, start: np.ndarray, length: np.ndarray) -> None:
+        """Rows of one variable-width field; `sources` must not change once rows of it were added (byte views of
+        its members are kept for the next rows of the same list: a catalog builds a new list when its shards do)."""
         # Offsets in values become offsets in bytes. A catalog holds one source per record batch of every open
         # shard, so only the sources these rows use get a view.
         width = sources[0].dtype.itemsize if len(sources) else 1
@@ -116,7 +118,8 @@ class Rows:
 
 # Byte views of the sources lists most recently checked (rows used so far): a catalog passes the same list of
 # sources (one per record batch of its open shards) per variable-width column for every batch until its shards
-# change. A few lists, one per column, so that columns do not evict each other.
+# change. A few lists, so that columns (key and image, or key and tokens) do not evict each other; held lists keep
+# their record batches mapped until newer ones push them out, as a reader's idle shards do.
 _recent_views: list[tuple[Sequence[np.ndarray], dict[int, memoryview]]] = []
 
 
