@@ -28,7 +28,7 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,28 +47,43 @@ def raw_loader(root: str, checksums: bool, workers: int) -> stoker.DataLoader:
     return stoker.DataLoader(ds, batch_size=64, num_workers=workers, persistent_workers=True, prefetch_factor=4)
 
 
-def raw_epoch(loader: stoker.DataLoader, read: bool) -> tuple[float, int, float, float, float]:
-    """(seconds, sample bytes, CPU seconds of this process, CPU seconds of the loader's workers, seconds this process
-    was ready to run but waited for a core) of one epoch."""
+class Spent(NamedTuple):
+    """What epochs of the raw loader took: wall seconds, sample bytes, and seconds of CPU of the training loop's process
+    and of its thread, of the loader's workers, and of the thread waiting on a run queue for a core."""
+
+    seconds: float = 0.0
+    nbytes: int = 0
+    process: float = 0.0
+    thread: float = 0.0
+    workers: float = 0.0
+    queued: float = 0.0
+
+    def __add__(self, other: Any) -> Spent:  # type: ignore[override]
+        return Spent(*(a + b for a, b in zip(self, other)))
+
+
+def raw_epoch(loader: stoker.DataLoader, read: bool) -> Spent:
+    """What one epoch took (see Spent)."""
     import psutil
 
     pids = [p.pid for p in psutil.Process().children() if p.name() != "cat"]
-    main, workers = split_cpu(pids)
-    queued = run_queue_seconds()
+    process, workers = split_cpu(pids)
+    thread, queued = time.thread_time(), run_queue_seconds()
     start, nbytes = time.perf_counter(), 0
     for batch in loader:
         nbytes += sum(len(image) for image in batch["image"])
         if read:
             read_all(batch["image"])
     seconds = time.perf_counter() - start
-    main_end, workers_end = split_cpu(pids)
-    return seconds, nbytes, main_end - main, workers_end - workers, run_queue_seconds() - queued
+    process_end, workers_end = split_cpu(pids)
+    return Spent(seconds, nbytes, process_end - process, time.thread_time() - thread, workers_end - workers,
+                 run_queue_seconds() - queued)
 
 
 def run_queue_seconds() -> float:
-    """Seconds this process has waited on a run queue for a core (Linux schedstat; 0 where there is none)."""
+    """Seconds this thread has waited on a run queue for a core (Linux schedstat; 0 where there is none)."""
     try:
-        with open("/proc/self/schedstat") as f:
+        with open("/proc/thread-self/schedstat") as f:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
@@ -135,30 +150,25 @@ def main() -> None:
         for loader in loaders.values():
             raw_epoch(loader, False)  # workers started
         rates: dict[tuple[bool, bool], list[float]] = {}
-        cpu: dict[tuple[bool, bool], list[tuple[float, float]]] = {}  # (training loop, workers) CPU-s/GB per round
-        loop: dict[tuple[bool, bool], list[tuple[float, float, float]]] = {}  # the loop's s/GB: ran, queued, slept
+        spent: dict[tuple[bool, bool], list[Spent]] = {}  # per round, per GB
         for _ in range(args.rounds):
             for read in (True, False):
                 for on, loader in loaders.items():
-                    seconds = nbytes = main = workers = queued = 0
-                    for _ in range(args.epochs):
-                        took = raw_epoch(loader, read)
-                        seconds, nbytes, main, workers, queued = (
-                            a + b for a, b in zip((seconds, nbytes, main, workers, queued), took))
-                    gb = nbytes / 1e9
-                    rates.setdefault((read, on), []).append(gb / seconds * 1e3)
-                    cpu.setdefault((read, on), []).append((main / gb, workers / gb))
-                    loop.setdefault((read, on), []).append((main / gb, queued / gb, (seconds - main - queued) / gb))
+                    took = sum((raw_epoch(loader, read) for _ in range(args.epochs)), Spent())
+                    gb = took.nbytes / 1e9
+                    rates.setdefault((read, on), []).append(gb / took.seconds * 1e3)
+                    spent.setdefault((read, on), []).append(Spent(*(x / gb for x in took)))
         for read, on in rates:
             print(f"(1{'a' if read else 'b'}) raw bytes, {'loop reads every byte' if read else 'loop counts bytes  '}, "
                   f"{args.workers} workers, checksums {'on ' if on else 'off'}: "
                   + ", ".join(f"{r:6.0f}" for r in rates[read, on]) + " MB/s; "
-                  + ", ".join(f"{m + w:.3f} ({m:.3f} + {w:.3f})" for m, w in cpu[read, on])
+                  + ", ".join(f"{x.process + x.workers:.3f} ({x.process:.3f} + {x.workers:.3f})" for x in spent[read, on])
                   + " CPU-s/GB (training loop + workers)")
         for on in (True, False):
-            ran, queued, slept = loop[True, on][int(np.argmax(rates[True, on]))]
-            print(f"(1a) checksums {'on ' if on else 'off'}, the training loop per GB in its best round: ran {ran:.3f} s, "
-                  f"waited for a core {queued:.3f} s, waited for batches {slept:.3f} s")
+            best = spent[True, on][int(np.argmax(rates[True, on]))]
+            print(f"(1a) checksums {'on ' if on else 'off'}, the training loop's thread per GB in its best round: ran "
+                  f"{best.thread:.3f} s, waited for a core {best.queued:.3f} s, waited for batches "
+                  f"{best.seconds - best.thread - best.queued:.3f} s")
         del loaders
 
         from stoker.synthetic import make_image_tree
@@ -186,22 +196,21 @@ def main() -> None:
     print(f"machine load average: {load:.1f} on {os.cpu_count()} CPUs")
     for read in (False, True):
         ratio = max(rates[read, True]) / max(rates[read, False])
-        total = {on: min(m + w for m, w in cpu[read, on]) for on in (True, False)}
+        total = {on: min(x.process + x.workers for x in spent[read, on]) for on in (True, False)}
         print(f"ratio raw bytes ({'1a, loop reads every byte' if read else '1b, bytes never touched'}) checked/unchecked: "
               f"{ratio:.3f}{' (goal >= 0.95)' if read else ''}; CPU per GB "
               + (f"{total[True] / total[False]:.2f}x" if total[False] else
                  "below the CPU clock's resolution (use a larger --mb or --epochs)"))
-    # The bound: the training loop is one process (at most one core), and all processes share the cores, so checked
-    # throughput is at most min(1 / loop, cores / (loop + workers)) with the least CPU per GB any checked round spent.
-    loop_on, workers_on = (min(part[i] for part in cpu[True, True]) for i in (0, 1))
-    loop_off, workers_off = (min(part[i] for part in cpu[True, False]) for i in (0, 1))
+    # The bound: the training loop is one thread (at most one core), and all processes share the cores, so checked
+    # throughput is at most min(1 / thread, cores / (process + workers)) with the least CPU per GB of any checked round.
+    on, off = ({f: min(getattr(x, f) for x in spent[True, c]) for f in Spent._fields} for c in (True, False))
     cores = cpu_cores()
-    bound = min(1 / loop_on, cores / (loop_on + workers_on)) * 1e3
-    print(f"(1a) the check added {workers_on - workers_off:+.3f} CPU-s/GB in the workers and {loop_on - loop_off:+.3f} in "
-          f"the training loop (best rounds; checking alone: {check_cpu:.3f})")
-    print(f"best ratio (1a) possible with the CPU per GB this run spent checked: min(1 / {loop_on:.3f} (the loop, one core), "
-          f"{cores} cores / ({loop_on:.3f} + {workers_on:.3f})) = {bound:.0f} MB/s, against unchecked "
-          f"{max(rates[True, False]):.0f} MB/s: {bound / max(rates[True, False]):.3f}")
+    bound = min(1 / on["thread"], cores / (on["process"] + on["workers"])) * 1e3
+    print(f"(1a) the check added {on['workers'] - off['workers']:+.3f} CPU-s/GB in the workers and "
+          f"{on['process'] - off['process']:+.3f} in the training loop (least per round; checking alone: {check_cpu:.3f})")
+    print(f"best ratio (1a) possible with the CPU per GB this run spent checked: min(1 / {on['thread']:.3f} (the loop's "
+          f"thread, one core), {cores} cores / ({on['process']:.3f} + {on['workers']:.3f})) = {bound:.0f} MB/s, against "
+          f"unchecked {max(rates[True, False]):.0f} MB/s: {bound / max(rates[True, False]):.3f}")
     print(f"ratio image pipeline checked/unchecked: {max(img_rates[True]) / max(img_rates[False]):.3f} (goal >= 0.97)")
 
 
