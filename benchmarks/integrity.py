@@ -7,7 +7,9 @@
       loop reads every byte once (a numpy pass, what any consumer of the bytes does at least) and (1b) it only counts
       them. Unchecked, (1b) never touches the bytes at all (workers hand out views of the mapped file), so there the
       check, which must read every byte once in a worker, is the only pass over them: it roughly doubles CPU per GB.
-      A round is `--epochs` epochs (in (2) too): CPU clocks tick every 10 ms, 0.02 CPU-s/GB of one 512 MB epoch.
+      For (1a), the training loop's thread per GB: running, waiting on a run queue for a core (Linux schedstat),
+      waiting for batches. A round is `--epochs` epochs (in (2) too): process CPU clocks tick every 10 ms, which is
+      0.02 CPU-s/GB of one 512 MB epoch.
   (2) image pipeline: JPEGs packed with pack_dataset, StreamingDataset, stoker.DataLoader with the pil backend
       decoding and cropping to 224x224 (as in decode.py), img/s
   (3) the check alone, in one process: GB/s and CPU seconds per GB of digesting rows (what workers spend per byte),
@@ -16,7 +18,7 @@
 Rounds are interleaved (checked, unchecked, checked, ...) and each figure keeps its best round, so both see the
 same machine load. Prints the ratios checked/unchecked on the last lines (goals: >= 0.97 images, >= 0.95 raw bytes
 read by the loop), what the check added to the workers' and the loop's CPU per GB, and the best ratio (1a) that
-the CPU per GB of the checked rounds allows: the training loop is one process, so it cannot go faster than one core
+the CPU per GB of the checked rounds allows: the training loop is one thread, so it cannot go faster than one core
 over its CPU per GB, and all processes share the cores, so not faster than cores over their sum either. The
 unchecked loader is bound by its training loop alone (its workers only plan rows); checked, the workers read every
 byte too, and any time the loop waits for a core that a worker holds is lost.
