@@ -6,6 +6,8 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 import stoker
@@ -153,3 +155,23 @@ def test_swapped_and_truncated_bytes_are_errors(tmp_path: Path) -> None:
     shard.write_bytes(pristine[:-100])
     with pytest.raises(ShardError, match=shard.name):
         list(StreamingDataset(str(root), shuffle=False))
+
+
+def test_rows_checked_again_from_the_same_sources_see_the_bytes_as_they_are_now() -> None:
+    # A catalog passes one list of sources for every batch; what is kept between checks must be views of the bytes,
+    # never anything computed from them, so that a byte changed after one check fails the next.
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(0, 256, 1000, dtype=np.uint8) for _ in range(3)]
+    src, start, length = np.array([0, 2, 1, 2], np.int32), np.array([0, 10, 500, 900]), np.array([100, 50, 0, 100])
+    schema = pa.schema([pa.field("image", pa.binary())])
+
+    def digests() -> list[int]:
+        rows = integrity.Rows(len(src))
+        rows.add_variable(sources, src, start, length)
+        return rows.digests().tolist()
+
+    packed = [integrity.digest_sample({"image": sources[s][a:a + n].tobytes()}, schema)
+              for s, a, n in zip(src, start, length)]
+    assert digests() == packed
+    sources[2][905] ^= 1
+    assert [a == b for a, b in zip(digests(), packed)] == [True, True, True, False]
