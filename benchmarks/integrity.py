@@ -12,9 +12,10 @@
       0.02 CPU-s/GB of one 512 MB epoch.
   (2) image pipeline: JPEGs packed with pack_dataset, StreamingDataset, stoker.DataLoader with the pil backend
       decoding and cropping to 224x224 (as in decode.py), img/s
-  (3) the check alone, in one process: GB/s and CPU seconds per GB of digesting rows (what workers spend per byte),
-      next to one XXH3 call per record batch (the floor: every byte read once from memory) and the loop's own read
-      pass of (1a) (a numpy sum)
+  (3) the check alone, in one process: GB/s and CPU seconds per GB of digesting rows in record-batch order, CPU
+      seconds per GB of digesting them 64 shuffled rows at a time (what workers spend per byte), next to one XXH3 call
+      per record batch (the floor: every byte read once from memory) and the loop's own read pass of (1a) (a numpy
+      sum)
 Rounds are interleaved (checked, unchecked, checked, ...) and each figure keeps its best round, so both see the
 same machine load. Prints the ratios checked/unchecked on the last lines (goals: >= 0.97 images, >= 0.95 raw bytes
 read by the loop), what the check added to the workers' and the loop's CPU per GB, and the best ratio (1a) that
@@ -38,6 +39,7 @@ import numpy as np
 import stoker
 from stoker.dataloader.reader import ReadOptions
 from stoker.formats import integrity
+from stoker.formats.arrays import column_view
 from stoker.formats.shard import open_shard
 from stoker.options import cpu_cores
 
@@ -106,9 +108,10 @@ def image_epochs(loader: stoker.DataLoader, epochs: int = 1) -> float:
     return count / (time.perf_counter() - start)
 
 
-def check_alone(paths: list[str]) -> tuple[float, float, float, float]:
-    """In one process, pages already mapped: (GB/s, CPU-s/GB) of digesting every row of the shards, and CPU-s/GB
-    of one XXH3 call per record batch's image bytes and of the loop's read pass over them."""
+def check_alone(paths: list[str]) -> tuple[float, float, float, float, float]:
+    """In one process, pages already mapped: (GB/s, CPU-s/GB) of digesting every row of the shards in record-batch
+    order, CPU-s/GB of digesting them 64 shuffled rows at a time (as a worker gathers them), and CPU-s/GB of one
+    XXH3 call per record batch's image bytes and of the loop's read pass over them."""
     import xxhash
 
     batches = [b for p in paths for b in open_shard(p, checksums=False).iter_batches()]
@@ -126,9 +129,39 @@ def check_alone(paths: list[str]) -> tuple[float, float, float, float]:
         return wall, cpu
 
     wall, cpu = best(lambda: [integrity.check_batch("bench", b, np.arange(b.num_rows)) for b in batches])
+    _, shuffled = best(shuffled_checks(batches))
     _, floor = best(lambda: [xxhash.xxh3_64_intdigest(memoryview(i.buffers()[2])) for i in images])
     _, loop = best(lambda: [read_all(r) for r in rows])
-    return nbytes / wall, cpu / nbytes, floor / image_bytes, loop / image_bytes
+    return nbytes / wall, cpu / nbytes, shuffled / nbytes, floor / image_bytes, loop / image_bytes
+
+
+def shuffled_checks(batches: list[Any]) -> Any:
+    """A function that checks every row of `batches` 64 at a time in a shuffled order, each column one table over
+    all record batches (as a worker's catalog holds the open shards), and fails if any row does not match."""
+    tables: dict[str, Any] = {}
+    for field in batches[0].schema:
+        views = [column_view(b.column(field.name)) for b in batches]
+        if isinstance(views[0], tuple):
+            tables[field.name] = ([values for _, values in views],
+                                  np.repeat(np.arange(len(views), dtype=np.int32), [len(o) - 1 for o, _ in views]),
+                                  np.concatenate([o[:-1] for o, _ in views]), np.concatenate([np.diff(o) for o, _ in views]))
+        else:
+            tables[field.name] = np.concatenate(views)
+    stored = tables.pop(integrity.COLUMN)
+    order = np.random.default_rng(0).permutation(len(stored))
+
+    def check() -> None:
+        for at in range(0, len(order), 64):
+            index = order[at:at + 64]
+            checked = integrity.Rows(len(index))
+            for table in tables.values():
+                if isinstance(table, tuple):
+                    checked.add_variable(table[0], table[1][index], table[2][index], table[3][index])
+                else:
+                    checked.add_fixed(table[index])
+            assert not len(integrity.mismatches(checked, stored[index])), "the benchmark's shards do not check"
+
+    return check
 
 
 def main() -> None:
@@ -145,9 +178,10 @@ def main() -> None:
         os.makedirs(raw)
         paths = make_bench_dataset(raw, args.mb)
         time_cat(paths)  # page cache warm
-        speed, check_cpu, floor_cpu, loop_cpu = check_alone(paths)
-        print(f"(3) checking alone, one process: {speed:.1f} GB/s of sample bytes, {check_cpu:.3f} CPU-s/GB; one XXH3 "
-              f"call per record batch {floor_cpu:.3f} CPU-s/GB; the loop's read pass {loop_cpu:.3f} CPU-s/GB")
+        speed, check_cpu, shuffled_cpu, floor_cpu, loop_cpu = check_alone(paths)
+        print(f"(3) checking alone, one process: {speed:.1f} GB/s of sample bytes, {check_cpu:.3f} CPU-s/GB; 64 "
+              f"shuffled rows at a time, as workers do, {shuffled_cpu:.3f} CPU-s/GB; one XXH3 call per record batch "
+              f"{floor_cpu:.3f} CPU-s/GB; the loop's read pass {loop_cpu:.3f} CPU-s/GB")
         loaders = {on: raw_loader(raw, on, args.workers) for on in (True, False)}
         for loader in loaders.values():
             raw_epoch(loader, False)  # workers started
@@ -209,7 +243,7 @@ def main() -> None:
     cores = cpu_cores()
     bound = min(1 / on["thread"], cores / (on["process"] + on["workers"])) * 1e3
     print(f"(1a) the check added {on['workers'] - off['workers']:+.3f} CPU-s/GB in the workers and "
-          f"{on['process'] - off['process']:+.3f} in the training loop (least per round; checking alone: {check_cpu:.3f})")
+          f"{on['process'] - off['process']:+.3f} in the training loop (least per round; checking alone: {shuffled_cpu:.3f} shuffled, {check_cpu:.3f} in order)")
     print(f"best ratio (1a) possible with the CPU per GB this run spent checked: min(1 / {on['thread']:.3f} (the loop's "
           f"thread, one core), {cores} cores / ({on['process']:.3f} + {on['workers']:.3f})) = {bound:.0f} MB/s, against "
           f"unchecked {max(rates[True, False]):.0f} MB/s: {bound / max(rates[True, False]):.3f}")
