@@ -24,10 +24,11 @@ from stoker import cache, storage
 from stoker.dataloader import remote
 from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
+from stoker.formats.arrays import column_view
 from stoker.formats.conform import Rules, check_batch, check_schema
 from stoker.lru import LRU
 from stoker.formats.manifest import Manifest, ShardInfo
-from stoker.formats.shard import ShardReader, arrow_to_numpy, open_shard
+from stoker.formats.shard import ShardReader, open_shard
 
 DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
 IDLE_SHARDS = 64  # local shards kept mapped after use, for the next window or epoch of a persistent worker
@@ -110,7 +111,7 @@ class OpenShard:
             reader.close()
             raise
         for name in columns:
-            views = [_column_view(batch.column(name)) for batch in batches]
+            views = [column_view(batch.column(name)) for batch in batches]
             if views and isinstance(views[0], tuple):
                 counts = [len(starts) - 1 for starts, _ in views]
                 self.columns[name] = RaggedColumn(
@@ -162,17 +163,6 @@ def check_against_manifest(shard: OpenShard, info: ShardInfo) -> None:
             row = int(np.flatnonzero(column.length != info.lengths)[0])
             raise ShardError(shard.name, f"column {name!r} has {int(column.length[row])} tokens but the manifest "
                              f"records {int(info.lengths[row])}", row=row)
-
-
-def _column_view(column: pa.Array) -> Any:
-    if pa.types.is_list(column.type):
-        return arrow_to_numpy(column.offsets).astype(np.int64), arrow_to_numpy(column.values)
-    if pa.types.is_binary(column.type) or pa.types.is_string(column.type):
-        offsets = np.frombuffer(column.buffers()[1], np.int32, count=column.offset + len(column) + 1)[column.offset:]
-        data = column.buffers()[2]
-        values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-        return offsets.astype(np.int64), values
-    return arrow_to_numpy(column)
 
 
 @dataclass
