@@ -7,7 +7,8 @@ Stage names (the keys of `stage_times()` on `stoker.DataLoader`, `StreamingDatas
     decode, augment   stoker's own image transforms, when they report the two apart
     transform  the user's transform / collate_fn, as one stage
     collate    stoker's own batching of rows into the batch structure
-    handoff    moving a finished batch from a worker to the training process (pickling, shared memory, unpickling)
+    handoff    a worker sending a finished batch to the training process (pickling, moving it to shared memory)
+    receive    the training process taking that batch in (unpickling, mapping its shared memory)
     pin        pin_memory in the training process
 
 A clock costs a few `perf_counter` calls per batch (per sample only around a per-sample transform, which costs far
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-STAGES = ("fetch", "read", "decode", "augment", "transform", "collate", "handoff", "pin")
+STAGES = ("fetch", "read", "decode", "augment", "transform", "collate", "handoff", "receive", "pin")
 
 
 class StageClock:

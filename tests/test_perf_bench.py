@@ -15,8 +15,9 @@ from stoker.cli import main
 from stoker.errors import ConfigError
 from stoker.formats.pack import pack_dataset
 from stoker.perf import monitor_report, stages
-from stoker.perf.bench import Consumption, Stage, bench_pipeline, resolve_consumption, time_stage
+from stoker.perf.bench import Consumption, Stage, bench_facts, bench_pipeline, resolve_consumption, time_stage
 from stoker.perf.stages import BenchOptions
+from stoker.perf.verdict import judge_pipeline
 from stoker.synthetic import make_image_tree, make_text_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,3 +253,26 @@ def test_tune_without_a_rate_picks_near_the_fastest_and_prints_a_table(packed_te
     rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) >= 4  # 0 workers, then 1.. workers at several prefetch depths
     assert "recommended: num_workers=" in out and "within 5% of the fastest" in out
+
+
+@pytest.mark.parametrize("kind", ["read", "collate", "h2d", "loader"])  # the stages `stoker bench` times on text
+def test_the_bench_advises_a_text_dataset_as_text(packed_text: Path, packed_images: Path, kind) -> None:
+    # Whichever stage limits a text dataset, its advice is for batches of token ids made by pad_collate.
+    text = bench_facts(str(packed_text), image=False, workers=2)
+    assert text.images is False and text.sample_transform is False and text.backend is None
+    verdict = judge_pipeline({"read": 1e6, kind: 1.0}, 100.0, facts=text)
+    assert verdict.bottleneck == kind
+    advice = " ".join(verdict.advice)
+    assert "uint8" not in advice and "crop" not in advice and "--max-side" not in advice, advice
+    images = bench_facts(str(packed_images), image=True, workers=2)
+    assert images.images is True and images.backend == "pil"
+
+
+def test_advice_for_a_starved_text_dataset_says_nothing_about_images(packed_text: Path, capsys) -> None:
+    # A step of 1 us per batch needs far more tokens/s than any loader gives: the verdict advises, for text batches
+    # of integer token ids (no uint8 images to hand out, nothing to crop).
+    data = _bench_json(capsys, str(packed_text), "--step-time", "0.000001")
+    verdict = data["verdict"]
+    assert verdict["keeps_up"] is False and len(verdict["advice"]) > 1, verdict
+    advice = " ".join(verdict["advice"])
+    assert "uint8" not in advice and "image" not in advice and "crop" not in advice, advice

@@ -61,6 +61,8 @@ def test_startup_is_one_batch_per_worker(workers, expected) -> None:
         ({"decode": 4.0, "pin": 1.5}, 100, 0, {"decode": 0.04, "pin": 0.015}),
         ({"read": 1.0, "collate": 0.0}, 10, 2, {"read": 0.05}),  # a stage that never ran is left out
         ({"read": 1.0}, 0, 2, {}),
+        # handing over: each worker pickles its own batches, the training process unpickles them one by one
+        ({"handoff": 0.4, "receive": 0.3}, 100, 4, {"handoff": 0.001, "receive": 0.003}),
     ],
 )
 def test_stage_costs_per_batch(times, batches, workers, expected) -> None:
@@ -106,6 +108,13 @@ GENERATOR = RunFacts(num_workers=None, usable_cores=4)
         ("fetch", replace(SMALL_SHARDS, shard_bytes=64e3), ["Shards (64 kB on average)"], ["parallel_reads"]),
         ("read", FULL, ["NVMe"], ["num_workers"]),
         ("handoff", CPU, ["uint8"], ["num_workers"]),
+        ("receive", CPU, ["uint8", "columns=..."], ["num_workers"]),  # unpickled in one process: workers do not help
+        # text batches are token ids: no uint8 images to hand out, nothing to crop
+        ("receive", replace(CPU, images=False), ["return tensors from collate_fn", "columns=..."], ["uint8"]),
+        ("collate", replace(CPU, images=False), ["pad_to_multiple_of", "Raise num_workers"], ["uint8", "crop"]),
+        ("h2d", replace(GPU, images=False), ["non_blocking=True"], ["uint8"]),
+        ("loader", replace(FULL, images=False), ["prefetch_factor"], ["uint8"]),
+        ("pin", replace(GPU, images=False), ["columns=..."], ["uint8"]),
         ("pin", CPU, ["pin_memory=False"], []),
         ("loader", FULL, ["prefetch_factor", "already use every core (8 workers, 8 usable cores)"], ["Raise num"]),
         ("loader", CPU, ["prefetch_factor", "Raise num_workers"], ["every core"]),
@@ -132,6 +141,8 @@ def test_advice_is_in_stokers_knobs_and_true_for_the_run(stage, facts, present, 
         ("transform", PLAIN, "the transform / collate_fn (CPU, in the training process)"),
         ("transform", CPU, "decode and augment in stoker's transform (CPU, pil, 2 workers)"),
         ("collate", GENERATOR, "collate (CPU)"),
+        ("handoff", CPU, "sending batches to the training process (pickling in the workers)"),
+        ("receive", CPU, "taking batches in (unpickling in the training process)"),
     ],
 )
 def test_describe(stage, facts, expected) -> None:
@@ -172,6 +183,8 @@ ONE_WORKER = RunFacts(num_workers=1, usable_cores=2, has_stage_times=True)
         ({"read": 0.003, "transform": 0.004}, 2, "transform"),  # 7 ms together in each worker, none alone
         ({"read": 0.003, "pin": 0.004}, 2, None),  # pin runs in the training process, apart from the workers
         ({"pin": 0.007, "read": 0.001}, 2, "pin"),
+        ({"receive": 0.007, "handoff": 0.001}, 2, "receive"),  # unpickled in the training process, slower than a step
+        ({"receive": 0.004, "read": 0.003}, 2, None),  # the training process's 4 ms are not added to a worker's 3
         ({"read": 0.0001, "collate": 0.00005}, 0, "read"),  # no workers: every stage is waited for in next()
         ({"read": 0.0001}, None, "read"),
         ({}, 2, None),

@@ -149,3 +149,9 @@ def test_every_reference_names_its_source() -> None:
     assert {limit.stage for limit in SPEED_OF_LIGHT} == {"read", "decode", "h2d"}
     assert stage_limits("decode")[0].unit == "img/s"
     assert stage_limits("collate") == ()
+
+
+def test_a_loader_measured_alone_is_judged_on_its_own_rate() -> None:
+    # Only the end-to-end rate is known (no stage timed apart): it is the pipeline's rate and the bottleneck.
+    verdict = judge_pipeline({"loader": 1_000}, 2_500)
+    assert verdict.bottleneck == "loader" and verdict.pipeline_rate == 1_000 and not verdict.keeps_up

@@ -179,8 +179,9 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
 
     @property
     def worker_starts(self) -> int:
-        """Times this loader started worker processes for a StreamingDataset (each pass without persistent workers,
-        each re-deal of `num_workers="auto"`); 0 for other datasets."""
+        """Times this loader started worker processes for a StreamingDataset or a resumable iterable (BucketedStream):
+        each pass without persistent workers, each re-deal of `num_workers="auto"`, each pass of a resumable iterable
+        resumed from a checkpoint; 0 for other datasets."""
         return self._worker_starts
 
     @property
@@ -231,7 +232,8 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
         epoch = self.dataset.epoch
         resume = self._resume if self._resume_pending and self._resume.epoch == epoch else None
         self._resume_pending = False  # a `set_epoch` to another epoch since the load discards it
-        if self._inner is None or resume is not None:
+        fresh = self._inner is None or resume is not None
+        if fresh:
             self._inner = torch.utils.data.DataLoader(
                 resumable.WorkerView(self.dataset, self._user_collate, resume), batch_size=None, num_workers=self.num_workers,
                 collate_fn=_passthrough, pin_memory=self.pin_memory, timeout=self.timeout,
@@ -241,6 +243,9 @@ class DataLoader(torch.utils.data.DataLoader[_T_co]):
                 in_order=True,  # the round robin over workers is what a checkpoint records
             )
         inner = _forking(self._inner.__iter__)
+        if self.num_workers and (fresh or not self.persistent_workers):  # persistent ones serve every later pass
+            self._worker_starts += 1
+            self._workers_first_batch = 0
         self._inner.dataset.started()
         self._resume = resume or resumable.WorkerStates.fresh(epoch, self.num_workers)
         return resumable.ResumableIterator(self.dataset, inner, self._resume, self._clock)

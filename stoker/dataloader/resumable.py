@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, default_convert, get_worker_info
 
 from stoker.checkpoint import check_checkpoint
 from stoker.clock import StageClock, added, sum_times
-from stoker.dataloader.workers import PickleSeconds, UnpickleStart
+from stoker.dataloader.workers import PickleSeconds, UnpickleStart, arrival_times
 from stoker.errors import StateError, StokerError
 
 STATE_VERSION = 1
@@ -88,7 +88,7 @@ def read_state(state: Any, config: dict[str, Any]) -> WorkerStates:
 class Checkpointed:
     """Item number `number` of DataLoader worker `worker`, with that worker's iterator state after it; `end`: the
     worker's last message, which holds no item. `times`: the worker's stage seconds since its previous message;
-    crossing processes adds "handoff", pinning adds "pin" (as for `workers.Bundle`)."""
+    crossing processes adds "handoff" and "receive", pinning adds "pin" (as for `workers.Bundle`)."""
 
     def __init__(self, worker: int, number: int, state: Any, item: Any, end: bool = False,
                  times: dict[str, float] | None = None) -> None:
@@ -111,8 +111,7 @@ class Checkpointed:
 
 def _arrived(start: float, worker: int, number: int, state: Any, item: Any, end: bool, times: dict[str, float],
              pickled: float) -> Checkpointed:
-    return Checkpointed(worker, number, state, item, end,
-                        sum_times(times, {"handoff": pickled + time.perf_counter() - start}))
+    return Checkpointed(worker, number, state, item, end, arrival_times(times, pickled, start))
 
 
 class WorkerView(IterableDataset):

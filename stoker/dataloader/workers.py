@@ -110,8 +110,9 @@ class Bundle:
     One message per batch costs the training process about a millisecond of CPU (queue, pickling, torch's
     bookkeeping), as much as copying a few MB; bundling small batches divides that. The last item may be a
     `WorkerError`: the batches before it are delivered first. `times` are the worker's stage seconds since its
-    previous message (`clock.StageClock.take`); crossing processes adds "handoff", pinning adds "pin". `skipped`:
-    damaged samples the worker left out of its batches since its previous message (skip policy).
+    previous message (`clock.StageClock.take`); crossing processes adds "handoff" and "receive" (`arrival_times`),
+    pinning adds "pin". `skipped`: damaged samples the worker left out of its batches since its previous message
+    (skip policy).
     """
 
     def __init__(self, worker: int, first: int, items: list[Any], times: dict[str, float] | None = None,
@@ -153,9 +154,16 @@ class PickleSeconds:
         return (float, (time.perf_counter() - self.start,))
 
 
+def arrival_times(times: dict[str, float], pickled: float, start: float) -> dict[str, float]:
+    """A message's stage seconds as it arrives: the worker's `times`, its pickling as "handoff" (in the worker, so
+    workers pickle side by side) and the unpickling that just ended, since `start`, as "receive" (in the training
+    process, one message after another)."""
+    return sum_times(times, {"handoff": pickled, "receive": time.perf_counter() - start})
+
+
 def _bundle_arrived(start: float, worker: int, first: int, items: list[Any], times: dict[str, float], skipped: int,
                     pickled: float) -> Bundle:
-    return Bundle(worker, first, items, sum_times(times, {"handoff": pickled + time.perf_counter() - start}), skipped)
+    return Bundle(worker, first, items, arrival_times(times, pickled, start), skipped)
 
 
 class WireBundle:
@@ -181,7 +189,7 @@ def unpack_bundle(start: float, worker: int, first: int, key: Key | None, slab: 
         # A pooled slab is registered by the first batch; a one-off slab is not, so every batch carries it.
         items.append(unpack(key, slab if i == 0 or key is None else None, replaced if i == 0 else None, layout,
                             columns))
-    return Bundle(worker, first, items, sum_times(times, {"handoff": pickled + time.perf_counter() - start}), skipped)
+    return Bundle(worker, first, items, arrival_times(times, pickled, start), skipped)
 
 
 def build(buffer: torch.Tensor | None, layout: tuple[Any, ...], columns: dict[str, Any]) -> dict[str, Any]:

@@ -45,12 +45,20 @@ def bench_pipeline(stages: Sequence[Stage], seconds: float = DEFAULT_SECONDS, *,
     return BenchReport("custom", "custom", unit, results, consumption, verdict, {"seconds": seconds}, machine_info())
 
 
+def bench_facts(source: str, image: bool, workers: int) -> RunFacts:
+    """What the advice may rely on for the loader `bench_dataset` measures (`loaders.make_loader`): images through
+    stoker's Pillow transform as its collate_fn, or text through pad_collate; no per-sample transform either way."""
+    import torch
+
+    return RunFacts(num_workers=workers, usable_cores=usable_cores(), cuda=torch.cuda.is_available(),
+                    has_stage_times=True, remote=not storage.is_local(source), source=storage.redact(source),
+                    backend="pil" if image else None, images=image, sample_transform=False)
+
+
 def bench_dataset(source: str, options: BenchOptions | None = None, *,
                   consumption: Consumption | None = None, manifest: Manifest | None = None) -> BenchReport:
     """Measure every stage of loading the packed dataset at `source` (directory or URL) and judge the result;
     `manifest`: the dataset's, when the caller has already loaded it."""
-    import torch
-
     options = options or BenchOptions()
     manifest = manifest or Manifest.load(source, options.storage_options)
     if not manifest.num_samples:
@@ -60,9 +68,7 @@ def bench_dataset(source: str, options: BenchOptions | None = None, *,
     batch = options.batch(image)
     workers = usable_cores() if options.workers is None else options.workers
     results = dataset_stages(source, manifest, options)
-    facts = RunFacts(num_workers=workers, usable_cores=usable_cores(), cuda=torch.cuda.is_available(),
-                     has_stage_times=True, remote=not storage.is_local(source), source=storage.redact(source),
-                     backend="pil" if image else None)
+    facts = bench_facts(source, image, workers)
     verdict = judge(results, consumption, unit, facts) if consumption is not None else None
     settings = {"seconds": options.seconds, "batch_size": batch, "workers": workers,
                 "transform": f"pil, {options.size} px" if image else "pad_collate", "samples": manifest.num_samples,

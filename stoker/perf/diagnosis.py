@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Stages that run in the training process, one batch after another, whatever the number of workers.
-MAIN_PROCESS_STAGES = frozenset({"pin"})
+MAIN_PROCESS_STAGES = frozenset({"receive", "pin"})
 # Fewer steady steps than this and a fraction of step time is mostly noise: the report says so instead of judging.
 MIN_STEADY_STEPS = 10
 
@@ -34,7 +34,8 @@ _DESCRIPTIONS = {
     "augment": "augment",
     "transform": "the transform / collate_fn",
     "collate": "collate",
-    "handoff": "handing batches to the training process",
+    "handoff": "sending batches to the training process (pickling in the workers)",
+    "receive": "taking batches in (unpickling in the training process)",
     "pin": "pin_memory in the training process",
 }
 
@@ -198,20 +199,26 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
                          "the stacked batch)" + (" or use stoker.build_transform, which decodes and augments per "
                                                  "batch." if images else "."))
         return tuple(lines + more_workers)
+    # Image batches shrink 4x as uint8 converted on the device; text batches are already integer token ids.
+    images = facts.images is not False
     if stage == "collate":
-        return ("Collating samples into batches is the slow part: make each sample smaller before it is stacked "
-                "(uint8 rather than float, cropped to the model's input) and convert on the GPU after the copy.",
-                *more_workers)
-    if stage == "handoff":
-        return ("Batches are slow to move from the workers: hand out uint8 (4x fewer bytes than float32) and "
-                "convert on the device; drop columns the model does not use (StreamingDataset(columns=...)).",)
+        smaller = ("make each sample smaller before it is stacked (uint8 rather than float, cropped to the model's "
+                   "input) and convert on the GPU after the copy" if images else
+                   "read only the columns the model uses (StreamingDataset(columns=...)) and pad no further than "
+                   "needed (pad_collate's pad_to_multiple_of)")
+        return (f"Collating samples into batches is the slow part: {smaller}.", *more_workers)
+    if stage in ("handoff", "receive"):
+        smaller = ("hand out uint8 (4x fewer bytes than float32) and convert on the device" if images else
+                   "return tensors from collate_fn, not Python lists or strings (pickled one object at a time)")
+        return (f"Batches are slow to move from the workers: {smaller}; drop columns the model does not use "
+                "(StreamingDataset(columns=...)).",)
     if stage == "h2d":
-        return ("Copy with pin_memory=True and .to(device, non_blocking=True) so the copy overlaps compute; hand "
-                "out uint8 and convert on the device (4x fewer bytes than float32).",)
+        return ("Copy with pin_memory=True and .to(device, non_blocking=True) so the copy overlaps compute"
+                + ("; hand out uint8 and convert on the device (4x fewer bytes than float32)." if images else "."),)
     if stage == "loader":
         lines = ["Every stage alone is faster than the loader end to end: the time goes between them (handing "
-                 "batches to the training process, waiting on the next shard). Raise prefetch_factor, and hand "
-                 "out uint8 so each batch is cheaper to move."]
+                 "batches to the training process, waiting on the next shard). Raise prefetch_factor"
+                 + (", and hand out uint8 so each batch is cheaper to move." if images else ".")]
         if facts.num_workers is not None and facts.num_workers >= facts.usable_cores:
             lines.append(f"The workers already use every core ({facts.num_workers} workers, {facts.usable_cores} "
                          "usable cores), so the training process competes with them for CPU: a machine with more "
@@ -221,8 +228,9 @@ def advice(stage: str | None, facts: RunFacts) -> tuple[str, ...]:
         if not facts.cuda:
             return ("pin_memory=True costs a copy of every batch and only helps a copy to a CUDA GPU, which this "
                     "process does not have: set pin_memory=False.",)
-        return ("pin_memory copies every batch in the training process: hand out uint8 and convert on the "
-                "device, so fewer bytes are pinned.",)
+        fewer = ("hand out uint8 and convert on the device" if images else
+                 "drop columns the model does not use (StreamingDataset(columns=...))")
+        return (f"pin_memory copies every batch in the training process: {fewer}, so fewer bytes are pinned.",)
     return (f"Stage {stage!r} has no built-in advice: profile it (py-spy, torch.profiler).", *more_workers)
 
 

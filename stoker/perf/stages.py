@@ -31,7 +31,8 @@ from stoker.perf.timing import Stage, StageResult, time_stage, unavailable, usab
 DEFAULT_SECONDS = 3.0
 _CHUNK = 8 << 20  # raw reads: large sequential requests, as `dd bs=8M` would do
 _BUFFERED_SAMPLES = 512  # samples held in memory for the CPU stages, so they never touch storage
-_HANDOFF_STAGES = ("handoff", "pin")  # the loader's clocks of moving batches, partly in the training process
+# The loader's clocks of moving batches (partly in the training process), not its workers' stage work.
+_HANDOFF_STAGES = ("handoff", "receive", "pin")
 MIN_LOADER_BATCHES = 20  # fewer batches per round and the loader's rate is mostly its start-up and epoch ends
 
 

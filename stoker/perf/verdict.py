@@ -154,7 +154,7 @@ def judge_pipeline(
     if whole:
         loader = min(whole, key=whole.__getitem__)
         pipeline_rate = whole[loader]
-        glue = pipeline_rate < _GLUE_LOSS * min(explained.values())
+        glue = bool(explained) and pipeline_rate < _GLUE_LOSS * min(explained.values())
         if limit is None or (glue and (loader_busy is None or loader_busy < _GLUE_LOSS)):
             limit = loader
     else:
