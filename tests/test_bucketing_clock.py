@@ -46,6 +46,36 @@ class SlowPad:
         return self.pad(samples)
 
 
+PICKLE_SLEEP = 0.005  # per batch, pickling it in the worker
+UNPICKLE_SLEEP = 0.02  # per batch, unpickling it in the training process
+
+
+def _received(batch):
+    time.sleep(UNPICKLE_SLEEP)
+    return batch
+
+
+class SlowToSend:
+    """A batch that is slow to pickle (in the worker) and slower to unpickle (in the training process)."""
+
+    def __init__(self, batch) -> None:
+        self.batch = batch
+
+    def __reduce__(self):
+        time.sleep(PICKLE_SLEEP)
+        return (_received, (self.batch,))
+
+
+class SlowHandoffPad:
+    """pad_collate whose batches are slow to cross processes (a class, so spawned workers can pickle it)."""
+
+    def __init__(self) -> None:
+        self.pad = stoker.pad_collate()
+
+    def __call__(self, samples):
+        return SlowToSend(self.pad(samples))
+
+
 def loader(text, workers, *, transform=None, collate_fn=None, persistent=False):
     stream = stoker.BucketedStream(StreamingDataset(text, seed=0, transform=transform), batch_size=BATCH,
                                    buffer_size=32, seed=1)
@@ -170,6 +200,58 @@ def test_the_monitor_keeps_a_fast_bucketed_text_loader_apart_from_a_slow_step(te
     report, lines = watch(loader(text, 2), 0.1)
     assert report["state"] == KEEPING_UP and report["bottleneck_stage"] is None, lines
     assert report["local"]["stage_seconds"]  # the clocks came back from the workers; still no stage is blamed
+
+
+def test_unpickling_in_the_training_process_is_its_own_stage_not_shared_by_the_workers(text):
+    from stoker.perf.diagnosis import stage_costs
+
+    it = loader(text, 2, collate_fn=SlowHandoffPad())
+    batches = list(it)
+    assert samples_in(batches) == sum(ROWS)
+    times = it.stage_times()
+    # Pickling ran in the workers ("handoff"), unpickling in this process ("receive"), every batch of each.
+    assert times["handoff"] >= len(batches) * PICKLE_SLEEP and times["receive"] >= len(batches) * UNPICKLE_SLEEP
+    # The training process unpickles one batch after another: its cost per batch is not divided by the 2 workers.
+    assert stage_costs(times, len(batches), 2)["receive"] >= UNPICKLE_SLEEP
+    report, lines = watch(loader(text, 2, collate_fn=SlowHandoffPad()), 0.001)
+    assert report["state"] == STARVING and report["bottleneck_stage"] == "receive", lines
+    assert "taking batches in (unpickling in the training process)" in report["headline"]
+    assert "num_workers" not in " ".join(report["advice"])  # more workers do not unpickle faster
+
+
+@pytest.mark.parametrize("persistent, starts", [(False, 2), (True, 1)])
+def test_worker_starts_count_each_set_of_workers_started(text, persistent, starts):
+    it = loader(text, 2, persistent=persistent)
+    assert it.worker_starts == 0
+    for _ in range(2):  # two epochs: new workers for each without persistent ones
+        assert samples_in(list(it)) == sum(ROWS)
+    assert it.worker_starts == starts and it.workers_first_batch == 0
+    head = iter(it)
+    next(head)
+    third = it.worker_starts
+    assert third == starts + (not persistent)
+    # A pass resumed from a checkpoint runs on workers that take the checkpoint along: new ones, persistent or not.
+    state = it.state_dict()
+    del head
+    it.load_state_dict(state)
+    list(it)
+    assert it.worker_starts == third + 1
+
+
+def test_a_loader_without_workers_starts_none(text):
+    it = loader(text, 0)
+    assert samples_in(list(it)) == sum(ROWS) and it.worker_starts == 0
+
+
+def test_the_monitor_reports_a_new_pass_without_persistent_workers_as_a_restart(text):
+    it = loader(text, 2)
+    lines: list[str] = []
+    with stoker.monitor(it, log=lines.append, log_every=0) as m:
+        for _ in range(2):
+            for _batch in m:
+                pass
+    restarts = m.last_report["local"]["restarts"]
+    assert it.worker_starts == 2 and restarts["count"] == 1 and restarts["steps"] == 2, "\n".join(lines)
 
 
 def test_the_package_exports_the_stream_beside_the_samplers_and_collates():
