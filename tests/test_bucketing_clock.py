@@ -99,7 +99,7 @@ def test_a_costly_transform_of_the_wrapped_dataset_comes_back_from_every_worker(
     assert max(times, key=times.get) == "transform"
     # The wrapped dataset's reads and the stream's bucketing ("collate") are their own stages.
     assert {"read", "collate"} <= set(times)
-    assert ("handoff" in times) == (workers > 0)  # batches crossed processes only with workers
+    assert ("handoff" in times) == ("receive" in times) == (workers > 0)  # crossed processes only with workers
 
 
 @pytest.mark.parametrize("workers", [0, 2])
