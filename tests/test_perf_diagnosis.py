@@ -201,12 +201,20 @@ def test_waits_with_every_stage_faster_than_the_step_are_the_hand_off_not_a_stag
     assert verdict.state == STARVING and verdict.stage is None
     assert verdict.headline == (
         "STARVING 7% of step time: no loader stage is slower than the step (the slowest, local shard reads, takes "
-        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step is not a stage's work: "
-        "it goes to handing batches over to the training process, and to workers waiting for a core when the CPU "
-        "is busy")
+        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step is not the workers' "
+        "stage work: it goes to handing batches over to the training process, and to workers waiting for a core "
+        "when the CPU is busy")
     text = "\n".join(verdict.advice)
     assert "neither more workers nor faster stages" in text and "starve_threshold" in text
     assert "Raise num_workers" not in text and "NVMe" not in text
+    # the training process's part of the hand-off, when measured, is given with its figure
+    received = diagnose(Phase(100, 0.045, 0.6), Phase(1, 0.3, 0.006), {"read": 0.01, "collate": 0.005,
+                                                                        "receive": 0.008}, ONE_WORKER, 0.05)
+    assert received.stage is None and received.headline == (
+        "STARVING 7% of step time: no loader stage is slower than the step (the slowest, local shard reads, takes "
+        "0.10 ms per batch against 6.0 ms of compute per step); the 0.45 ms waited per step is not the workers' "
+        "stage work: it goes to handing batches over to the training process (unpickling them: 0.08 ms per batch), "
+        "and to workers waiting for a core when the CPU is busy")
     # the same loop with a stage slower than the step names that stage and its advice
     slow = diagnose(Phase(100, 0.045, 0.6), Phase(1, 0.3, 0.006), {"read": 1.0}, ONE_WORKER, 0.05)
     assert slow.stage == "read" and slow.headline == "STARVING 7% of step time: local shard reads"

@@ -103,7 +103,8 @@ def test_waits_while_every_stage_keeps_ahead_are_the_hand_off_not_a_stage(rows) 
     assert report["state"] == STARVING and report["local"]["stage_seconds"], text
     assert report["bottleneck_stage"] is None, text
     assert "no loader stage is slower than the step" in report["headline"], text
-    assert "is not a stage's work: it goes to handing batches over to the training process" in report["headline"]
+    assert ("is not the workers' stage work: it goes to handing batches over to the training process (unpickling "
+            "them: ") in report["headline"], text  # the training process's part, as measured
     assert not any("num_workers" in line or "NVMe" in line for line in report["advice"]), text
     assert "neither more workers nor faster stages" in " ".join(report["advice"])
     assert "STARVING:" not in text  # the periodic lines blame no stage either

@@ -302,10 +302,12 @@ def _handoff_wait(figure: str, costs: Mapping[str, float], steady: Phase,
     slowest = slowest_stage(costs)
     assert slowest is not None
     step, wait = step_seconds(steady), steady.wait_s / steady.steps
+    received = costs.get("receive")
+    measured = f" (unpickling them: {received * 1e3:.2f} ms per batch)" if received else ""
     headline = (f"{figure}: no loader stage is slower than the step (the slowest, {describe(slowest, facts)}, "
                 f"takes {costs[slowest] * 1e3:.2f} ms per batch against {step * 1e3:.1f} ms of compute per step); "
-                f"the {wait * 1e3:.2f} ms waited per step is not a stage's work: it goes to handing batches over "
-                "to the training process, and to workers waiting for a core when the CPU is busy")
+                f"the {wait * 1e3:.2f} ms waited per step is not the workers' stage work: it goes to handing batches "
+                f"over to the training process{measured}, and to workers waiting for a core when the CPU is busy")
     lines = (f"The loader's stages keep ahead of the step, so neither more workers nor faster stages remove this "
              f"wait ({wait * 1e3:.2f} ms per step, {steady.fraction:.1%} of a {(step + wait) * 1e3:.1f} ms step): "
              "taking batches in costs the training process about a millisecond for each message of batches from a "
