@@ -146,7 +146,7 @@ def test_pinned_batches_count_pinning_in_the_training_process(text):
                     batch_size=None, num_workers=2, collate_fn=stoker.pad_collate(), pin_memory=True)
     batches = list(it)
     assert samples_in(batches) == sum(ROWS) and all(b["input_ids"].is_pinned() for b in batches)
-    assert {"pin", "handoff", "read", "collate", "transform"} <= set(it.stage_times())
+    assert {"pin", "handoff", "receive", "read", "collate", "transform"} <= set(it.stage_times())
 
 
 def watch(it, step_s):
