@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +22,19 @@ def image_tree(per_class: int = 200, num_classes: int = 10, side: tuple[int, int
         make_image_tree(root, num_classes=num_classes, per_class=per_class, min_side=side[0], max_side=side[1], seed=0)
         marker.touch()
     return root
+
+
+def packed(tree: Path, shard_mb: int, name: str) -> Path:
+    """`tree` packed into shards of `shard_mb` MB (cached; a pack by an older format version is not reused, so the
+    benchmark measures what this stoker writes, checksums included)."""
+    from stoker.formats.pack import pack_dataset
+    from stoker.formats.schema import FORMAT_VERSION
+
+    dst = CACHE / f"packed-{name}-{tree.name}-{shard_mb}mb-v{FORMAT_VERSION}"
+    if not (dst / "manifest.json").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        pack_dataset(str(tree), str(dst), shard_size=shard_mb << 20, workers=2, progress=False)
+    return dst
 
 
 def text_corpus(num_docs: int = 20000) -> Path:

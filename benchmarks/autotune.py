@@ -31,18 +31,13 @@ import torch
 
 import _data
 import stoker
-from stoker.formats.pack import pack_dataset
 
 BATCH = 32
 GRID = [(0, None)] + [(w, p) for w in range(1, 5) for p in (2, 4, 8)]
 
 
 def packed(per_class: int) -> Path:
-    tree = _data.image_tree(per_class=per_class, num_classes=10, side=(300, 500))
-    dst = _data.CACHE / f"packed-{tree.name}"
-    if not (dst / "manifest.json").exists():
-        pack_dataset(str(tree), str(dst), shard_size=16 << 20, workers=2, progress=False)
-    return dst
+    return _data.packed(_data.image_tree(per_class=per_class, num_classes=10, side=(300, 500)), 16, "autotune")
 
 
 class Collate:
