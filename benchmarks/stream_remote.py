@@ -9,6 +9,10 @@ latency (5, 20, 80 ms):
             is downloaded during the epoch
   local     the same loader over the local directory (page cache)
 
+The store leg is run twice: with the cache on this machine's temporary directory (a disk here) and on /dev/shm
+(tmpfs: no writeback), each with the CPU of kernel threads (writeback, journal, softirq: outside every process's own
+accounting) counted through a `sync` after the epoch.
+
 plus the time to the first batch (cold store vs local), and the full image pipeline (stoker's PIL decode + random
 resized crop + flip as the collate_fn, 2 workers) from the store vs from local disk at 20 and 80 ms. Every ratio is
 taken within this one run.
@@ -71,6 +75,30 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def kernel_threads_cpu() -> dict[int, float]:
+    """CPU seconds so far of each kernel thread (children of kthreadd, pid 2), by pid: writeback (kworker/flush),
+    journal (jbd2) and softirq threads, which no process's own accounting includes. By pid, because a kworker's
+    name changes with the work it runs."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == "2":
+            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def kernel_since(before: dict[int, float]) -> float:
+    """CPU seconds kernel threads spent since `before` (`kernel_threads_cpu()`); threads started since count whole."""
+    return sum(max(0.0, now - before.get(pid, 0.0)) for pid, now in kernel_threads_cpu().items())
+
+
 def cache_write_cpu(directory: str, nbytes: int = 128 << 20, shard: int = 32 << 20, rounds: int = 5) -> float:
     """CPU seconds per GB that stoker's download loop (`cache.download`: 8 MB parts, pwrite, fsync) spends writing
     into cache files in `directory`, fed from memory: the cache's share of a cold read on this machine. The cheapest
@@ -96,6 +124,18 @@ def cache_write_cpu(directory: str, nbytes: int = 128 << 20, shard: int = 32 << 
     for path in files:
         os.remove(path)
     return min(costs)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem `path` is on (the longest mount point above it in /proc/mounts), e.g. "ext4"."""
+    best, kind = "", "unknown filesystem"
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype = line.split()[:3]
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, fstype
+    return f"{kind} ({best})"
 
 
 def client_rates(endpoint_url: str, bucket: str, prefix: str, shards: list[tuple[str, int]],
@@ -290,6 +330,7 @@ def main() -> None:
     local_small = first_batch(str(packed), args.workers, shuffle_buffer=args.small_window)
     lines = []
     with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
+        disk_kind = filesystem_type(tmp)
         for latency in args.latencies:
             with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
                 store_url = store.url("s3", packed.name)
@@ -298,8 +339,11 @@ def main() -> None:
                                                       store.process.pid))
                 cache = os.path.join(tmp, f"cache-{latency:g}")
                 served, threads = tree_cpu(store.process.pid), WorkerThreads()
+                kernel = kernel_threads_cpu()
                 rate, first, nbytes, cpu = raw_epoch(store_url, args.workers, threads,
                                                      storage_options=store.storage_options(), cache_dir=cache)
+                os.sync()  # the cache's dirty pages written back now, by whoever writes them, inside the count
+                kernel_cpu = kernel_since(kernel) / (nbytes / 1e9)
                 server_cpu = (tree_cpu(store.process.pid) - served) / (nbytes / 1e9)
                 assert nbytes == local_bytes, (nbytes, local_bytes)
                 shutil.rmtree(cache)
@@ -308,12 +352,16 @@ def main() -> None:
                 if os.path.isdir("/dev/shm"):
                     # The same with the cache in RAM: what the download path does apart from this disk's writes.
                     cache = tempfile.mkdtemp(prefix="stoker-remote-", dir="/dev/shm")
+                    kernel = kernel_threads_cpu()
                     try:
-                        shm_rate = raw_epoch(store_url, args.workers, storage_options=store.storage_options(),
-                                             cache_dir=cache)[0]
+                        shm_rate, _, shm_bytes, shm_cpu = raw_epoch(store_url, args.workers, cache_dir=cache,
+                                                                    storage_options=store.storage_options())
+                        os.sync()
+                        shm_kernel = kernel_since(kernel) / (shm_bytes / 1e9)
                     finally:
                         shutil.rmtree(cache)
-                    tmpfs = f", cache on tmpfs {shm_rate:,.0f} MB/s"
+                    tmpfs = (f"; cache on tmpfs (/dev/shm) {shm_rate:,.0f} MB/s ({shm_cpu:.1f} CPU-s/GB, kernel threads "
+                             f"{shm_kernel:.2f})")
                 cache = os.path.join(tmp, f"small-{latency:g}")
                 small = first_batch(store_url, args.workers, storage_options=store.storage_options(), cache_dir=cache,
                                     shuffle_buffer=args.small_window)
@@ -321,8 +369,9 @@ def main() -> None:
             best_label, (best, best_cpu, best_server) = max(rates.items(), key=lambda item: item[1][0])
             print(f"{latency:g} ms: " + ", ".join(f"{label} {value:,.0f} MB/s ({c:.1f} CPU-s/GB, nginx {n:.2f})"
                                                    for label, (value, c, n) in rates.items())
-                  + f"; stoker cold cache {rate:,.0f} MB/s ({cpu:.1f} CPU-s/GB, nginx {server_cpu:.2f}), first batch "
-                  f"{first:.2f} s{tmpfs}; machine load {os.getloadavg()[0]:.1f}", flush=True)
+                  + f"; stoker cold cache on {disk_kind} {rate:,.0f} MB/s ({cpu:.1f} CPU-s/GB, nginx {server_cpu:.2f}, "
+                  f"kernel threads incl. writeback {kernel_cpu:.2f}), first batch {first:.2f} s{tmpfs}; "
+                  f"machine load {os.getloadavg()[0]:.1f}", flush=True)
             cores = os.cpu_count() or 1
             budget = best_cpu + best_server + write_cpu + local_cpu
             possible = cores / budget * 1e3  # MB/s with every core busy on exactly this work
