@@ -6,6 +6,10 @@ Safe with many threads, processes and jobs on one machine:
   wait for it, each with a timeout;
 - least recently used files (by access time, touched on every use; the mtime stays the fill's) are evicted to stay
   under the byte limit, skipping files being filled and files a reader holds (`hold`: a shared flock on the entry);
+  a fill counts at its final size from its start (its temporary file is reserved at that size while the eviction
+  lock is held), so fills running at once in several processes stay within the limit together. The directory's
+  files stay within the limit unless the entries in use (held by readers, being filled) alone are larger than it;
+  besides, an entry removed while a reader holds or a pin keeps it still takes its disk space until let go;
 - a reader hands rows of a held entry to another process (the training process maps the same file) through a pin,
   a hard link under `.pins/` made from the reader's open file, so the very file it read stays on disk until the
   other process has opened it, whatever eviction does meanwhile (`Held.handoff`, `claim`); pins of a process that
@@ -145,10 +149,10 @@ class ShardCache:
             _remove(path)  # a damaged entry (wrong size): filled again below
             full, vanished = False, 0
             while True:
-                # After ENOSPC: evict every entry not in use (the disk filled before the byte limit was reached).
-                self._make_room(size, keep=key, timeout=timeout, limit=0 if full else self.limit)
                 tmp = os.path.join(self.directory, storage.temp_name(key))
                 try:
+                    # After ENOSPC: evict every entry not in use (the disk filled before the byte limit was reached).
+                    self._make_room(size, keep=key, timeout=timeout, limit=0 if full else self.limit, reserve=tmp)
                     fill(tmp)
                     os.replace(tmp, path)
                     return path
@@ -184,8 +188,12 @@ class ShardCache:
         with self._lock(key, timeout):
             _remove(self.path(key))
 
-    def _make_room(self, incoming: int, keep: str, timeout: float, limit: int | None = None) -> None:
+    def _make_room(self, incoming: int, keep: str, timeout: float, limit: int | None = None,
+                   reserve: str | None = None) -> None:
         # `limit=0`: evict every entry not in use (the disk filled up before the byte limit was reached).
+        # `reserve`: the fill's temporary file, made here at its final size before the lock is let go, so that the
+        # next process's scan counts this fill in full while it is still downloading (fills that each made room
+        # only for their own shard would together pass the limit).
         limit = self.limit if limit is None else limit
         os.makedirs(os.path.join(self.directory, _LOCKS), exist_ok=True)
         with FileLock(os.path.join(self.directory, _LOCKS, "evict.lock"), timeout=timeout):
@@ -195,7 +203,8 @@ class ShardCache:
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 if storage.is_temp_name(entry.name):
-                    self._remove_orphan(entry.name)
+                    if not self._remove_orphan(entry.name, keep):
+                        total += _size(entry)  # a fill in progress, reserved at its final size
                     continue
                 stat = entry.stat(follow_symlinks=False)
                 entries.append((stat.st_atime_ns, stat.st_size, entry.name))
@@ -205,11 +214,17 @@ class ShardCache:
                     break
                 if name != keep and self._try_remove(name, name):
                     total -= size
+            if reserve is not None:
+                _reserve(reserve, incoming)
 
-    def _remove_orphan(self, tmp_name: str) -> None:
-        # ".<key>.tmp-<id>": a writer holds <key>'s lock while the file is being written.
+    def _remove_orphan(self, tmp_name: str, keep: str) -> bool:
+        # ".<key>.tmp-<id>": a writer holds <key>'s lock while the file is being written. This process holds
+        # `keep`'s lock itself, so a temporary file of `keep` is a crashed writer's.
         key = tmp_name[1:tmp_name.rindex(".tmp-")]
-        self._try_remove(key, tmp_name)
+        if key == keep:
+            _remove(os.path.join(self.directory, tmp_name))
+            return True
+        return self._try_remove(key, tmp_name)
 
     def _try_remove(self, key: str, name: str) -> bool:
         lock = self._lock(key, 0)
@@ -345,6 +360,29 @@ def _remove_stale_pins(pins: str) -> None:
             continue  # not ours, or a process of another user: alive
 
 
+def _size(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return 0  # renamed into place or removed since the listing: counted under its final name, or gone
+
+
+def _reserve(path: str, size: int) -> None:
+    """Create `path` at `size` bytes, its blocks allocated where the filesystem can (a full disk shows now, before
+    the download, as ENOSPC); elsewhere a sparse file of that size, which the eviction scan counts all the same."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        if size > 0:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _touch(path: str, size: int | None = None) -> bool:
     """Whether a complete entry is at `path` (of `size` bytes, if given); marks it as just used."""
     try:
@@ -419,8 +457,10 @@ def download(read: Callable[[int, int], Any], dst: str, size: int, *, pool: IOPo
     spans = collections.deque((s, min(s + part_size, size)) for s in range(0, size, part_size))
     pending: collections.deque[tuple[int, cf.Future[bytes]]] = collections.deque()
     digest = hashlib.sha256() if sha256 else None
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # Not truncated to 0: the cache reserves `dst` at its final size before the fill (see `ShardCache`).
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        os.ftruncate(fd, size)
         while spans or pending:
             while spans and len(pending) < parallel:
                 span = spans.popleft()

@@ -55,18 +55,27 @@ def small_disk(tmp_path):
 
 
 def _simulate_enospc(monkeypatch, root: Path, quota: int) -> None:
-    # Fallback without root: cache writes fail with ENOSPC once the files under `root` would pass `quota` bytes.
-    real = os.pwrite
+    # Fallback without root: reserving or writing cache files fails with ENOSPC once the files under `root` would
+    # pass `quota` bytes (only growth beyond a file's size takes space, as on a disk).
+    real_pwrite, real_fallocate = os.pwrite, os.posix_fallocate
 
-    def pwrite(fd, data, offset):
+    def check(fd, end):
         path = os.readlink(f"/proc/self/fd/{fd}")
         if path.startswith(str(root)):
             used = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-            if used + len(data) > quota:
+            if used + max(0, end - os.fstat(fd).st_size) > quota:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real(fd, data, offset)
+
+    def pwrite(fd, data, offset):
+        check(fd, offset + len(data))
+        return real_pwrite(fd, data, offset)
+
+    def posix_fallocate(fd, offset, length):
+        check(fd, offset + length)
+        return real_fallocate(fd, offset, length)
 
     monkeypatch.setattr(cache.os, "pwrite", pwrite)
+    monkeypatch.setattr(cache.os, "posix_fallocate", posix_fallocate)
 
 
 def _disk(small_disk, tmp_path, monkeypatch) -> Path:
