@@ -20,7 +20,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker import cache, shm, storage
-from stoker.dataloader import order
+from stoker.dataloader import order, remote
 from stoker.dataloader import workers
 from stoker.clock import StageClock
 from stoker.dataloader.reader import ReadOptions, ShardSource
@@ -40,7 +40,11 @@ def load_manifest(source: str, storage_options: dict[str, Any] | None, read: Rea
         return Manifest.load(source)
     options = storage.remote_options(source, storage_options, connect_timeout=read.connect_timeout,
                                      read_timeout=read.read_timeout)
-    return cache.retry(lambda: Manifest.load(source, options), attempts=read.attempts, backoff=read.backoff,
+    # Through the client that reads the shards where it can (obstore: no s3fs/botocore import on the way in).
+    reader = remote.manifest_reader(source, storage_options, connect_timeout=read.connect_timeout,
+                                    read_timeout=read.read_timeout)
+    return cache.retry(lambda: Manifest.load(source, options, read=reader), attempts=read.attempts,
+                       backoff=read.backoff,
                        deadline=time.monotonic() + read.shard_timeout,
                        what=f"reading the manifest of {storage.redact(source)}")
 

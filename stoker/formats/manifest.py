@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -194,21 +195,26 @@ class Manifest:
             raise ManifestError(f"{source}: {exc}") from None
 
     @classmethod
-    def load(cls, url: str, storage_options: dict[str, Any] | None = None, *, max_bytes: int | None = None) -> Manifest:
+    def load(cls, url: str, storage_options: dict[str, Any] | None = None, *, max_bytes: int | None = None,
+             read: Callable[[str, int], bytes | None] | None = None) -> Manifest:
         """Read the manifest of the dataset at `url` (a directory or the manifest file itself); one larger than
-        `max_bytes` (default 64 MB, or the environment's STOKER_MAX_MANIFEST_BYTES) is refused unread."""
+        `max_bytes` (default 64 MB, or the environment's STOKER_MAX_MANIFEST_BYTES) is refused unread. `read(path,
+        limit)`, if given, reads it instead of fsspec (its bytes, None when over `limit`, FileNotFoundError)."""
         from stoker import storage
 
         path = url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
         limit = manifest_limit() if max_bytes is None else int(max_bytes)
-        fs, inner = storage.filesystem(path, storage_options)
         try:
-            try:
-                text = _read_capped(fs, inner, limit)
-            except FileNotFoundError:
-                # Object stores' listing caches can predate a file another process wrote since; look again once.
-                fs.invalidate_cache(inner.rsplit("/", 1)[0])
-                text = _read_capped(fs, inner, limit)
+            if read is not None:
+                text = read(path, limit)
+            else:
+                fs, inner = storage.filesystem(path, storage_options)
+                try:
+                    text = _read_capped(fs, inner, limit)
+                except FileNotFoundError:
+                    # Object stores' listing caches can predate a file another process wrote since; look again.
+                    fs.invalidate_cache(inner.rsplit("/", 1)[0])
+                    text = _read_capped(fs, inner, limit)
         except FileNotFoundError:
             raise ManifestError(
                 f"{storage.redact(path)}: no manifest; is this a packed dataset, and did `pack-dataset` finish?"
