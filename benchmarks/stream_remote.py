@@ -13,7 +13,8 @@ The store leg is run twice: with the cache on this machine's temporary directory
 (tmpfs: no writeback), each with the CPU of kernel threads (writeback, journal, softirq: outside every process's own
 accounting) counted through a `sync` after the epoch.
 
-plus the time to the first batch (cold store vs local), and the full image pipeline (stoker's PIL decode + random
+plus the time to the first batch (cold store vs local; also from a fresh interpreter, where the imports and the
+manifest's read count), and the full image pipeline (stoker's PIL decode + random
 resized crop + flip as the collate_fn, 2 workers) from the store vs from local disk at 20 and 80 ms. Every ratio is
 taken within this one run.
 
@@ -283,6 +284,33 @@ def first_batch(source: str, workers: int, **kwargs) -> float:
     return seconds
 
 
+_FRESH = r"""
+import json, sys, time
+start = time.perf_counter()
+import stoker
+source, options, cache, window = json.loads(sys.argv[1])
+loader = stoker.DataLoader(stoker.StreamingDataset(source, seed=0, storage_options=options, cache_dir=cache,
+                                                   shuffle_buffer=window), batch_size=64, num_workers=2)
+opened = time.perf_counter() - start
+next(iter(loader))
+print(json.dumps([opened, time.perf_counter() - start]))
+"""
+
+
+def fresh_first_batch(source: str, window: int, storage_options: dict | None = None,
+                      cache_dir: str | None = None) -> tuple[float, float]:
+    """(seconds to open the dataset, seconds to the first raw batch) in a fresh interpreter, from its first line:
+    what a training script pays on start-up, imports and the manifest's read included."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FRESH, json.dumps([source, storage_options, cache_dir, window])],
+                          capture_output=True, text=True, check=True)
+    opened, first = json.loads(done.stdout.strip().splitlines()[-1])
+    return opened, first
+
+
 def pipeline_epoch(source: str, workers: int, **kwargs) -> tuple[float, float, int]:
     """(images/s, seconds to the first batch, images) of one epoch decoded and augmented by stoker's PIL transform."""
     import stoker
@@ -328,6 +356,7 @@ def main() -> None:
           f"{local_first:.2f} s; the default shuffle window holds {min(window, rows)} of the {rows} samples, so a "
           "first batch draws from nearly every shard", flush=True)
     local_small = first_batch(str(packed), args.workers, shuffle_buffer=args.small_window)
+    local_fresh = fresh_first_batch(str(packed), args.small_window)
     lines = []
     with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
         disk_kind = filesystem_type(tmp)
@@ -366,6 +395,8 @@ def main() -> None:
                 small = first_batch(store_url, args.workers, storage_options=store.storage_options(), cache_dir=cache,
                                     shuffle_buffer=args.small_window)
                 shutil.rmtree(cache)
+                fresh = fresh_first_batch(store_url, args.small_window, store.storage_options(), cache)
+                shutil.rmtree(cache)
             best_label, (best, best_cpu, best_server) = max(rates.items(), key=lambda item: item[1][0])
             print(f"{latency:g} ms: " + ", ".join(f"{label} {value:,.0f} MB/s ({c:.1f} CPU-s/GB, nginx {n:.2f})"
                                                    for label, (value, c, n) in rates.items())
@@ -395,6 +426,10 @@ def main() -> None:
                          + (" (goal <= 0.5 s)" if latency == 20 else ""))
             lines.append(f"first batch cold store minus local at {latency:g} ms with shuffle_buffer="
                          f"{args.small_window}: {small - local_small:.2f} s ({small:.2f} vs {local_small:.2f} s)")
+            lines.append(f"first batch from a fresh process (imports, manifest, workers) with shuffle_buffer="
+                         f"{args.small_window} at {latency:g} ms, cold store minus local: {fresh[1] - local_fresh[1]:.2f} s "
+                         f"({fresh[1]:.2f} vs {local_fresh[1]:.2f} s; the dataset opened in {fresh[0]:.2f} vs "
+                         f"{local_fresh[0]:.2f} s)")
         if args.pipeline_latencies:
             local_ips, local_pfirst, local_count = pipeline_epoch(str(packed), args.workers)
             print(f"image pipeline, local disk: {local_ips:,.0f} img/s, first batch {local_pfirst:.2f} s", flush=True)

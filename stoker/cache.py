@@ -470,6 +470,9 @@ def download(read: Callable[[int, int], Any], dst: str, size: int, *, pool: IOPo
             if digest is not None:
                 digest.update(data)  # in order, while later parts are still in flight
             os.pwrite(fd, data, start)
+            # The disk starts on each part now, alongside the download, instead of on all of them at the fsync
+            # below, which then waits less and costs less (measured: docs/dataloader.md, *Measured here*).
+            storage.start_writeback(fd, start, len(data))
         os.fsync(fd)  # the rename that publishes the file must not outlive its data in a crash
     finally:
         os.close(fd)
