@@ -14,7 +14,7 @@ protocols (gs://, az://, memory://) and processes forked from one that already u
 do not survive a fork) read through fsspec, with the same retries, timeouts and errors.
 
 The manifest goes through the same client (`manifest_reader`), so a remote dataset opens without importing s3fs
-and botocore (0.3-1.2 s in a fresh process). Its read runs in a short-lived child forked for it: obstore's runtime
+and botocore (0.3-1.2 s in a fresh process). On Linux its read runs in a short-lived child forked for it: obstore's runtime
 never starts in the training process, and the DataLoader workers forked from it later can still use obstore.
 """
 
@@ -117,9 +117,9 @@ def manifest_reader(url: str, storage_options: dict[str, Any] | None, *, connect
     if store is None:
         return None
     prefix = base.rstrip("/") + "/"
-    # Forked workers can use obstore only if its runtime never ran here: read in a child unless it already did (or
-    # there is no fork, so the workers are spawned and start afresh).
-    in_child = hasattr(os, "fork") and not _runtime_running()
+    # Forked workers can use obstore only if its runtime never ran here: read in a child unless it already did.
+    # Elsewhere than Linux workers are spawned by default (and forking a macOS process is unsafe): read here.
+    in_child = sys.platform.startswith("linux") and not _runtime_running()
     deadline = 2 * (connect_timeout + read_timeout)
 
     def read(path: str, limit: int) -> bytes | None:
