@@ -38,25 +38,11 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 
+import _data
 
 PART = 8 << 20
 SIZE = 224
-
-
-def packed_images(per_class: int, shard_mb: int) -> Path:
-    """The benchmark's image tree packed into shards of `shard_mb` MB (cached with the tree)."""
-    import _data
-    from stoker.formats.pack import pack_dataset
-    from stoker.formats.schema import FORMAT_VERSION
-
-    tree = _data.image_tree(per_class=per_class)
-    dst = _data.CACHE / f"packed-remote-{per_class}-{shard_mb}-v{FORMAT_VERSION}"
-    if not (dst / "manifest.json").exists():
-        shutil.rmtree(dst, ignore_errors=True)
-        pack_dataset(str(tree), str(dst), shard_size=shard_mb << 20, workers=2, progress=False)
-    return dst
 
 
 def tree_cpu(pid: int) -> float:
@@ -340,7 +326,7 @@ def main() -> None:
     import stoker
     from stoker.testing import ObjectStore
 
-    packed = packed_images(args.per_class, args.shard_mb)
+    packed = _data.packed(_data.image_tree(per_class=args.per_class), args.shard_mb, "remote")
     manifest = stoker.Manifest.load(str(packed))
     shards = [(s.name, s.bytes) for s in manifest.shards]
     total = sum(size for _, size in shards)
