@@ -82,6 +82,9 @@ def test_grows_to_feed_a_fast_consumer_and_delivers_the_fixed_order(shards):
     keys = keys_of(consume(loader, 0.008))
     report = loader.tuning_report()
     assert report.history and report.history[0].old.workers == 1
+    # Judged after the first step, without waiting for the worker's second bundle; re-dealt although the next batch
+    # had not arrived (the order check below covers that re-deal).
+    assert report.history[0].batch == 1, str(report)
     assert report.workers >= 3, str(report)
     assert max(c.new.workers for c in report.history) >= 3
     assert report.limit in ("consumer", "cpu") and "ms per batch" in report.history[0].reason

@@ -64,7 +64,10 @@ def test_a_redeal_of_auto_workers_is_start_up_not_starvation(shards):
     # the rest is waited for); they are part of start-up, which also holds the first start's steps and wait.
     assert restarts["wait_s"] + restarts["compute_s"] >= 2 * WORKER_START_S * 0.9
     assert restarts["wait_s"] >= 0.1
-    assert local["startup"]["steps"] == 4 + restarts["steps"]  # the 4 first workers' first batches, then the restart's
+    # Start-up holds the 4 first workers' first batches and the restart's. The first decision comes after the first
+    # step, so the restart's steps can overlap the first start's (old workers' batches delivered after the re-deal
+    # are charged to the restart), but never the first step.
+    assert max(4, restarts["steps"] + 1) <= local["startup"]["steps"] <= 4 + restarts["steps"]
     assert local["steady"]["steps"] == local["steps"] - local["startup"]["steps"] >= diagnosis.MIN_STEADY_STEPS
     assert local["startup"]["wait_s"] >= restarts["wait_s"] + 2 * WORKER_START_S * 0.8  # the first start too
     assert "worker restart" in report["text"] and "not counted in the verdict" in report["text"]

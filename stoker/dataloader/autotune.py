@@ -341,17 +341,24 @@ class Tuner:
         if w is None or seg is None or not (self.tune_workers or self.tune_prefetch):
             return False
         lump = self.bundle
-        if self._decisions == 0:
-            # The start is deliberately small: judge it as soon as two steps and every worker's first two bundles
-            # (1 and 2 batches: an epoch's bundles start small, `stages.Bundler`) have been timed.
-            if len(w.steps) < 2:
+        if self.first_decision:
+            # The start is deliberately small: judge it as soon as one step and every worker's first bundle (one
+            # batch: an epoch's bundles start small, `stages.Bundler`) have been timed. Each further bundle would
+            # cost the loop time at the start's slow pace; a first batch that over-states a worker's cost (its
+            # one-off start-up) is corrected by the next decision.
+            if not w.steps:
                 return False
-            lump = min(self.bundle, 3)
+            lump = 1
         elif len(w.steps) < self.config.min_batches or now - w.start < self.config.interval_s \
                 or now - self._segment_start < self.config.cooldown_s:
             return False
         # Whole bundles from every worker, so that their costs mean something (bundles arrive in lumps).
         return self.setting.workers == 0 or self.clock.totals()[1] - seg.made >= self.setting.workers * lump
+
+    @property
+    def first_decision(self) -> bool:
+        """Whether the start setting has not been judged yet."""
+        return self._decisions == 0
 
     # -- deciding ------------------------------------------------------------------------------------------------
 

@@ -377,7 +377,7 @@ class _StreamIterator:
         """Time the step that just ended and, when the tuner asks for another setting, re-deal (see `_redeal`)."""
         tuner = self._tuner
         now = tuner.before_next()
-        if tuner.due(now) and self._next_in_hand():
+        if tuner.due(now) and (self._next_in_hand() or tuner.first_decision and not self._carried):
             setting = tuner.decide(now, self.length - self.progress.delivered, self.length)
             if setting is not None:
                 self._redeal(setting)
@@ -386,7 +386,9 @@ class _StreamIterator:
     def _next_in_hand(self) -> bool:
         """Whether the next batch has arrived (always, when batches travel one by one). Re-dealing then, rather than
         while a worker is still building the bundle that holds it, carries the most batches over and throws away
-        the least work."""
+        the least work. The first decision does not wait for it: the start's workers are then building their second
+        bundle (two batches each), and waiting keeps the loop at the pace the decision found too slow, while the
+        work thrown away is at most those two batches per worker."""
         if self._carried:
             return False  # still delivering what the last re-deal carried over
         if not self._workers or self._loader._bundle == 1:
