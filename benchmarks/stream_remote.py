@@ -45,10 +45,10 @@ PART = 8 << 20
 SIZE = 224
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of process `pid` and its children so far (nginx's master and its workers)."""
+def _processes() -> list[tuple[int, int, float]]:
+    """(pid, parent pid, CPU seconds user + system so far) of every process and kernel thread."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -57,28 +57,20 @@ def tree_cpu(pid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited meanwhile
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        found.append((int(entry), int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks))
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its children so far (nginx's master and its workers)."""
+    return sum(cpu for p, parent, cpu in _processes() if pid in (p, parent))
 
 
 def kernel_threads_cpu() -> dict[int, float]:
     """CPU seconds so far of each kernel thread (children of kthreadd, pid 2), by pid: writeback (kworker/flush),
     journal (jbd2) and softirq threads, which no process's own accounting includes. By pid, because a kworker's
     name changes with the work it runs."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == "2":
-            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
-    return seconds
+    return {p: cpu for p, parent, cpu in _processes() if parent == 2}
 
 
 def kernel_since(before: dict[int, float]) -> float:
