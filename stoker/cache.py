@@ -266,11 +266,6 @@ class Held(tuple):
     def path(self) -> str:
         return f"/proc/self/fd/{self.fd}"
 
-    def unchanged(self) -> bool:
-        """Whether the held file still has the size and mtime it had when held (not truncated or rewritten)."""
-        stat = os.fstat(self.fd)
-        return (stat.st_size, stat.st_mtime_ns) == (self[3], self[4])
-
     def handoff(self) -> Handoff:
         """This identity with a pin: a new hard link to the held file, for the process that `claim`s it."""
         pins = os.path.join(os.path.dirname(self[0]), _PINS)
@@ -329,15 +324,16 @@ def claim(identity: tuple[Any, ...], pin: str | None) -> Handoff:
 
 def hold(path: str, what: str) -> Held:
     """Open the cache entry at `path` and hold it (a shared flock) until `Held.close`: it is not evicted meanwhile."""
+    evicted = f"{what} was evicted from the cache {os.path.dirname(path)} before it was opened"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ShardNotFoundError(f"{what} was evicted from the cache {os.path.dirname(path)} before it was opened") from None
+        raise ShardNotFoundError(evicted) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         stat = os.fstat(fd)
         if stat.st_nlink == 0:  # evicted between open and lock
-            raise ShardNotFoundError(f"{what} was evicted from the cache {os.path.dirname(path)} before it was opened")
+            raise ShardNotFoundError(evicted)
     except BaseException:
         os.close(fd)
         raise

@@ -134,11 +134,12 @@ class OpenShard:
     def check_unchanged(self) -> None:
         """A ShardError naming the shard if its local file was truncated or replaced since it was mapped: reading
         a mapped page past a truncated end kills the process with SIGBUS instead of raising."""
-        if isinstance(self.identity, cache.Held) and not self.identity.unchanged():
+        if not self.identity or unchanged(self.identity):
+            return
+        if isinstance(self.identity, cache.Held):
             raise ShardError(self.name, f"cache entry {self.identity[0]} was truncated or rewritten while being read; "
                              "remove it from the cache and restart the epoch")
-        if self.identity and not isinstance(self.identity, cache.Held) and file_identity(self.identity[0]) != self.identity:
-            raise ShardError(self.name, f"changed on disk while being read ({self.identity[0]}: truncated or "
+        raise ShardError(self.name, f"changed on disk while being read ({self.identity[0]}: truncated or "
                              "replaced); restart the epoch once the dataset is whole again")
 
     def close(self) -> None:
@@ -221,13 +222,11 @@ def mapped_values(identity: Identity, column: str) -> list[np.ndarray]:
     path = identity[0]
     name = os.path.basename(path)
     fd = getattr(identity, "fd", None)  # a cache entry's pinned file (`cache.claim`): the very file the worker read
+    if not unchanged(identity):
+        raise ShardError(name, f"cache entry {path} changed while being read; restart the epoch" if fd is not None
+                         else f"changed on disk while being read ({path}); restart the epoch")
     if fd is not None:
-        stat = os.fstat(fd)
-        if (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != tuple(identity):
-            raise ShardError(name, f"cache entry {path} changed while being read; restart the epoch")
         path = f"/proc/self/fd/{fd}"
-    elif file_identity(path) != identity:
-        raise ShardError(name, f"changed on disk while being read ({path}); restart the epoch")
     opened = OpenShard(open_shard(path, name=name), [column], identity=identity)
     sources = opened.columns[column].sources
     opened.close()  # the arrays keep the mapping alive (Arrow counts its users)
@@ -532,13 +531,20 @@ class ShardSource:
         self._pending.clear()
 
 
-def file_identity(path: str) -> Identity:
-    """(path, device, inode, size, mtime) of a local file, or () if it cannot be read."""
+def file_identity(path: str, fd: int | None = None) -> Identity:
+    """(path, device, inode, size, mtime) of a local file (of the open file `fd`, if given, which stays the file
+    named `path` when read), or () if it cannot be read."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if fd is None else os.fstat(fd)
     except OSError:
         return ()  # opening it reports the error
     return path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def unchanged(identity: Identity) -> bool:
+    """Whether the file `identity` was taken of is still so: by its name, or by the open file of a cache entry held
+    or pinned (`cache.Held`, `cache.Handoff`: their `fd`), which no eviction or refill can swap."""
+    return file_identity(identity[0], getattr(identity, "fd", None)) == tuple(identity)
 
 
 def _readahead(path: str) -> None:
