@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, default_convert, get_worker_info
 
 from stoker.checkpoint import check_checkpoint
 from stoker.clock import StageClock, added, sum_times
-from stoker.dataloader.workers import PickleSeconds, UnpickleStart, arrival_times
+from stoker.dataloader.workers import PickleSeconds, UnpickleStart, arrival_times, pin_timed
 from stoker.errors import StateError, StokerError
 
 STATE_VERSION = 1
@@ -101,12 +101,8 @@ class Checkpointed:
 
     def pin_memory(self) -> Checkpointed:
         """What torch's pin-memory thread calls: the item pinned as torch pins a lone batch."""
-        from torch.utils.data._utils.pin_memory import pin_memory
-
-        start = time.perf_counter()
-        item = pin_memory(self.item)
-        return Checkpointed(self.worker, self.number, self.state, item, self.end,
-                            sum_times(self.times, {"pin": time.perf_counter() - start}))
+        (item,), times = pin_timed([self.item], self.times)
+        return Checkpointed(self.worker, self.number, self.state, item, self.end, times)
 
 
 def _arrived(start: float, worker: int, number: int, state: Any, item: Any, end: bool, times: dict[str, float],
