@@ -196,7 +196,7 @@ class StreamingDataset(IterableDataset):
         """This process's shard source, slab pool and worker clock, made on first use in each process (persistent
         workers keep their cache handles, slabs and unsent stage seconds across epochs)."""
         if self._resources is None or self._resources.pid != os.getpid():
-            if get_worker_info() is not None and not storage.is_local(self.source):
+            if _remote_worker(self):
                 workers.limit_heap_arenas()  # before the download threads start
             source = ShardSource(self.source, self.manifest, self.storage_options, self.cache_dir, self.cache_limit,
                                  self.read)
@@ -249,6 +249,12 @@ class BatchStream(IterableDataset):
         return _BatchIterator(self)
 
 
+def _remote_worker(ds: StreamingDataset) -> bool:
+    """Whether this is a DataLoader worker reading a remote dataset (whose download threads need the heap kept in
+    check: `workers.limit_heap_arenas`, `workers.trim_heap`)."""
+    return get_worker_info() is not None and not storage.is_local(ds.source)
+
+
 class _SampleIterator:
     """One epoch of a StreamingDataset's samples in this process: RowReader -> Samples, built on the first next().
 
@@ -282,7 +288,7 @@ class _SampleIterator:
             sample = next(self.samples)
         except StopIteration:
             self.progress.done = True
-            if self.in_worker and not storage.is_local(self.ds.source):
+            if _remote_worker(self.ds):
                 workers.trim_heap()  # what the epoch's downloads freed
             raise
         finally:
@@ -351,6 +357,6 @@ class _BatchIterator:
         try:
             return next(self.bundler)
         except StopIteration:
-            if get_worker_info() is not None and not storage.is_local(self.stream.dataset.source):
+            if _remote_worker(self.stream.dataset):
                 workers.trim_heap()  # what the epoch's downloads freed
             raise
