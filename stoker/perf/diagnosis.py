@@ -120,8 +120,13 @@ def blamed_stage(costs: Mapping[str, float], steady: Phase, num_workers: int | N
     step = step_seconds(steady)
     if costs[stage] > step:
         return stage
-    in_workers = {name: cost for name, cost in costs.items() if name not in MAIN_PROCESS_STAGES}
+    in_workers = _worker_stages(costs)
     return slowest_stage(in_workers) if sum(in_workers.values()) > step else None
+
+
+def _worker_stages(costs: Mapping[str, float]) -> dict[str, float]:
+    # The stages each worker runs one after another for its batch (not those of the training process).
+    return {name: cost for name, cost in costs.items() if name not in MAIN_PROCESS_STAGES}
 
 
 def describe(stage: str, facts: RunFacts) -> str:
@@ -289,7 +294,7 @@ def diagnose(steady: Phase, startup: Phase, stage_times: Mapping[str, float] | N
     headline = f"{figure}: {describe(stage, facts)}"
     step = step_seconds(steady)
     if facts.num_workers and costs[stage] <= step:  # slower than the step only with the other worker stages
-        together = sum(cost for name, cost in costs.items() if name not in MAIN_PROCESS_STAGES)
+        together = sum(_worker_stages(costs).values())
         headline += (f", the largest of the stages each worker runs one after another ({together * 1e3:.1f} ms "
                      f"per batch together against {step * 1e3:.1f} ms of compute per step; none alone is slower)")
     return Diagnosis(verdict, steady, startup, stage, costs, headline, advice(stage, facts))
