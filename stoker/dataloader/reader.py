@@ -21,8 +21,8 @@ import pyarrow as pa
 from torch.utils.data import get_worker_info
 
 from stoker import cache, storage
-from stoker.dataloader import remote
-from stoker.errors import ConfigError, ShardError, ShardNotFoundError
+from stoker.dataloader import partial, remote
+from stoker.errors import ConfigError, ShardError, ShardNotFoundError, StorageError
 from stoker.formats import integrity
 from stoker.formats.arrays import column_view
 from stoker.formats.conform import Rules, check_batch, check_schema
@@ -48,13 +48,17 @@ class ReadOptions:
     connect_timeout: float = 10.0  # per request, passed to the storage client
     read_timeout: float = 30.0  # per request, passed to the storage client
     shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
+    # Remote Arrow shards at least this large have the rows a batch needs read by themselves while the shard is
+    # still downloading (`partial`: a first batch need not wait for whole shards); None: always wait for the shard.
+    early_min_bytes: int | None = 4 << 20
     checksums: bool = True  # check every sample against the checksum packed with it (stoker.formats.integrity)
     on_error: str = "raise"  # a damaged sample raises a ChecksumError; "skip": dropped, warned about and counted
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error={self.on_error!r}: expected 'raise' or 'skip'")
-        if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0:
+        if min(self.parallel_reads, self.part_size, self.attempts) < 1 or self.prefetch_shards < 0 or (
+                self.early_min_bytes is not None and self.early_min_bytes < 0):
             raise ConfigError(f"invalid read options {self}: counts and sizes must be positive")
         if min(self.backoff, self.connect_timeout, self.read_timeout, self.shard_timeout) < 0:
             raise ConfigError(f"invalid read options {self}: times must not be negative")
@@ -442,6 +446,9 @@ class ShardSource:
         self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
         self._idle: LRU[tuple[int, tuple[str, ...]], OpenShard] = LRU(IDLE_SHARDS, OpenShard.close)
+        # Remote shards being downloaded whose rows are read ahead (`read_early`), and the shards where that failed.
+        self._partials: dict[int, tuple[partial.PartialShard, int, OpenShard | None]] = {}
+        self._whole_only: set[int] = set()
         if not self.local:
             shard_cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
             self._remote = remote.RemoteShards(url, manifest, storage_options, shard_cache, options)
@@ -467,9 +474,53 @@ class ShardSource:
             future = self._pending.get(int(shard))
             if future is None or future.done():
                 self._pending.pop(int(shard), None)
+            self._partials.pop(int(shard), None)
+
+    def read_early(self, wanted: Mapping[int, np.ndarray], columns: Sequence[str]) -> dict[int, OpenShard]:
+        """Of the `wanted` rows (row numbers per shard), those of remote shards still being downloaded, read by
+        themselves (`partial`): each such shard opened with those rows (and any read before) readable, the others
+        empty. Shards missing from the result are to be opened whole (`open`): local, finished downloading, or not
+        read this way (only Arrow shards whose every sample is checked on read are)."""
+        least = self.options.early_min_bytes
+        if self.local or not self._check or self.manifest.format != "arrow" or least is None:
+            return {}
+        todo: dict[int, partial.PartialShard] = {}
+        for shard in wanted:
+            if self.manifest.shards[shard].bytes < least:
+                continue
+            future = self._pending.get(shard)
+            if (future.done() if future is not None else self._remote.cached(shard)) or shard in self._whole_only:
+                self._partials.pop(shard, None)
+                continue
+            if shard not in self._partials:
+                info = self.manifest.shards[shard]
+                self._partials[shard] = (partial.PartialShard(info.name, info.bytes), -1, None)
+            todo[shard] = self._partials[shard][0]
+        if not todo:
+            return {}
+        waited = time.perf_counter()
+        try:
+            self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo})
+        except (ShardError, StorageError):
+            # The whole-shard path reads it again and reports what is wrong with it, bounded as ever.
+            self._whole_only.update(todo)
+            for shard in todo:
+                self._partials.pop(shard, None)
+            return {}
+        finally:
+            self.fetch_seconds += time.perf_counter() - waited
+        opened = {}
+        for shard, read in todo.items():
+            _, version, was = self._partials[shard]
+            if was is None or version != read.version:
+                was = OpenShard(read.reader(), columns, None, self.manifest.rules, check=self._check)
+                self._partials[shard] = (read, read.version, was)
+            opened[shard] = was
+        return opened
 
     def open(self, shard: int, columns: Sequence[str]) -> OpenShard:
         """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
+        self._partials.pop(shard, None)
         name = self.manifest.shards[shard].name
         if self.local:
             path = storage.local_path(self._shard_url(shard))
@@ -519,6 +570,7 @@ class ShardSource:
     def release(self, shard: int, opened: OpenShard) -> None:
         """Done with `opened` for now. Local shards stay mapped (the least recently used `IDLE_SHARDS` of them),
         so that a persistent worker's next epoch, or a window that comes back to a shard, does not reopen it."""
+        self._partials.pop(int(shard), None)  # its rows read ahead: read again if needed again before its download ends
         if not self.local or not opened.identity:
             opened.close()
             return
@@ -526,6 +578,7 @@ class ShardSource:
 
     def close(self) -> None:
         self._idle.clear()
+        self._partials.clear()
         if not self.local and os.getpid() == self._pid:
             self._remote.close()
         self._pending.clear()

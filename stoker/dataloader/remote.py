@@ -27,11 +27,13 @@ import pickle
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from stoker import cache, storage
+from stoker.dataloader import partial
 from stoker.formats import integrity
 from stoker.formats.manifest import Manifest
 
@@ -67,6 +69,8 @@ if hasattr(os, "register_at_fork"):
 
 
 # s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
+ROW_READS = 64  # ranged reads of single rows in flight per process (see `partial`)
+
 _S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
 _S3_CLIENT_KWARGS = {"endpoint_url", "region_name", "verify"}
 _S3_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "max_pool_connections", "s3"}
@@ -287,9 +291,15 @@ class RemoteShards:
         in_flight = options.parallel_reads * (options.prefetch_shards + 1)
         self._parts = cache.IOPool(in_flight, "stoker-read")
         self._fetchers = cache.IOPool(options.prefetch_shards + 1, "stoker-prefetch")
+        # Rows read ahead of their shard's download (`partial`) are small reads: their own threads, so that they
+        # do not queue behind the parts of whole shards.
+        self._row_reads = cache.IOPool(ROW_READS, "stoker-rows")
+        # Rows needed now come first: parts of whole shards (needed later) start only while no rows are being read.
+        self._rows_done = threading.Event()
+        self._rows_done.set()
         self.client = range_client(url, storage_options, connect_timeout=options.connect_timeout,
                                    read_timeout=options.read_timeout,
-                                   pool=in_flight)
+                                   pool=in_flight + ROW_READS)
 
     def submit(self, shard: int) -> cf.Future[str]:
         """Start fetching `shard` into the cache; the future gives its local path."""
@@ -298,12 +308,13 @@ class RemoteShards:
     def fetch(self, shard: int) -> str:
         """Local path of the complete, verified shard, downloading it into the cache if needed."""
         info = self.manifest.shards[shard]
-        key = f"{info.sha256[:32]}-{info.name}"
+        key = self._key(shard)
         where = f"shard {info.name} ({storage.redact(storage.join(self.url, info.name))})"
         deadline = time.monotonic() + self.options.shard_timeout
         opts = self.options
 
         def read(start: int, end: int) -> Any:
+            self._rows_done.wait(opts.read_timeout)
             return self.client.read(info.name, start, end)
 
         def fetch(dst: str, sha256: bool = True) -> str:
@@ -319,11 +330,40 @@ class RemoteShards:
 
         return self.cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
 
+    def read_rows(self, wanted: dict[partial.PartialShard, Any]) -> None:
+        """Read the `wanted` rows (numpy arrays of row numbers) of each partial shard, within the options' bounds."""
+        opts = self.options
+
+        def read(shard: partial.PartialShard, start: int, end: int) -> Any:
+            where = f"shard {shard.name} ({storage.redact(storage.join(self.url, shard.name))})"
+            return cache.read_part(lambda a, z: self.client.read(shard.name, a, z), (start, end), opts.attempts,
+                                   opts.backoff, deadline, where)
+
+        deadline = time.monotonic() + opts.shard_timeout
+        self._rows_done.clear()
+        try:
+            partial.fetch_rows(wanted, read, self._row_reads, deadline)
+        finally:
+            self._rows_done.set()
+
+    def cached(self, shard: int) -> bool:
+        """Whether the cache holds `shard` complete (it may still be evicted before it is opened)."""
+        info = self.manifest.shards[shard]
+        try:
+            return os.stat(self.cache.path(self._key(shard))).st_size == info.bytes
+        except OSError:
+            return False
+
+    def _key(self, shard: int) -> str:
+        info = self.manifest.shards[shard]
+        return f"{info.sha256[:32]}-{info.name}"
+
     def wait(self, future: cf.Future[str], name: str) -> str:
         """The local path a `submit` future gives, within the options' bound."""
         return cache.wait(future, time.monotonic() + 2 * self.options.shard_timeout + 1, f"shard {name}")
 
     def close(self) -> None:
+        self._row_reads.close()
         self._parts.close()
         self._fetchers.close()
 

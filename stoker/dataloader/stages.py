@@ -78,6 +78,7 @@ class RowReader:
         self.next = 0  # units taken so far
         self.source = ds.process_resources().source
         self.open: dict[int, OpenShard] = {}
+        self.early: set[int] = set()  # open shards of which only some rows are read yet (`ShardSource.read_early`)
         self.catalog = Catalog(len(ds.shard_rows), ds.columns)
         self.ends = self.order.shard_stream_end()
         self.epoch = epoch
@@ -129,7 +130,7 @@ class RowReader:
             self.next += len(units)
             positions = self.deal.positions(units)
             shards, rows = self.order.locate(positions)
-            self._prepare(int(positions.min()), int(positions.max()), shards)
+            self._prepare(int(positions.min()), int(positions.max()), shards, rows)
             columns = self.catalog.gather(shards, rows, self.skip)
             self.row_units = self.next - len(units) + np.arange(len(rows)) // self.deal.block
             dropped = self.catalog.dropped
@@ -158,12 +159,13 @@ class RowReader:
         beyond = np.flatnonzero(lasts // self.order.window != window)
         return max(1, int(beyond[0]) if len(beyond) else len(units))
 
-    def _prepare(self, first: int, last: int, needed: np.ndarray) -> None:
+    def _prepare(self, first: int, last: int, needed: np.ndarray, rows: np.ndarray) -> None:
         window = self.order.window_of(first)
         stream_start = window * self.order.window  # shards that end before the current window are done with
         done = [s for s in self.open if self.ends[s] <= stream_start]
         for shard in done:
             self.source.release(shard, self.open.pop(shard))
+            self.early.discard(shard)
         self.source.forget(done)
         windows = range(window, self.order.window_of(last) + 1)
         ahead = [self.order.window_shards(k, self.ds.read.prefetch_shards) for k in windows]
@@ -172,10 +174,20 @@ class RowReader:
             # fetch different shards at once instead of queueing on each other's cache lock for the same one.
             k, n = self.turn
             ahead[0] = np.roll(ahead[0], -(len(ahead[0]) * k // n))
+        # Shards still downloading (or not started) give just the rows needed now, read by themselves before any
+        # further part of a whole shard is; the others open whole.
+        unopened = [s for s in np.unique(needed).tolist() if s not in self.open or s in self.early]
+        early = self.source.read_early({s: rows[needed == s] for s in unopened}, self.ds.columns)
         self.source.prefetch(np.concatenate(ahead))
-        for shard in np.unique(needed).tolist():
-            if shard not in self.open:
-                self.open[shard] = self.source.open(shard, self.ds.columns)
+        for shard in unopened:
+            if shard in early:
+                self.open[shard] = early[shard]
+                self.early.add(shard)
+                continue
+            if shard in self.early:
+                self.source.release(shard, self.open.pop(shard))
+                self.early.discard(shard)
+            self.open[shard] = self.source.open(shard, self.ds.columns)
         self.catalog.update(self.open)
 
     def close(self, finished: bool) -> None:
@@ -183,6 +195,7 @@ class RowReader:
         for shard, opened in self.open.items():
             self.source.release(shard, opened)
         self.open.clear()
+        self.early.clear()
         self.catalog.update(self.open)
         if finished and (self.source.local or self.persistent):
             # The next epoch's first shards, read while this worker waits for it (an exiting one would waste them).

@@ -119,22 +119,10 @@ def _check_layout(source: Any, name: str) -> None:
     gigabytes. So refusing it here bounds a reader's memory by the file's size.
     """
     size = source.size()
-    tail = _read(source, size - 10, 10) if size >= 18 else b""
-    if len(tail) != 10 or tail[4:] != b"ARROW1":
-        raise ShardError(name, "not an Arrow IPC file (no ARROW1 footer; truncated?)", max(size - 10, 0))
-    (footer_len,) = struct.unpack("<i", tail[:4])
-    if not 0 < footer_len <= size - 18:
-        raise ShardError(name, f"footer length {footer_len} does not fit the file", size - 10)
-    footer = _read(source, size - 10 - footer_len, footer_len)
+    footer_len = footer_length(_read(source, size - 10, 10) if size >= 18 else b"", size, name)
+    blocks = footer_blocks(_read(source, size - 10 - footer_len, footer_len), size, name)
     try:
-        root = _table(footer, _u32(footer, 0))
-        if _vector(footer, root, 2)[1]:
-            raise ShardError(name, "has dictionary batches; stoker's shards have none", size - 10 - footer_len)
-        start, count = _vector(footer, root, 3)
-        for i in range(count):
-            offset, meta_len, _ = struct.unpack_from("<qi4xq", footer, start + 24 * i)
-            if not 8 <= offset <= size - 8 or not 8 <= meta_len <= size - offset:
-                raise ShardError(name, f"record batch {i} lies outside the file", offset)
+        for i, (offset, meta_len, _) in enumerate(blocks):
             message = _read(source, offset, meta_len)
             skip = 8 if _u32(message, 0) == 0xFFFFFFFF else 4  # continuation marker, then the length
             message = message[skip:]
@@ -145,10 +133,37 @@ def _check_layout(source: Any, name: str) -> None:
             if _field_pos(message, batch, 3) is not None:  # RecordBatch.compression
                 raise ShardError(name, f"record batch {i} is compressed; stoker reads uncompressed shards only "
                                  "(a compressed batch is inflated whole, whatever it claims)", offset)
-    except ShardError:
-        raise
     except (struct.error, IndexError, ValueError) as exc:
-        raise ShardError(name, f"unreadable Arrow footer or message ({exc})", size - 10 - footer_len) from None
+        raise ShardError(name, f"unreadable Arrow message ({exc})", size - 10 - footer_len) from None
+
+
+def footer_length(last10: bytes, size: int, name: str) -> int:
+    """The footer's length, from the last 10 bytes of an Arrow IPC file of `size` bytes (a ShardError if they are
+    not an Arrow file's end)."""
+    if len(last10) != 10 or last10[4:] != b"ARROW1":
+        raise ShardError(name, "not an Arrow IPC file (no ARROW1 footer; truncated?)", max(size - 10, 0))
+    (footer_len,) = struct.unpack("<i", last10[:4])
+    if not 0 < footer_len <= size - 18:
+        raise ShardError(name, f"footer length {footer_len} does not fit the file", size - 10)
+    return footer_len
+
+
+def footer_blocks(footer: bytes, size: int, name: str) -> list[tuple[int, int, int]]:
+    """(offset, metadata length, body length) of each record batch the footer lists, each within the file; a
+    ShardError if the footer is unreadable or lists dictionary batches."""
+    at = size - 10 - len(footer)
+    try:
+        root = _table(footer, _u32(footer, 0))
+        if _vector(footer, root, 2)[1]:
+            raise ShardError(name, "has dictionary batches; stoker's shards have none", at)
+        start, count = _vector(footer, root, 3)
+        blocks = [struct.unpack_from("<qi4xq", footer, start + 24 * i) for i in range(count)]
+    except (struct.error, IndexError, ValueError) as exc:
+        raise ShardError(name, f"unreadable Arrow footer ({exc})", at) from None
+    for i, (offset, meta_len, body_len) in enumerate(blocks):
+        if not 8 <= offset <= size - 8 or not 8 <= meta_len <= size - offset or not 0 <= body_len <= size - offset - meta_len:
+            raise ShardError(name, f"record batch {i} lies outside the file", offset)
+    return blocks
 
 
 def _read(source: Any, offset: int, length: int) -> bytes:

@@ -1,0 +1,139 @@
+"""Rows of remote shards read by themselves while the shards download (`stoker.dataloader.partial`): exactly the
+packed rows, a fraction of the bytes, and the errors of the whole-shard path for damaged shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from stoker import DataLoader, StreamingDataset, cache
+from stoker.dataloader import ReadOptions, partial
+from stoker.dataloader.reader import OpenShard
+from stoker.errors import ChecksumError, ShardError
+from stoker.formats import integrity
+from stoker.synthetic import keys_of, make_dataset
+
+EARLY = ReadOptions(early_min_bytes=0, part_size=64 << 10, parallel_reads=2, attempts=2, backoff=0.01,
+                    shard_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """4 shards of 60 rows in record batches of ~64 KB, payloads of 1-8 KB."""
+    return make_dataset(tmp_path_factory.mktemp("early"), rows=(60,) * 4, batch_bytes=64 << 10, payload=(1000, 8000))
+
+
+def read_locally(path: str):
+    data = open(path, "rb").read()
+    calls = []
+
+    def read(shard, start, end):
+        calls.append(end - start)
+        return data[start:end]
+
+    return data, read, calls
+
+
+def table_of(data: bytes) -> pa.Table:
+    return pa.ipc.open_file(pa.py_buffer(data)).read_all()
+
+
+def rows_of(opened: OpenShard, column: str, rows) -> list[bytes]:
+    col = opened.columns[column]
+    return [bytes(col.sources[col.src[r]][col.start[r]:col.start[r] + col.length[r]]) for r in rows]
+
+
+@pytest.mark.parametrize("large", [1024, 0])  # 0: every values buffer is read by rows
+def test_rows_read_by_themselves_are_exactly_the_packed_rows(images, monkeypatch, large):
+    # Sizes scaled to these small shards: 4 KB of head and tail, the batches' first 512 bytes with their metadata.
+    monkeypatch.setattr(partial, "LARGE", large)
+    monkeypatch.setattr(partial, "HEAD", 4096)
+    monkeypatch.setattr(partial, "LEAD", 512)
+    data, read, calls = read_locally(os.path.join(images, "shard-00001.arrow"))
+    table = table_of(data)
+    shard = partial.PartialShard("shard-00001.arrow", len(data))
+    pool = cache.IOPool(4, "test")
+    rows = np.array([3, 17, 18, 41, 59])
+    partial.fetch_rows({shard: rows}, read, pool, time.monotonic() + 10)
+    opened = OpenShard(shard.reader(), table.schema.names, check=dict.fromkeys(table.schema.names, ""))
+    assert rows_of(opened, "image", rows) == [table.column("image")[r].as_py() for r in rows.tolist()]
+    assert rows_of(opened, "key", rows) == [table.column("key")[r].as_py().encode() for r in rows.tolist()]
+    assert opened.columns["label"][rows].tolist() == table.column("label").to_numpy()[rows].tolist()
+    assert opened.columns[integrity.COLUMN][rows].tolist() == table.column(integrity.COLUMN).to_numpy()[rows].tolist()
+    if large:
+        assert sum(calls) < len(data) // 4, "reading 5 of 60 rows took much of the shard"
+    # More rows later: only what is missing is read, and the earlier rows are unchanged.
+    before = len(calls)
+    partial.fetch_rows({shard: np.array([3, 30])}, read, pool, time.monotonic() + 10)
+    opened = OpenShard(shard.reader(), table.schema.names, check=dict.fromkeys(table.schema.names, ""))
+    assert rows_of(opened, "image", [3, 30, 59]) == [table.column("image")[r].as_py() for r in (3, 30, 59)]
+    assert len(calls) > before
+    pool.close()
+
+
+def test_token_lists_read_by_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(partial, "LARGE", 0)
+    root = make_dataset(tmp_path / "text", rows=(50,), kind="text", batch_bytes=1024, payload=(10, 200))
+    data, read, _ = read_locally(os.path.join(root, "shard-00000.arrow"))
+    table = table_of(data)
+    shard = partial.PartialShard("t", len(data))
+    pool = cache.IOPool(2, "test")
+    rows = np.array([0, 7, 49])
+    partial.fetch_rows({shard: rows}, read, pool, time.monotonic() + 10)
+    opened = OpenShard(shard.reader(), ["tokens"])
+    col = opened.columns["tokens"]
+    got = [col.sources[col.src[r]][col.start[r]:col.start[r] + col.length[r]].tolist() for r in rows.tolist()]
+    assert got == [table.column("tokens")[r].as_py() for r in rows.tolist()]
+    pool.close()
+
+
+def test_a_damaged_footer_is_a_shard_error_naming_the_shard(images):
+    data, _, _ = read_locally(os.path.join(images, "shard-00002.arrow"))
+    damaged = data[:-64] + b"\0" * 64
+
+    def read(shard, start, end):
+        return damaged[start:end]
+
+    shard = partial.PartialShard("shard-00002.arrow", len(damaged))
+    pool = cache.IOPool(2, "test")
+    with pytest.raises(ShardError, match="shard-00002.arrow"):
+        partial.fetch_rows({shard: np.array([1])}, read, pool, time.monotonic() + 10)
+    pool.close()
+
+
+@pytest.mark.remote
+def test_streaming_from_the_store_with_early_rows_delivers_every_sample_once(images, object_store, tmp_path):
+    store = object_store(os.path.dirname(images), latency=0.02, rate=2e6)  # slow: the shards download for a while
+    url = store.url("s3", os.path.basename(images))
+    local = StreamingDataset(images, seed=3, shuffle_buffer=240)
+    ds = StreamingDataset(url, seed=3, shuffle_buffer=240, storage_options=store.storage_options(),
+                          cache_dir=str(tmp_path / "cache"), read=EARLY)
+    expected = [(b["key"], b["image"]) for b in DataLoader(local, batch_size=16, num_workers=0)]
+    got = [(b["key"], b["image"]) for b in DataLoader(ds, batch_size=16, num_workers=2)]
+    assert [k for k, _ in got] == [k for k, _ in expected]  # the same order as from local disk
+    assert all(a == b for (_, x), (_, y) in zip(got, expected) for a, b in zip(x, y))  # and the same bytes
+    again = keys_of(list(DataLoader(ds, batch_size=16, num_workers=2)))
+    assert sorted(again) == sorted(keys_of([{"key": k} for k, _ in got]))  # the next epoch, from the cache
+
+
+@pytest.mark.remote
+def test_a_damaged_row_read_early_names_its_shard_and_row(images, object_store, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(images, bad)
+    path = bad / "shard-00000.arrow"
+    table = table_of(path.read_bytes())
+    body = bytearray(path.read_bytes())
+    value = table.column("image")[5].as_py()
+    at = body.find(value)
+    body[at + len(value) // 2] ^= 0xFF  # one byte of row 5's image: its size and the file's layout unchanged
+    path.write_bytes(bytes(body))
+    store = object_store(str(tmp_path), latency=0.02, rate=2e6)
+    ds = StreamingDataset(store.url("s3", "bad"), shuffle=False, storage_options=store.storage_options(),
+                          cache_dir=str(tmp_path / "cache"), read=EARLY)
+    with pytest.raises(ChecksumError, match=r"shard-00000\.arrow.*row 5"):
+        list(DataLoader(ds, batch_size=8, num_workers=0))
