@@ -110,7 +110,7 @@ class PartialShard:
         self.blocks: list[tuple[int, int, int]] | None = None
         self.batch_offsets: np.ndarray | None = None  # first row of each record batch, plus the row count
         self.batches: dict[int, _Batch] = {}
-        self.version = 0  # counts the reads that added rows: a reader of an older version lacks them
+        self.version = 0  # counts the batches read: a reader of an older version has stand-ins for some of them
         self._ends: dict[str, bytes] = {}
 
     def requests(self, rows: np.ndarray) -> list[tuple[int, int, Callable[[Any], None]]]:
@@ -169,8 +169,11 @@ class PartialShard:
         return {int(b): rows[which == b] - self.batch_offsets[b] for b in np.unique(which).tolist()}
 
     def _mark(self, batch: _Batch, local: np.ndarray) -> None:
+        # Rows written into a batch already read are seen through the views readers hold; only a batch read for
+        # the first time (a stand-in until now) needs a new reader.
+        if not batch.rows.any():
+            self.version += 1
         batch.rows[local] = True
-        self.version += 1
 
     def reader(self) -> SparseReader:
         """The shard as a `ShardReader`: the record batches with rows read, and empty stand-ins for the others."""
@@ -207,11 +210,14 @@ class SparseReader(ShardReader):
 
 
 def _empty(kind: pa.DataType, rows: int) -> pa.Array:
-    if pa.types.is_list(kind):
-        return pa.ListArray.from_arrays(pa.array(np.zeros(rows + 1, np.int32)), pa.array([], kind.value_type))
-    if pa.types.is_binary(kind) or pa.types.is_string(kind):
-        return pa.array([b""] * rows if pa.types.is_binary(kind) else [""] * rows, kind)
-    return pa.array(np.zeros(rows, kind.to_pandas_dtype()), kind)
+    """`rows` empty values (b"", "", [], 0) of type `kind`, built from zeroed buffers."""
+    if pa.types.is_list(kind) or pa.types.is_binary(kind) or pa.types.is_string(kind):
+        offsets = pa.py_buffer(np.zeros(rows + 1, np.int32))
+        if pa.types.is_list(kind):
+            return pa.ListArray.from_arrays(pa.Array.from_buffers(pa.int32(), rows + 1, [None, offsets]),
+                                            pa.array([], kind.value_type))
+        return pa.Array.from_buffers(kind, rows, [None, offsets, pa.py_buffer(b"")])
+    return pa.Array.from_buffers(kind, rows, [None, pa.py_buffer(np.zeros(rows * kind.bit_width // 8, np.uint8))])
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

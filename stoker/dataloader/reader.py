@@ -480,7 +480,8 @@ class ShardSource:
         """Of the `wanted` rows (row numbers per shard), those of remote shards still being downloaded, read by
         themselves (`partial`): each such shard opened with those rows (and any read before) readable, the others
         empty. Shards missing from the result are to be opened whole (`open`): local, finished downloading, or not
-        read this way (only Arrow shards whose every sample is checked on read are)."""
+        read this way (only Arrow shards whose every sample is checked on read are). No further part of a whole
+        shard starts in this process until `resume_downloads` (or `open`): the batch comes first."""
         least = self.options.early_min_bytes
         if self.local or not self._check or self.manifest.format != "arrow" or least is None:
             return {}
@@ -518,9 +519,15 @@ class ShardSource:
             opened[shard] = was
         return opened
 
+    def resume_downloads(self) -> None:
+        """Let the downloads of whole shards go on after `read_early`."""
+        if not self.local:
+            self._remote.resume()
+
     def open(self, shard: int, columns: Sequence[str]) -> OpenShard:
         """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
         self._partials.pop(shard, None)
+        self.resume_downloads()  # a whole shard is needed now
         name = self.manifest.shards[shard].name
         if self.local:
             path = storage.local_path(self._shard_url(shard))
@@ -577,6 +584,7 @@ class ShardSource:
         self._idle.put((int(shard), opened.requested), opened)
 
     def close(self) -> None:
+        self.resume_downloads()
         self._idle.clear()
         self._partials.clear()
         if not self.local and os.getpid() == self._pid:

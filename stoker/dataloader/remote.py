@@ -294,7 +294,7 @@ class RemoteShards:
         # Rows read ahead of their shard's download (`partial`) are small reads: their own threads, so that they
         # do not queue behind the parts of whole shards.
         self._row_reads = cache.IOPool(ROW_READS, "stoker-rows")
-        # Rows needed now come first: parts of whole shards (needed later) start only while no rows are being read.
+        # Rows needed now come first: no part of a whole shard starts from `read_rows` to `resume`.
         self._rows_done = threading.Event()
         self._rows_done.set()
         self.client = range_client(url, storage_options, connect_timeout=options.connect_timeout,
@@ -331,7 +331,9 @@ class RemoteShards:
         return self.cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
 
     def read_rows(self, wanted: dict[partial.PartialShard, Any]) -> None:
-        """Read the `wanted` rows (numpy arrays of row numbers) of each partial shard, within the options' bounds."""
+        """Read the `wanted` rows (numpy arrays of row numbers) of each partial shard, within the options' bounds.
+        No further part of a whole shard starts from now until `resume`: the batch these rows are for is made
+        first, with the CPU to itself."""
         opts = self.options
 
         def read(shard: partial.PartialShard, start: int, end: int) -> Any:
@@ -343,8 +345,13 @@ class RemoteShards:
         self._rows_done.clear()
         try:
             partial.fetch_rows(wanted, read, self._row_reads, deadline)
-        finally:
-            self._rows_done.set()
+        except BaseException:
+            self.resume()
+            raise
+
+    def resume(self) -> None:
+        """Let the parts of whole shards start again (after `read_rows`)."""
+        self._rows_done.set()
 
     def cached(self, shard: int) -> bool:
         """Whether the cache holds `shard` complete (it may still be evicted before it is opened)."""
