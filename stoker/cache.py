@@ -105,7 +105,9 @@ def wait(future: cf.Future[Any], deadline: float, what: str) -> Any:
         raise StorageError(f"{what}: no answer before the deadline; is the storage endpoint reachable?") from None
 
 
-VANISH_RETRIES = 3  # fills of one entry started again after the cache directory was deleted under them
+# Fills of one entry started again after the cache directory was deleted under them: a cleanup (`rm -rf`) that
+# is still deleting when the fill starts again can take each new attempt too, so one deletion can cost several.
+VANISH_RETRIES = 8
 
 
 class ShardCache:

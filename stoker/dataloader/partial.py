@@ -36,8 +36,6 @@ LEAD = 64 << 10  # bytes of a record batch's body read with its metadata
 LARGE = 256 << 10  # a buffer larger than this is read by rows, not whole
 GAP = 16 << 10  # ranges closer than this are read as one request
 
-Read = Callable[[int, int], Any]  # (start, end) -> bytes of the shard
-
 
 class _Batch:
     """One record batch being read by ranges: its buffer (metadata, then body), the batch pyarrow reads from it,

@@ -31,6 +31,7 @@ from stoker.formats.manifest import Manifest, ShardInfo
 from stoker.formats.shard import ShardReader, open_shard
 
 DEFAULT_CACHE_DIR = "~/.cache/stoker/shards"
+EARLY_SHARE = 4  # a shard of which a batch wants more than 1/EARLY_SHARE of the rows is read whole, not by rows
 IDLE_SHARDS = 64  # local shards kept mapped after use, for the next window or epoch of a persistent worker
 
 Identity = tuple[Any, ...]  # (path, device, inode, size, mtime) of a local shard file; () when unknown
@@ -48,9 +49,9 @@ class ReadOptions:
     connect_timeout: float = 10.0  # per request, passed to the storage client
     read_timeout: float = 30.0  # per request, passed to the storage client
     shard_timeout: float = 300.0  # bound on fetching one shard, retries and waits for other processes included
-    # Remote Arrow shards at least this large have the rows a batch needs read by themselves while the shard is
-    # still downloading (`partial`: a first batch need not wait for whole shards); None: always wait for the shard.
-    early_min_bytes: int | None = 4 << 20
+    # Remote Arrow shards at least this large have the rows a reader's first batch needs read by themselves while
+    # the shard is still downloading (`partial`: a first batch need not wait for whole shards); None: never.
+    early_min_bytes: int | None = 0
     checksums: bool = True  # check every sample against the checksum packed with it (stoker.formats.integrity)
     on_error: str = "raise"  # a damaged sample raises a ChecksumError; "skip": dropped, warned about and counted
 
@@ -487,8 +488,8 @@ class ShardSource:
             return {}
         todo: dict[int, partial.PartialShard] = {}
         for shard in wanted:
-            if self.manifest.shards[shard].bytes < least:
-                continue
+            if not self._remote.holds(shard) or len(wanted[shard]) * EARLY_SHARE > self.manifest.shards[shard].rows:
+                continue  # small, or much of it wanted: read whole
             future = self._pending.get(shard)
             if (future.done() if future is not None else self._remote.cached(shard)) or shard in self._whole_only:
                 self._partials.pop(shard, None)
@@ -527,7 +528,7 @@ class ShardSource:
     def open(self, shard: int, columns: Sequence[str]) -> OpenShard:
         """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
         self._partials.pop(shard, None)
-        self.resume_downloads()  # a whole shard is needed now
+        self.resume_downloads()  # a whole shard is needed now (its download may wait behind held ones)
         name = self.manifest.shards[shard].name
         if self.local:
             path = storage.local_path(self._shard_url(shard))

@@ -294,7 +294,7 @@ class RemoteShards:
         # Rows read ahead of their shard's download (`partial`) are small reads: their own threads, so that they
         # do not queue behind the parts of whole shards.
         self._row_reads = cache.IOPool(ROW_READS, "stoker-rows")
-        # Rows needed now come first: no part of a whole shard starts from `read_rows` to `resume`.
+        # Rows needed now come first: no part of a large whole shard starts from `read_rows` to `resume`.
         self._rows_done = threading.Event()
         self._rows_done.set()
         self.client = range_client(url, storage_options, connect_timeout=options.connect_timeout,
@@ -313,8 +313,11 @@ class RemoteShards:
         deadline = time.monotonic() + self.options.shard_timeout
         opts = self.options
 
+        held = self.holds(shard)
+
         def read(start: int, end: int) -> Any:
-            self._rows_done.wait(opts.read_timeout)
+            if held:
+                self._rows_done.wait(opts.read_timeout)
             return self.client.read(info.name, start, end)
 
         def fetch(dst: str, sha256: bool = True) -> str:
@@ -348,6 +351,12 @@ class RemoteShards:
         except BaseException:
             self.resume()
             raise
+
+    def holds(self, shard: int) -> bool:
+        """Whether `read_rows` holds back the download of `shard`: only shards large enough to have rows read by
+        themselves are held (`ReadOptions.early_min_bytes`); smaller ones are read whole at once."""
+        least = self.options.early_min_bytes
+        return least is not None and self.manifest.shards[shard].bytes >= least
 
     def resume(self) -> None:
         """Let the parts of whole shards start again (after `read_rows`)."""
