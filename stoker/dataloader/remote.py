@@ -69,6 +69,7 @@ if hasattr(os, "register_at_fork"):
 
 
 # s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
+MIN_PART = 1 << 20  # bytes: smaller parts cost more in requests than they save in time
 ROW_READS = 64  # ranged reads of single rows in flight per process (see `partial`)
 
 _S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
@@ -141,10 +142,11 @@ def _read_capped(store: Any, name: str, limit: int) -> bytes | None:
     import obstore
 
     try:
-        size = obstore.head(store, name)["size"]
-        if size > limit:
+        # One request: the size comes with the response's headers, before its body is read (or left unread).
+        result = obstore.get(store, name)
+        if result.meta["size"] > limit:
             return None
-        return bytes(obstore.get_range(store, name, start=0, end=size)) if size else b""
+        return bytes(result.bytes())
     except FileNotFoundError:
         raise
     except Exception as exc:  # obstore's own classes: the ones the callers act on, as builtins
@@ -314,6 +316,9 @@ class RemoteShards:
         opts = self.options
 
         held = self.holds(shard)
+        # A shard of fewer than `parallel_reads` parts is split into that many (of at least MIN_PART): one
+        # connection carries ~100 MB/s, so a small shard in one part would take its whole size / 100 MB/s.
+        part_size = min(opts.part_size, max(MIN_PART, -(-info.bytes // opts.parallel_reads)))
 
         def read(start: int, end: int) -> Any:
             if held:
@@ -321,7 +326,7 @@ class RemoteShards:
             return self.client.read(info.name, start, end)
 
         def fetch(dst: str, sha256: bool = True) -> str:
-            return cache.download(read, dst, info.bytes, pool=self._parts, part_size=opts.part_size,
+            return cache.download(read, dst, info.bytes, pool=self._parts, part_size=part_size,
                                   parallel=opts.parallel_reads, attempts=opts.attempts, backoff=opts.backoff,
                                   deadline=deadline, what=where, sha256=sha256)
 
