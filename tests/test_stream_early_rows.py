@@ -32,9 +32,9 @@ def read_locally(path: str):
     data = open(path, "rb").read()
     calls = []
 
-    def read(shard, start, end):
-        calls.append(end - start)
-        return data[start:end]
+    def read(shard, spans):
+        calls.extend(end - start for start, end in spans)
+        return [data[start:end] for start, end in spans]
 
     return data, read, calls
 
@@ -96,8 +96,8 @@ def test_a_damaged_footer_is_a_shard_error_naming_the_shard(images):
     data, _, _ = read_locally(os.path.join(images, "shard-00002.arrow"))
     damaged = data[:-64] + b"\0" * 64
 
-    def read(shard, start, end):
-        return damaged[start:end]
+    def read(shard, spans):
+        return [damaged[start:end] for start, end in spans]
 
     shard = partial.PartialShard("shard-00002.arrow", len(damaged))
     pool = cache.IOPool(2, "test")

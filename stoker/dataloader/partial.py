@@ -228,17 +228,23 @@ def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def fetch_rows(wanted: dict[PartialShard, np.ndarray], read: Callable[[PartialShard, int, int], Any],
-               pool: cache.IOPool, deadline: float) -> None:
-    """Read `wanted` rows of each partial shard, every round's ranged reads of all the shards in flight at once."""
+def fetch_rows(wanted: dict[PartialShard, np.ndarray],
+               read: Callable[[PartialShard, list[tuple[int, int]]], list[Any]], pool: cache.IOPool,
+               deadline: float) -> None:
+    """Read `wanted` rows of each partial shard: each round, one `read(shard, spans)` per shard, all shards at once."""
     while True:
-        round_ = [(apply, pool.submit(read, shard, start, end) if end > start else None)
-                  for shard, rows in wanted.items() for start, end, apply in shard.requests(rows)]
-        if not round_:
+        round_ = []
+        for shard, rows in wanted.items():
+            requests = shard.requests(rows)
+            spans = [(start, end) for start, end, _ in requests if end > start]
+            round_.append((requests, pool.submit(read, shard, spans) if spans else None))
+        if not any(requests for requests, _ in round_):
             return
         try:
-            for apply, future in round_:
-                apply(cache.wait(future, deadline, "rows") if future is not None else b"")
+            for requests, future in round_:
+                got = iter(cache.wait(future, deadline, "rows") if future is not None else ())
+                for start, end, apply in requests:  # in order: a batch's writes before its rows are marked read
+                    apply(next(got) if end > start else b"")
         finally:
             for _, future in round_:
                 if future is not None:

@@ -22,7 +22,7 @@ from torch.utils.data import get_worker_info
 
 from stoker import cache, storage
 from stoker.dataloader import partial, remote
-from stoker.errors import ConfigError, ShardError, ShardNotFoundError, StorageError
+from stoker.errors import ConfigError, ShardError, ShardNotFoundError
 from stoker.formats import integrity
 from stoker.formats.arrays import column_view
 from stoker.formats.conform import Rules, check_batch, check_schema
@@ -503,7 +503,7 @@ class ShardSource:
         waited = time.perf_counter()
         try:
             self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo})
-        except (ShardError, StorageError):
+        except (ShardError, OSError):  # StorageError, and missing objects
             # The whole-shard path reads it again and reports what is wrong with it, bounded as ever.
             self._whole_only.update(todo)
             for shard in todo:
