@@ -422,10 +422,21 @@ def store_load_rate(peer: Peer, store: Store, cache: Path, cfg: Config) -> tuple
     Timed from building the dataset, so index downloads (and a download of everything first, where that is the
     system's way) count; every shard crosses the store's latency and per-connection rate once.
     """
+    return _cold_epoch(peer, lambda item: peer.remote(store, cache, cfg, item), cfg)
+
+
+def cold_local_rate(peer: Peer, src: Path, packed: Path, cfg: Config) -> tuple[float, float, int]:
+    """The same as `store_load_rate`, from the local packed files: what the store leg would give if the store cost
+    nothing (workers start, shards open, nothing is warm)."""
+    return _cold_epoch(peer, lambda item: peer.dataset(src, packed, cfg, item), cfg)
+
+
+def _cold_epoch(peer: Peer, build: Callable[[Item], tuple[Any, Callable[..., Any]]],
+                cfg: Config) -> tuple[float, float, int]:
     item: Item = _encoded_item if peer.name == "stoker" else _typical_item
     collate = stoker.build_transform(stoker.TransformSpec(size=SIZE), backend="pil", seed=0) if item is _encoded_item else None
     start = time.perf_counter()
-    dataset, loader_class = peer.remote(store, cache, cfg, item)
+    dataset, loader_class = build(item)
     options: dict[str, Any] = {"shuffle": True} if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) else {}
     loader = loader_class(dataset, batch_size=cfg.batch, num_workers=cfg.workers, collate_fn=collate, **options)
     first, count = None, 0
@@ -544,7 +555,10 @@ def child_main(package: str, task: str, work: Path, cfg: Config) -> dict[str, An
         fields = json.loads(os.environ["PEERS_STORE"])
         store = Store(**{**fields, "objects": tuple(fields["objects"])})
         with tempfile.TemporaryDirectory(prefix=f"cache-{package}-") as cache:
-            return {"store": store_load_rate(peer, store, Path(cache), cfg)}
+            loads = {"store": store_load_rate(peer, store, Path(cache), cfg)}
+        if peer.name == "stoker":  # the ceiling of its store leg, measured in the same process
+            loads["cold_local"] = cold_local_rate(peer, src, packed, cfg)
+        return loads
     modes = ("typical",) if peer.name == "stoker" else ("typical", "same_transform")
     return {"per_sample": transform, **{mode: load_rate(peer, src, packed, cfg, mode != "typical") for mode in modes}}
 
@@ -575,6 +589,13 @@ def report(results: dict[str, Any], cfg: Config) -> list[str]:
         store_text = f"{row['store']:11,.0f}" if row.get("store") else f"{'n/a':>11s}"
         lines.append(f"{name:26s} {pack_text} {row.get('typical', 0):11,.0f} {row.get('same_transform', 0):11,.0f} {store_text}  {note}")
     lines += ratio_lines(results)
+    ours = results["peers"].get("stoker", {})
+    if ours.get("store") and ours.get("cold_local"):
+        stores = [row["store"] for name, row in results["peers"].items() if name != "stoker" and row.get("store")]
+        need = f"; 1.3x the best peer's store leg is {1.3 * max(stores):,.0f} img/s" if stores else ""
+        lines.append(f"ratio stoker's store leg / the same cold epoch from the local files (timed from building the "
+                     f"dataset, {ours['cold_local']:,.0f} img/s, first batch {ours['cold_local_first_batch_s']:.2f} s: "
+                     f"the store leg's ceiling{need}): {ours['store'] / ours['cold_local']:.2f}x")
     return lines
 
 
