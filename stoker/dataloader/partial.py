@@ -6,14 +6,15 @@ downloading, `fetch_rows` reads just the rows asked for with small ranged reads,
 at once:
 
 1. the file's head (its schema) and tail (its footer: where each record batch lies);
-2. each needed record batch's metadata, with the first bytes of its body (its small buffers usually lie there);
+2. every record batch's metadata (its row count: which batch holds a row), with the first bytes of its body (its
+   small buffers usually lie there); one request per record batch, so shards of many record batches take longer;
 3. the remaining small buffers (offsets, fixed-width columns, checksums) and the needed rows' slices of the large
    values buffers (image bytes, token ids); a batch whose offsets were not in step 2 gets its rows in one more round.
 
 pyarrow reads each record batch from a zero-filled buffer of its full size into which the fetched ranges are
 written, so the batch and the tables built from it are ordinary views; rows not fetched read as zeros and are never
 served: only shards whose samples are checked on every read (their checksum column) are read this way, so a row
-that were served unfetched would fail its check instead of passing silently. Record batches with no needed rows yet
+served unfetched would fail its check instead of passing silently. Record batches with no needed rows yet
 stand in as empty rows of the right count. Once the shard's download finishes, the reader opens the cached file
 instead (`reader.ShardSource.open`).
 """
