@@ -21,6 +21,7 @@ instead (`reader.ShardSource.open`).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,7 +46,9 @@ class _Batch:
     def __init__(self, meta: bytes, body_len: int, schema: pa.Schema, name: str, offset: int) -> None:
         self.name, self.offset = name, offset
         self.meta_len = len(meta)
-        self.data = np.zeros(self.meta_len + body_len, np.uint8)  # calloc: pages never written take no memory
+        # An anonymous mapping, not the heap: zeros whose pages take memory only once written, and which go back to
+        # the system whole when the batch is dropped (freed heap blocks of this size fragment a worker's heap).
+        self.data = np.frombuffer(mmap.mmap(-1, max(1, self.meta_len + body_len)), np.uint8)
         self.data[:self.meta_len] = np.frombuffer(meta, np.uint8)
         try:
             self.batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(self.data)), schema)
