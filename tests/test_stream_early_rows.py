@@ -15,6 +15,7 @@ from stoker import DataLoader, StreamingDataset, cache
 from stoker.dataloader import ReadOptions, partial
 from stoker.dataloader.reader import OpenShard
 from stoker.errors import ChecksumError, ShardError
+from stoker.formats.arrow_shard import footer_blocks
 from stoker.formats import integrity
 from stoker.synthetic import keys_of, make_dataset
 
@@ -137,3 +138,39 @@ def test_a_damaged_row_read_early_names_its_shard_and_row(images, object_store, 
                           cache_dir=str(tmp_path / "cache"), read=EARLY)
     with pytest.raises(ChecksumError, match=r"shard-00000\.arrow.*row 5"):
         list(DataLoader(ds, batch_size=8, num_workers=0))
+
+
+@pytest.mark.remote
+def test_damaged_bytes_under_rows_read_early_give_the_packed_rows_or_a_shard_error(images, object_store, tmp_path):
+    local = DataLoader(StreamingDataset(images, shuffle=False), batch_size=8, num_workers=0)
+    expected = next(iter(local))
+    data = open(os.path.join(images, "shard-00000.arrow"), "rb").read()
+    tail = data[-10:]
+    footer_len = int.from_bytes(tail[:4], "little")
+    blocks = footer_blocks(data[len(data) - 10 - footer_len:-10], len(data), "shard-00000.arrow")
+    # Where the structure lies (schema, footer, each record batch's metadata and first bytes), and anywhere at all.
+    places = [range(0, 1024), range(len(data) - 1024, len(data))]
+    places += [range(offset, offset + meta_len + 256) for offset, meta_len, _ in blocks]
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for case in range(40):
+        copy = tmp_path / "fuzz" / f"c{case}"
+        shutil.copytree(images, copy)
+        body = bytearray(data)
+        for _ in range(4):
+            where = places[int(rng.integers(len(places)))] if case % 3 else range(len(body))
+            body[int(rng.choice(where))] ^= int(rng.integers(1, 256))
+        (copy / "shard-00000.arrow").write_bytes(bytes(body))
+    store = object_store(str(tmp_path / "fuzz"), latency=0.0, rate=2e6)
+    for case in range(40):
+        ds = StreamingDataset(store.url("s3", f"c{case}"), shuffle=False, storage_options=store.storage_options(),
+                              cache_dir=str(tmp_path / "cache" / str(case)), read=EARLY)
+        try:
+            got = next(iter(DataLoader(ds, batch_size=8, num_workers=0)))
+        except ShardError as exc:  # checksum, layout, footer or metadata: each names the shard
+            assert "shard-00000.arrow" in str(exc)
+            outcomes.append("error")
+            continue
+        assert got["key"] == expected["key"] and got["image"] == expected["image"]
+        outcomes.append("rows")
+    assert "error" in outcomes  # the damage was seen at least once (a flip may fall on bytes no reader uses)

@@ -503,21 +503,22 @@ class ShardSource:
         waited = time.perf_counter()
         try:
             self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo})
-        except (ShardError, OSError):  # StorageError, and missing objects
-            # The whole-shard path reads it again and reports what is wrong with it, bounded as ever.
+            opened = {}
+            for shard, read in todo.items():
+                _, version, was = self._partials[shard]
+                if was is None or version != read.version:
+                    was = OpenShard(read.reader(), columns, None, self.manifest.rules, check=self._check)
+                    self._partials[shard] = (read, read.version, was)
+                opened[shard] = was
+        except (ShardError, OSError, ValueError, IndexError, pa.ArrowException):
+            # A damaged or forged shard, or a failed read (StorageError, missing objects): the whole-shard path
+            # reads it again and reports what is wrong with it, bounded as ever.
             self._whole_only.update(todo)
             for shard in todo:
                 self._partials.pop(shard, None)
             return {}
         finally:
             self.fetch_seconds += time.perf_counter() - waited
-        opened = {}
-        for shard, read in todo.items():
-            _, version, was = self._partials[shard]
-            if was is None or version != read.version:
-                was = OpenShard(read.reader(), columns, None, self.manifest.rules, check=self._check)
-                self._partials[shard] = (read, read.version, was)
-            opened[shard] = was
         return opened
 
     def resume_downloads(self) -> None:
