@@ -68,10 +68,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-# s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
 MIN_PART = 1 << 20  # bytes: smaller parts cost more in requests than they save in time
 ROW_READS = 16  # shards whose rows are read at once per process, each with up to 10 ranges in flight (`partial`)
 
+# s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
 _S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
 _S3_CLIENT_KWARGS = {"endpoint_url", "region_name", "verify"}
 _S3_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "max_pool_connections", "s3"}
