@@ -174,3 +174,20 @@ def test_damaged_bytes_under_rows_read_early_give_the_packed_rows_or_a_shard_err
         assert got["key"] == expected["key"] and got["image"] == expected["image"]
         outcomes.append("rows")
     assert "error" in outcomes  # the damage was seen at least once (a flip may fall on bytes no reader uses)
+
+
+@pytest.mark.remote
+def test_without_workers_shards_download_while_the_first_batch_is_in_use(images, object_store, tmp_path):
+    # In the training process the next batch is asked for only after the training step: whole shards must not wait
+    # for it (in a worker they wait until the first batch is made, which takes no training step).
+    store = object_store(os.path.dirname(images), latency=0.02, rate=20e6)
+    cache_dir = tmp_path / "cache"
+    ds = StreamingDataset(store.url("s3", os.path.basename(images)), seed=3, shuffle_buffer=240, read=EARLY,
+                          storage_options=store.storage_options(), cache_dir=str(cache_dir))
+    batches = iter(DataLoader(ds, batch_size=16, num_workers=0))
+    next(batches)
+    deadline = time.monotonic() + 10  # a held download would wait for its read timeout: 30 s
+    while len([n for n in os.listdir(cache_dir) if not n.startswith(".")]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len([n for n in os.listdir(cache_dir) if not n.startswith(".")]) == 4
+    del batches

@@ -481,8 +481,8 @@ class ShardSource:
         """Of the `wanted` rows (row numbers per shard), those of remote shards still being downloaded, read by
         themselves (`partial`): each such shard opened with those rows (and any read before) readable, the others
         empty. Shards missing from the result are to be opened whole (`open`): local, finished downloading, or not
-        read this way (only Arrow shards whose every sample is checked on read are). No further part of a whole
-        shard starts in this process until `resume_downloads` (or `open`): the batch comes first."""
+        read this way (only Arrow shards whose every sample is checked on read are). In a DataLoader worker, no
+        further part of a whole shard starts until `resume_downloads` (or `open`): the batch comes first."""
         least = self.options.early_min_bytes
         if self.local or not self._check or self.manifest.format != "arrow" or least is None:
             return {}
@@ -502,7 +502,9 @@ class ShardSource:
             return {}
         waited = time.perf_counter()
         try:
-            self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo})
+            # Held until the batch is made only in a DataLoader worker: in the training process the next take comes
+            # after the training step, which whole shards must not wait for.
+            self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo}, hold=self._in_worker)
             opened = {}
             for shard, read in todo.items():
                 _, version, was = self._partials[shard]

@@ -354,10 +354,10 @@ class RemoteShards:
 
         return self.cache.get(key, info.bytes, fill, timeout=2 * opts.shard_timeout)
 
-    def read_rows(self, wanted: dict[partial.PartialShard, Any]) -> None:
+    def read_rows(self, wanted: dict[partial.PartialShard, Any], hold: bool = True) -> None:
         """Read the `wanted` rows (numpy arrays of row numbers) of each partial shard, within the options' bounds.
-        No further part of a whole shard starts from now until `resume`: the batch these rows are for is made
-        first, with the CPU to itself."""
+        No further part of a whole shard starts while they are read and, with `hold`, until `resume`: the batch
+        these rows are for is made first, with the CPU to itself."""
         opts = self.options
 
         def read(shard: partial.PartialShard, spans: list[tuple[int, int]]) -> list[Any]:
@@ -372,6 +372,8 @@ class RemoteShards:
         except BaseException:
             self.resume()
             raise
+        if not hold:
+            self.resume()
 
     def holds(self, shard: int) -> bool:
         """Whether `read_rows` holds back the download of `shard`: only shards large enough to have rows read by
