@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from stoker import cache
 from stoker.errors import ShardError
-from stoker.formats.arrow_shard import footer_blocks, footer_length
+from stoker.formats.arrow_shard import footer_blocks, footer_length, select_columns, validate_batch
 from stoker.formats.shard import ShardReader
 
 HEAD = 64 << 10  # bytes read from a shard's start for its schema message, and from its end for its footer
@@ -83,6 +83,10 @@ class _Batch:
         self.data[self.meta_len + start:self.meta_len + start + len(view)] = view
         self.loaded.append((start, start + len(view)))
 
+    def mark(self, rows: np.ndarray) -> None:
+        """Record that every value of `rows` is written."""
+        self.rows[rows] = True
+
     def _has(self, start: int, end: int) -> bool:
         return any(a <= start and end <= z for a, z in self.loaded)
 
@@ -112,7 +116,6 @@ class PartialShard:
         self.blocks: list[tuple[int, int, int]] | None = None
         self.batch_offsets: np.ndarray | None = None  # first row of each record batch, plus the row count
         self.batches: dict[int, _Batch] = {}
-        self.version = 0  # counts the batches read: a reader of an older version has stand-ins for some of them
         self._ends: dict[str, bytes] = {}
 
     def requests(self, rows: np.ndarray) -> list[tuple[int, int, Callable[[Any], None]]]:
@@ -135,7 +138,7 @@ class PartialShard:
             for a, z in _coalesce(ranges):
                 out.append((body + a, body + z, lambda data, batch=batch, a=a: batch.write(a, data)))
             if complete:  # applied after the writes above (`fetch_rows` applies a round in order)
-                out.append((0, 0, lambda _, batch=batch, todo=todo: self._mark(batch, todo)))
+                out.append((0, 0, lambda _, batch=batch, todo=todo: batch.mark(todo)))
         return out
 
     def _layout(self, end: str, data: Any) -> None:
@@ -170,13 +173,6 @@ class PartialShard:
         which = np.searchsorted(self.batch_offsets, rows, side="right") - 1
         return {int(b): rows[which == b] - self.batch_offsets[b] for b in np.unique(which).tolist()}
 
-    def _mark(self, batch: _Batch, local: np.ndarray) -> None:
-        # Rows written into a batch already read are seen through the views readers hold; only a batch read for
-        # the first time (a stand-in until now) needs a new reader.
-        if not batch.rows.any():
-            self.version += 1
-        batch.rows[local] = True
-
     def reader(self) -> SparseReader:
         """The shard as a `ShardReader`: the record batches with rows read, and empty stand-ins for the others."""
         return SparseReader(self)
@@ -194,18 +190,14 @@ class SparseReader(ShardReader):
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
         got = self._shard.batches.get(index)
         if got is not None and got.rows.any():
-            if not got.validated:  # forged offsets or lengths: an error here, not a crash later
-                try:
-                    got.batch.validate(full=True)
-                except (pa.ArrowException, OSError) as exc:
-                    raise ShardError(self.name, f"record batch {index} is corrupt ({exc})",
-                                     row=int(self.batch_offsets[index])) from None
+            if not got.validated:
+                validate_batch(self.name, got.batch, index, int(self.batch_offsets[index]))
                 got.validated = True
             batch = got.batch
         else:
             rows = int(self.batch_offsets[index + 1] - self.batch_offsets[index])
             batch = pa.RecordBatch.from_arrays([_empty(field.type, rows) for field in self.schema], schema=self.schema)
-        return batch if columns is None else batch.select(list(columns))
+        return select_columns(self.name, batch, columns)
 
     def close(self) -> None:
         pass
@@ -241,15 +233,15 @@ def fetch_rows(wanted: dict[PartialShard, np.ndarray],
         for shard, rows in wanted.items():
             requests = shard.requests(rows)
             spans = [(start, end) for start, end, _ in requests if end > start]
-            round_.append((requests, pool.submit(read, shard, spans) if spans else None))
-        if not any(requests for requests, _ in round_):
+            round_.append((shard, requests, pool.submit(read, shard, spans) if spans else None))
+        if not any(requests for _, requests, _ in round_):
             return
         try:
-            for requests, future in round_:
-                got = iter(cache.wait(future, deadline, "rows") if future is not None else ())
+            for shard, requests, future in round_:
+                got = iter(cache.wait(future, deadline, f"rows of shard {shard.name}") if future is not None else ())
                 for start, end, apply in requests:  # in order: a batch's writes before its rows are marked read
                     apply(next(got) if end > start else b"")
         finally:
-            for _, future in round_:
+            for _, _, future in round_:
                 if future is not None:
                     future.cancel()

@@ -447,9 +447,6 @@ class ShardSource:
         self.fetch_seconds = 0.0  # spent in `open` waiting for downloads and cache fills (the "fetch" stage)
         self._pending: dict[int, Any] = {}
         self._idle: LRU[tuple[int, tuple[str, ...]], OpenShard] = LRU(IDLE_SHARDS, OpenShard.close)
-        # Remote shards being downloaded whose rows are read ahead (`read_early`), and the shards where that failed.
-        self._partials: dict[int, tuple[partial.PartialShard, int, OpenShard | None]] = {}
-        self._whole_only: set[int] = set()
         if not self.local:
             shard_cache = cache.ShardCache(cache_dir or DEFAULT_CACHE_DIR, cache_limit)
             self._remote = remote.RemoteShards(url, manifest, storage_options, shard_cache, options)
@@ -475,29 +472,24 @@ class ShardSource:
             future = self._pending.get(int(shard))
             if future is None or future.done():
                 self._pending.pop(int(shard), None)
-            self._partials.pop(int(shard), None)
 
     def read_early(self, wanted: Mapping[int, np.ndarray], columns: Sequence[str]) -> dict[int, OpenShard]:
         """Of the `wanted` rows (row numbers per shard), those of remote shards still being downloaded, read by
-        themselves (`partial`): each such shard opened with those rows (and any read before) readable, the others
-        empty. Shards missing from the result are to be opened whole (`open`): local, finished downloading, or not
-        read this way (only Arrow shards whose every sample is checked on read are). In a DataLoader worker, no
-        further part of a whole shard starts until `resume_downloads` (or `open`): the batch comes first."""
-        least = self.options.early_min_bytes
-        if self.local or not self._check or self.manifest.format != "arrow" or least is None:
+        themselves (`partial`): each such shard opened with those rows readable, the others empty. Shards missing
+        from the result are to be opened whole (`open`): local, finished downloading, or not read this way (only
+        Arrow shards whose every sample is checked on read are). In a DataLoader worker, no further part of a whole
+        shard starts until `resume_downloads` (or `open`): the batch comes first."""
+        if self.local or not self._check or self.manifest.format != "arrow":
             return {}
         todo: dict[int, partial.PartialShard] = {}
-        for shard in wanted:
-            if not self._remote.holds(shard) or len(wanted[shard]) * EARLY_SHARE > self.manifest.shards[shard].rows:
+        for shard, rows in wanted.items():
+            info = self.manifest.shards[shard]
+            if not self._remote.holds(shard) or len(rows) * EARLY_SHARE > info.rows:
                 continue  # small, or much of it wanted: read whole
             future = self._pending.get(shard)
-            if (future.done() if future is not None else self._remote.cached(shard)) or shard in self._whole_only:
-                self._partials.pop(shard, None)
+            if future.done() if future is not None else self._remote.cached(shard):
                 continue
-            if shard not in self._partials:
-                info = self.manifest.shards[shard]
-                self._partials[shard] = (partial.PartialShard(info.name, info.bytes), -1, None)
-            todo[shard] = self._partials[shard][0]
+            todo[shard] = partial.PartialShard(info.name, info.bytes)
         if not todo:
             return {}
         waited = time.perf_counter()
@@ -505,23 +497,14 @@ class ShardSource:
             # Held until the batch is made only in a DataLoader worker: in the training process the next take comes
             # after the training step, which whole shards must not wait for.
             self._remote.read_rows({todo[s]: np.asarray(wanted[s], np.int64) for s in todo}, hold=self._in_worker)
-            opened = {}
-            for shard, read in todo.items():
-                _, version, was = self._partials[shard]
-                if was is None or version != read.version:
-                    was = OpenShard(read.reader(), columns, None, self.manifest.rules, check=self._check)
-                    self._partials[shard] = (read, read.version, was)
-                opened[shard] = was
+            return {shard: OpenShard(read.reader(), columns, None, self.manifest.rules, check=self._check)
+                    for shard, read in todo.items()}
         except (ShardError, OSError, ValueError, IndexError, pa.ArrowException):
             # A damaged or forged shard, or a failed read (StorageError, missing objects): the whole-shard path
             # reads it again and reports what is wrong with it, bounded as ever.
-            self._whole_only.update(todo)
-            for shard in todo:
-                self._partials.pop(shard, None)
             return {}
         finally:
             self.fetch_seconds += time.perf_counter() - waited
-        return opened
 
     def resume_downloads(self) -> None:
         """Let the downloads of whole shards go on after `read_early`."""
@@ -530,7 +513,6 @@ class ShardSource:
 
     def open(self, shard: int, columns: Sequence[str]) -> OpenShard:
         """Open a shard for reading, waiting for its prefetch (or fetching it now)."""
-        self._partials.pop(shard, None)
         self.resume_downloads()  # a whole shard is needed now (its download may wait behind held ones)
         name = self.manifest.shards[shard].name
         if self.local:
@@ -581,7 +563,6 @@ class ShardSource:
     def release(self, shard: int, opened: OpenShard) -> None:
         """Done with `opened` for now. Local shards stay mapped (the least recently used `IDLE_SHARDS` of them),
         so that a persistent worker's next epoch, or a window that comes back to a shard, does not reopen it."""
-        self._partials.pop(int(shard), None)  # its rows read ahead: read again if needed again before its download ends
         if not self.local or not opened.identity:
             opened.close()
             return
@@ -590,7 +571,6 @@ class ShardSource:
     def close(self) -> None:
         self.resume_downloads()
         self._idle.clear()
-        self._partials.clear()
         if not self.local and os.getpid() == self._pid:
             self._remote.close()
         self._pending.clear()

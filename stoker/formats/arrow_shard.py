@@ -91,24 +91,34 @@ class ArrowShardReader(ShardReader):
     def read_batch(self, index: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"{self.name}: batch {index} out of range 0..{self.num_batches - 1}")
-        try:
-            batch = self._batches[index]
-            # Forged offsets or lengths must become an error here, not a crash or a giant allocation later.
-            batch.validate(full=True)
-        except (pa.ArrowException, OSError) as exc:
-            raise ShardError(self.name, f"record batch {index} is corrupt ({exc})", row=int(self.batch_offsets[index])) from None
-        if columns is not None:
-            missing = [c for c in columns if c not in batch.schema.names]
-            if missing:
-                raise ShardError(self.name, f"no column(s) {missing}; the shard has {batch.schema.names}")
-            batch = batch.select(list(columns))
-        return batch
+        batch = self._batches[index]
+        validate_batch(self.name, batch, index, int(self.batch_offsets[index]))
+        return select_columns(self.name, batch, columns)
 
     def close(self) -> None:
         self._batches = []
         source = getattr(self, "_source", None)
         if source is not None:
             source.close()
+
+
+def validate_batch(name: str, batch: pa.RecordBatch, index: int, first_row: int) -> None:
+    """A ShardError naming record batch `index` of shard `name` unless every offset and length in it is sound."""
+    try:
+        # Forged offsets or lengths must become an error here, not a crash or a giant allocation later.
+        batch.validate(full=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(name, f"record batch {index} is corrupt ({exc})", row=first_row) from None
+
+
+def select_columns(name: str, batch: pa.RecordBatch, columns: Sequence[str] | None) -> pa.RecordBatch:
+    """`batch` with only `columns` (all of them if None); a ShardError if the shard lacks one."""
+    if columns is None:
+        return batch
+    missing = [c for c in columns if c not in batch.schema.names]
+    if missing:
+        raise ShardError(name, f"no column(s) {missing}; the shard has {batch.schema.names}")
+    return batch.select(list(columns))
 
 
 def _check_layout(source: Any, name: str) -> None:
