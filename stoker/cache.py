@@ -126,6 +126,11 @@ class ShardCache:
             raise StorageError(f"cache key {key[:80]!r} is not a plain file name ({why})")
         return os.path.join(self.directory, key)
 
+    def complete(self, key: str, size: int) -> bool:
+        """Whether the entry for `key` is filled, at `size` bytes (it may still be evicted before it is opened);
+        unlike `get`, this does not count as a use."""
+        return _complete(self.path(key), size) is not None
+
     def _lock(self, key: str, timeout: float) -> FileLock:
         return FileLock(os.path.join(self.directory, _LOCKS, key + ".lock"), timeout=timeout)
 
@@ -381,13 +386,20 @@ def _reserve(path: str, size: int) -> None:
         os.close(fd)
 
 
-def _touch(path: str, size: int | None = None) -> bool:
-    """Whether a complete entry is at `path` (of `size` bytes, if given); marks it as just used."""
+def _complete(path: str, size: int | None = None) -> os.stat_result | None:
+    """The stat of the complete entry at `path` (of `size` bytes, if given), or None."""
     try:
         st = os.stat(path)
-        if size is not None and st.st_size != size:
-            return False  # truncated or replaced behind our back: refilled under the lock
     except FileNotFoundError:
+        return None
+    # A wrong size: truncated or replaced behind our back, refilled under the lock.
+    return st if size is None or st.st_size == size else None
+
+
+def _touch(path: str, size: int | None = None) -> bool:
+    """Whether a complete entry is at `path` (of `size` bytes, if given); marks it as just used."""
+    st = _complete(path, size)
+    if st is None:
         return False
     try:
         # The access time is the LRU clock; the mtime stays the fill's, part of the entry's identity (`Held`).

@@ -387,11 +387,7 @@ class RemoteShards:
 
     def cached(self, shard: int) -> bool:
         """Whether the cache holds `shard` complete (it may still be evicted before it is opened)."""
-        info = self.manifest.shards[shard]
-        try:
-            return os.stat(self.cache.path(self._key(shard))).st_size == info.bytes
-        except OSError:
-            return False
+        return self.cache.complete(self._key(shard), self.manifest.shards[shard].bytes)
 
     def _key(self, shard: int) -> str:
         info = self.manifest.shards[shard]
