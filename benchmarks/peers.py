@@ -369,6 +369,10 @@ def importable(peer: Peer) -> str | None:
     """None if the peer imports here, else why not."""
     try:
         __import__(peer.module)
+        if peer.module == "stoker":
+            # stoker imports its loader on first use; the peers' packages import whole above. Either way the
+            # library's code is loaded before any timing, which starts at building a dataset.
+            stoker.StreamingDataset, stoker.DataLoader  # noqa: B018
     except Exception as exc:  # noqa: BLE001 - an ImportError, or a RuntimeError from a broken binary dependency
         return (f"cannot import {peer.module!r} (pip package {peer.package}) in {sys.executable}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

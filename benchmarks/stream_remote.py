@@ -15,8 +15,8 @@ accounting) counted through a `sync` after the epoch.
 
 plus the time to the first batch (cold store vs local; also from a fresh interpreter, where the imports and the
 manifest's read count), and the full image pipeline (stoker's PIL decode + random
-resized crop + flip as the collate_fn, 2 workers) from the store vs from local disk at 20 and 80 ms. Every ratio is
-taken within this one run.
+resized crop + flip as the collate_fn, 2 workers) from the store vs from local disk at 20 and 80 ms, with the cache
+on the temporary directory and on /dev/shm, each against its CPU bound. Every ratio is taken within this one run.
 
 On a small machine the raw-bytes leg is a CPU budget: the client, nginx and stoker share the same cores. Each
 latency's "CPU budget" line adds what the best plain client and nginx spent per GB, what writing a GB into the
@@ -112,6 +112,22 @@ def _bound(achieved: float, possible: float, reference: float, cores: int, write
         return (f"no bound from this run: stoker beat its CPU budget, whose cost of writing the cache ({write_cpu:.2f} "
                 "CPU-s/GB) was measured in a dearer moment")
     return f"best possible on {cores} CPUs {min(1.0, possible / reference):.2f}x"
+
+
+def pipeline_bound(achieved: float, local: float, local_cpu: float, transfer_cpu: float, write_cpu: float,
+                   latency: float, write_cost: float) -> str:
+    """The best ratio to the local pipeline that the CPUs allow (printed with its parts): the local pipeline's CPU
+    per image plus, per image, the transfer (the best plain client and nginx) and the cache's writes, on every core;
+    and what a loader without any cache could reach at best."""
+    cores = os.cpu_count() or 1
+    possible = cores / (local_cpu + transfer_cpu + write_cpu)
+    cacheless = cores / (local_cpu + transfer_cpu)
+    print(f"CPU bound of the image pipeline from the store at {latency:g} ms: {local_cpu * 1e3:.2f} CPU-ms per image "
+          f"locally + {transfer_cpu * 1e3:.2f} to download its bytes (best client and nginx) + {write_cpu * 1e3:.2f} to "
+          f"write them into the cache -> at most {possible:,.0f} img/s on {cores} CPUs ({cacheless:,.0f} with no cache "
+          f"at all, {min(1.0, cacheless / local):.2f}x local)"
+          + (" (stoker beat it: no bound from this run)" if achieved > possible else ""), flush=True)
+    return _bound(achieved, possible, local, cores, write_cost)
 
 
 def filesystem_type(path: str) -> str:
@@ -350,7 +366,7 @@ def main() -> None:
     local_small = first_batch(str(packed), args.workers, shuffle_buffer=args.small_window)
     local_fresh = fresh_first_batch(str(packed), args.small_window)
     lines = []
-    remote_parts: dict[float, float] = {}
+    client_parts: dict[float, float] = {}
     write_costs: dict[float, float] = {}
     with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
         disk_kind = filesystem_type(tmp)
@@ -398,7 +414,7 @@ def main() -> None:
                   f"kernel threads incl. writeback {kernel_cpu:.2f}), first batch {first:.2f} s{tmpfs}; "
                   f"machine load {os.getloadavg()[0]:.1f}", flush=True)
             cores = os.cpu_count() or 1
-            remote_parts[latency] = best_cpu + best_server + write_cpu  # CPU-s/GB any cached remote read adds
+            client_parts[latency] = best_cpu + best_server  # CPU-s/GB any remote read adds, cache or not
             write_costs[latency] = write_cpu
             budget = best_cpu + best_server + write_cpu + local_cpu
             possible = cores / budget * 1e3  # MB/s with every core busy on exactly this work
@@ -433,26 +449,28 @@ def main() -> None:
                   f"{local_pcpu / local_count * 1e3:.2f} CPU-ms per image", flush=True)
         for latency in args.pipeline_latencies:
             with ObjectStore(packed.parent, bucket="data", latency=latency / 1000, rate=args.rate_mb * 1e6) as store:
-                cache = os.path.join(tmp, f"pipeline-{latency:g}")
-                ips, pfirst, count, pcpu = pipeline_epoch(store.url("s3", packed.name), args.workers,
-                                                          storage_options=store.storage_options(), cache_dir=cache)
-                assert count == local_count
-                shutil.rmtree(cache)
-            print(f"image pipeline, store at {latency:g} ms, cold cache: {ips:,.0f} img/s, first batch {pfirst:.2f} s, "
-                  f"{pcpu / count * 1e3:.2f} CPU-ms per image", flush=True)
-            bound = ""
-            if latency in remote_parts:
-                # The local pipeline's CPU per image plus what downloading and caching its bytes costs at the least
-                # (the best plain client, nginx, the cache's writes: measured above at this latency), on every core.
-                extra = remote_parts[latency] * total / 1e9 / local_count
-                possible = (os.cpu_count() or 1) / (local_pcpu / local_count + extra)
-                bound = "; " + _bound(ips, possible, local_ips, os.cpu_count() or 1, write_costs[latency])
-                print(f"CPU bound of the image pipeline from the store at {latency:g} ms: {local_pcpu / local_count * 1e3:.2f} "
-                      f"CPU-ms per image locally + {extra * 1e3:.2f} to download and cache its bytes -> at most "
-                      f"{possible:,.0f} img/s on {os.cpu_count()} CPUs"
-                      + (" (stoker beat it: no bound from this run)" if ips > possible else ""), flush=True)
-            lines.append(f"ratio image pipeline store/local at {latency:g} ms: {ips / local_ips:.2f}x (goal >= 0.95x"
-                         f"{bound})")
+                for where in (tmp, "/dev/shm"):
+                    if where != tmp and not os.path.isdir(where):
+                        continue
+                    cache = tempfile.mkdtemp(prefix="stoker-pipeline-", dir=where)
+                    try:
+                        ips, pfirst, count, pcpu = pipeline_epoch(store.url("s3", packed.name), args.workers,
+                                                                  storage_options=store.storage_options(),
+                                                                  cache_dir=cache)
+                        write_cpu = cache_write_cpu(cache)  # at its cheapest, here and now
+                    finally:
+                        shutil.rmtree(cache)
+                    assert count == local_count
+                    label = f"cache on {filesystem_type(where)}"
+                    print(f"image pipeline, store at {latency:g} ms, cold {label}: {ips:,.0f} img/s, first batch "
+                          f"{pfirst:.2f} s, {pcpu / count * 1e3:.2f} CPU-ms per image", flush=True)
+                    bound = ""
+                    if latency in client_parts:
+                        bound = "; " + pipeline_bound(ips, local_ips, local_pcpu / local_count,
+                                                      client_parts[latency] * total / 1e9 / local_count,
+                                                      write_cpu * total / 1e9 / local_count, latency, write_cpu)
+                    lines.append(f"ratio image pipeline store ({label})/local at {latency:g} ms: "
+                                 f"{ips / local_ips:.2f}x (goal >= 0.95x{bound})")
     print(f"machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for line in lines:
         print(line)
