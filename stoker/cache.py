@@ -12,8 +12,8 @@ Safe with many threads, processes and jobs on one machine:
   besides, an entry removed while a reader holds or a pin keeps it still takes its disk space until let go;
 - a reader hands rows of a held entry to another process (the training process maps the same file) through a pin,
   a hard link under `.pins/` made from the reader's open file, so the very file it read stays on disk until the
-  other process has opened it, whatever eviction does meanwhile (`Held.handoff`, `claim`); pins of a process that
-  is gone are removed during eviction;
+  other process has opened it, whatever eviction does meanwhile (`Held.handoff`, `claim`); pins of a training
+  process or of a worker that is gone (a batch that will never be received) are removed during eviction;
 - temporary files carry a per-writer unique name; orphans of crashed writers are removed during eviction.
 
 Downloads are parallel ranged reads (through the client `dataloader.remote` chooses), each retried with exponential backoff, all bounded by one
@@ -349,14 +349,16 @@ def hold(path: str, what: str) -> Held:
 
 def _remove_stale_pins(pins: str) -> None:
     # "<training process pid>-<worker pid>-<n>-<key>": left over when the training process never received the batch.
+    # It never will once either process is gone: a worker exits only when its DataLoader iterator shuts it down, and
+    # the iterator drops whatever that worker sent and it had not received (an epoch left early, a re-deal).
     try:
         names = os.listdir(pins)
     except FileNotFoundError:
         return
     for name in names:
         try:
-            os.kill(int(name.split("-", 1)[0]), 0)
-            continue
+            for pid in name.split("-", 2)[:2]:
+                os.kill(int(pid), 0)
         except ProcessLookupError:
             _remove(os.path.join(pins, name))
         except (ValueError, PermissionError):

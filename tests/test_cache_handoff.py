@@ -3,9 +3,11 @@ transit, so eviction and refills never change what a batch holds."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
+import time
 from pathlib import Path
 
 from stoker.synthetic import make_dataset, to_memory
@@ -66,6 +68,42 @@ def test_pins_of_a_training_process_that_is_gone_are_removed_by_eviction(tmp_pat
     os.link(path, pins / f"{os.getpid()}-1-0-a")  # this process is alive: its batch may still arrive
     store.get("b", 100, _filler(b"B" * 100), timeout=5)
     assert os.listdir(pins) == [f"{os.getpid()}-1-0-a"]
+
+
+def test_pins_of_a_worker_that_is_gone_are_removed_by_eviction(tmp_path):
+    store = cache.ShardCache(str(tmp_path), 150)
+    path = store.get("a", 100, _filler(b"A" * 100), timeout=5)
+    gone = mp.get_context("fork").Process(target=os.getpid)
+    gone.start()
+    gone.join()
+    pins = tmp_path / ".pins"
+    pins.mkdir()
+    # This training process is alive, but that worker was shut down with its iterator: its batch was dropped.
+    os.link(path, pins / f"{os.getpid()}-{gone.pid}-0-a")
+    os.link(path, pins / f"{os.getpid()}-1-0-a")  # a live worker's batch may still arrive
+    store.get("b", 100, _filler(b"B" * 100), timeout=5)
+    assert os.listdir(pins) == [f"{os.getpid()}-1-0-a"]
+
+
+def test_batches_left_in_transit_by_an_epoch_left_early_do_not_pin_the_cache(tmp_path):
+    local = make_dataset(tmp_path / "src", rows=(30,) * 8, payload=(2000, 6000), seed=5)
+    url = to_memory(local)
+    shard = max(os.path.getsize(os.path.join(local, n)) for n in os.listdir(local) if n.endswith(".arrow"))
+    directory = tmp_path / "cache"
+    ds = StreamingDataset(url, cache_dir=str(directory), cache_limit=4 * shard, shuffle_buffer=20, seed=1,
+                          read=ReadOptions(prefetch_shards=1, part_size=4096))
+    it = iter(DataLoader(ds, batch_size=8, num_workers=2, prefetch_factor=4))
+    next(it)
+    pins = directory / ".pins"
+    deadline = time.monotonic() + 20
+    while not (pins.is_dir() and os.listdir(pins)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the workers send their next batches ahead
+    assert os.listdir(pins), "no batch was in transit when the epoch was left"
+    del it  # left early: its workers stop, and what they sent is never received
+    gc.collect()
+    for _ in DataLoader(ds, batch_size=8, num_workers=2):
+        pass
+    assert os.listdir(pins) == []
 
 
 def test_workers_hand_cached_rows_over_as_packed_with_evictions_under_way(tmp_path):
