@@ -29,12 +29,14 @@ def images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("early"), rows=(60,) * 4, batch_bytes=64 << 10, payload=(1000, 8000))
 
 
-def read_locally(path: str):
+def read_locally(path: str, per_call: list[int] | None = None):
     data = open(path, "rb").read()
     calls = []
 
     def read(shard, spans):
         calls.extend(end - start for start, end in spans)
+        if per_call is not None:
+            per_call.append(len(spans))
         return [data[start:end] for start, end in spans]
 
     return data, read, calls
@@ -75,6 +77,22 @@ def test_rows_read_by_themselves_are_exactly_the_packed_rows(images, monkeypatch
     assert rows_of(opened, "image", [3, 30, 59]) == [table.column("image")[r].as_py() for r in (3, 30, 59)]
     assert len(calls) > before
     pool.close()
+
+
+def test_many_ranges_of_a_shard_are_read_in_calls_of_at_most_per_call(images, monkeypatch):
+    monkeypatch.setattr(partial, "LARGE", 0)  # every row's bytes are a range of their own
+    monkeypatch.setattr(partial, "PER_CALL", 3)
+    per_call: list[int] = []
+    data, read, _ = read_locally(os.path.join(images, "shard-00002.arrow"), per_call)
+    table = table_of(data)
+    shard = partial.PartialShard("shard-00002.arrow", len(data))
+    pool = cache.IOPool(4, "test")
+    rows = np.arange(0, 60, 5)
+    partial.fetch_rows({shard: rows}, read, pool, time.monotonic() + 10)
+    pool.close()
+    opened = OpenShard(shard.reader(), table.schema.names, check=dict.fromkeys(table.schema.names, ""))
+    assert rows_of(opened, "image", rows) == [table.column("image")[r].as_py() for r in rows.tolist()]
+    assert max(per_call) == 3 and len(per_call) > 3  # split into several calls, none over the limit
 
 
 def test_token_lists_read_by_rows(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ HEAD = 64 << 10  # bytes read from a shard's start for its schema message, and f
 LEAD = 64 << 10  # bytes of a record batch's body read with its metadata
 LARGE = 256 << 10  # a buffer larger than this is read by rows, not whole
 GAP = 16 << 10  # ranges closer than this are read as one request
+PER_CALL = 10  # ranges per call of the client: obstore's `get_ranges` keeps up to 10 requests of a call in flight
 
 
 class _Batch:
@@ -227,21 +228,24 @@ def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def fetch_rows(wanted: dict[PartialShard, np.ndarray],
                read: Callable[[PartialShard, list[tuple[int, int]]], list[Any]], pool: cache.IOPool,
                deadline: float) -> None:
-    """Read `wanted` rows of each partial shard: each round, one `read(shard, spans)` per shard, all shards at once."""
+    """Read `wanted` rows of each partial shard: each round, `read(shard, spans)` calls of up to `PER_CALL` spans,
+    all shards at once."""
     while True:
         round_ = []
         for shard, rows in wanted.items():
             requests = shard.requests(rows)
             spans = [(start, end) for start, end, _ in requests if end > start]
-            round_.append((shard, requests, pool.submit(read, shard, spans) if spans else None))
+            # A call keeps at most PER_CALL requests in flight: more spans in one call would take more round trips.
+            calls = [pool.submit(read, shard, spans[i:i + PER_CALL]) for i in range(0, len(spans), PER_CALL)]
+            round_.append((shard, requests, calls))
         if not any(requests for _, requests, _ in round_):
             return
         try:
-            for shard, requests, future in round_:
-                got = iter(cache.wait(future, deadline, f"rows of shard {shard.name}") if future is not None else ())
+            for shard, requests, calls in round_:
+                got = (data for call in calls for data in cache.wait(call, deadline, f"rows of shard {shard.name}"))
                 for start, end, apply in requests:  # in order: a batch's writes before its rows are marked read
                     apply(next(got) if end > start else b"")
         finally:
-            for _, _, future in round_:
-                if future is not None:
-                    future.cancel()
+            for _, _, calls in round_:
+                for call in calls:
+                    call.cancel()

@@ -69,7 +69,7 @@ if hasattr(os, "register_at_fork"):
 
 
 MIN_PART = 1 << 20  # bytes: smaller parts cost more in requests than they save in time
-ROW_READS = 16  # shards whose rows are read at once per process, each with up to 10 ranges in flight (`partial`)
+ROW_READS = 16  # calls reading rows at once per process, each with up to 10 ranges in flight (`partial.PER_CALL`)
 
 # s3fs options that have an obstore equivalent; any other key keeps the read on fsspec, which understands it.
 _S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
