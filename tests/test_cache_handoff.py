@@ -10,6 +10,8 @@ import pickle
 import time
 from pathlib import Path
 
+import pytest
+
 from stoker.synthetic import make_dataset, to_memory
 from stoker import DataLoader, StreamingDataset, cache
 from stoker.dataloader import ReadOptions
@@ -56,7 +58,10 @@ def test_a_handed_off_entry_is_the_file_the_reader_read_whatever_the_cache_does_
     del received
 
 
-def test_pins_of_a_training_process_that_is_gone_are_removed_by_eviction(tmp_path):
+# A batch never received: its training process is gone, or it is alive but that worker was shut down with its
+# iterator (the batch was dropped with it).
+@pytest.mark.parametrize("stale", ["{gone}-1-0-a", "{me}-{gone}-0-a"], ids=["training-process-gone", "worker-gone"])
+def test_pins_of_batches_that_will_never_be_received_are_removed_by_eviction(tmp_path, stale):
     store = cache.ShardCache(str(tmp_path), 150)
     path = store.get("a", 100, _filler(b"A" * 100), timeout=5)
     gone = mp.get_context("fork").Process(target=os.getpid)
@@ -64,23 +69,8 @@ def test_pins_of_a_training_process_that_is_gone_are_removed_by_eviction(tmp_pat
     gone.join()
     pins = tmp_path / ".pins"
     pins.mkdir()
-    os.link(path, pins / f"{gone.pid}-1-0-a")  # a batch that process never received
-    os.link(path, pins / f"{os.getpid()}-1-0-a")  # this process is alive: its batch may still arrive
-    store.get("b", 100, _filler(b"B" * 100), timeout=5)
-    assert os.listdir(pins) == [f"{os.getpid()}-1-0-a"]
-
-
-def test_pins_of_a_worker_that_is_gone_are_removed_by_eviction(tmp_path):
-    store = cache.ShardCache(str(tmp_path), 150)
-    path = store.get("a", 100, _filler(b"A" * 100), timeout=5)
-    gone = mp.get_context("fork").Process(target=os.getpid)
-    gone.start()
-    gone.join()
-    pins = tmp_path / ".pins"
-    pins.mkdir()
-    # This training process is alive, but that worker was shut down with its iterator: its batch was dropped.
-    os.link(path, pins / f"{os.getpid()}-{gone.pid}-0-a")
-    os.link(path, pins / f"{os.getpid()}-1-0-a")  # a live worker's batch may still arrive
+    os.link(path, pins / stale.format(gone=gone.pid, me=os.getpid()))
+    os.link(path, pins / f"{os.getpid()}-1-0-a")  # both processes alive: this batch may still arrive
     store.get("b", 100, _filler(b"B" * 100), timeout=5)
     assert os.listdir(pins) == [f"{os.getpid()}-1-0-a"]
 
