@@ -115,6 +115,16 @@ def test_truncated_shard_is_a_shard_error_naming_it(packed_text: Path, tmp_path:
             list(reader.iter_batches())
 
 
+def test_a_compressed_record_batch_is_refused_at_its_own_offset(tmp_path: Path) -> None:
+    path = tmp_path / "zstd.arrow"
+    table = pa.table({"x": pa.array([b"a" * 1000] * 100)})
+    with pa.ipc.new_file(str(path), table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    # The error says what is wrong and where the batch lies, not that the file is unreadable.
+    with pytest.raises(ShardError, match=r"^\S*zstd\.arrow at byte offset \d+: record batch 0 is compressed"):
+        open_shard(path)
+
+
 @pytest.fixture()
 def msgpack_text(text_corpus: Path, tmp_path: Path) -> Path:
     from stoker.formats.pack import pack_dataset

@@ -143,6 +143,8 @@ def _check_layout(source: Any, name: str) -> None:
             if _field_pos(message, batch, 3) is not None:  # RecordBatch.compression
                 raise ShardError(name, f"record batch {i} is compressed; stoker reads uncompressed shards only "
                                  "(a compressed batch is inflated whole, whatever it claims)", offset)
+    except ShardError:  # a ValueError too: it already says what is wrong, and where
+        raise
     except (struct.error, IndexError, ValueError) as exc:
         raise ShardError(name, f"unreadable Arrow message ({exc})", size - 10 - footer_len) from None
 
@@ -168,6 +170,8 @@ def footer_blocks(footer: bytes, size: int, name: str) -> list[tuple[int, int, i
             raise ShardError(name, "has dictionary batches; stoker's shards have none", at)
         start, count = _vector(footer, root, 3)
         blocks = [struct.unpack_from("<qi4xq", footer, start + 24 * i) for i in range(count)]
+    except ShardError:  # a ValueError too: it already says what is wrong, and where
+        raise
     except (struct.error, IndexError, ValueError) as exc:
         raise ShardError(name, f"unreadable Arrow footer ({exc})", at) from None
     for i, (offset, meta_len, body_len) in enumerate(blocks):
