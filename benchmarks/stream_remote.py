@@ -114,12 +114,13 @@ def _bound(achieved: float, possible: float, reference: float, cores: int, write
     return f"best possible on {cores} CPUs {min(1.0, possible / reference):.2f}x"
 
 
-def pipeline_bound(achieved: float, local: float, local_cpu: float, transfer_cpu: float, write_cpu: float,
-                   latency: float, write_cost: float) -> str:
+def pipeline_bound(achieved: float, local: float, local_cpu: float, transfer_gb: float, write_gb: float,
+                   gb_per_image: float, latency: float) -> str:
     """The best ratio to the local pipeline that the CPUs allow (printed with its parts): the local pipeline's CPU
-    per image plus, per image, the transfer (the best plain client and nginx) and the cache's writes, on every core;
-    and what a loader without any cache could reach at best."""
+    per image plus the CPU-s/GB of the transfer (the best plain client and nginx) and of the cache's writes for each
+    image's bytes, on every core; and what a loader without any cache could reach at best."""
     cores = os.cpu_count() or 1
+    transfer_cpu, write_cpu = transfer_gb * gb_per_image, write_gb * gb_per_image
     possible = cores / (local_cpu + transfer_cpu + write_cpu)
     cacheless = cores / (local_cpu + transfer_cpu)
     print(f"CPU bound of the image pipeline from the store at {latency:g} ms: {local_cpu * 1e3:.2f} CPU-ms per image "
@@ -127,7 +128,7 @@ def pipeline_bound(achieved: float, local: float, local_cpu: float, transfer_cpu
           f"write them into the cache -> at most {possible:,.0f} img/s on {cores} CPUs ({cacheless:,.0f} with no cache "
           f"at all, {min(1.0, cacheless / local):.2f}x local)"
           + (" (stoker beat it: no bound from this run)" if achieved > possible else ""), flush=True)
-    return _bound(achieved, possible, local, cores, write_cost)
+    return _bound(achieved, possible, local, cores, write_gb)
 
 
 def filesystem_type(path: str) -> str:
@@ -367,7 +368,6 @@ def main() -> None:
     local_fresh = fresh_first_batch(str(packed), args.small_window)
     lines = []
     client_parts: dict[float, float] = {}
-    write_costs: dict[float, float] = {}
     with tempfile.TemporaryDirectory(prefix="stoker-remote-") as tmp:
         disk_kind = filesystem_type(tmp)
         for latency in args.latencies:
@@ -415,7 +415,6 @@ def main() -> None:
                   f"machine load {os.getloadavg()[0]:.1f}", flush=True)
             cores = os.cpu_count() or 1
             client_parts[latency] = best_cpu + best_server  # CPU-s/GB any remote read adds, cache or not
-            write_costs[latency] = write_cpu
             budget = best_cpu + best_server + write_cpu + local_cpu
             possible = cores / budget * 1e3  # MB/s with every core busy on exactly this work
             per_gb = nbytes / 1e9
@@ -457,7 +456,8 @@ def main() -> None:
                         ips, pfirst, count, pcpu = pipeline_epoch(store.url("s3", packed.name), args.workers,
                                                                   storage_options=store.storage_options(),
                                                                   cache_dir=cache)
-                        write_cpu = cache_write_cpu(cache)  # at its cheapest, here and now
+                        # Writing into this cache directory at its cheapest, right after: the bound's share for it.
+                        write_cpu = cache_write_cpu(cache) if latency in client_parts else None
                     finally:
                         shutil.rmtree(cache)
                     assert count == local_count
@@ -465,10 +465,9 @@ def main() -> None:
                     print(f"image pipeline, store at {latency:g} ms, cold {label}: {ips:,.0f} img/s, first batch "
                           f"{pfirst:.2f} s, {pcpu / count * 1e3:.2f} CPU-ms per image", flush=True)
                     bound = ""
-                    if latency in client_parts:
-                        bound = "; " + pipeline_bound(ips, local_ips, local_pcpu / local_count,
-                                                      client_parts[latency] * total / 1e9 / local_count,
-                                                      write_cpu * total / 1e9 / local_count, latency, write_cpu)
+                    if write_cpu is not None:
+                        bound = "; " + pipeline_bound(ips, local_ips, local_pcpu / local_count, client_parts[latency],
+                                                      write_cpu, total / 1e9 / local_count, latency)
                     lines.append(f"ratio image pipeline store ({label})/local at {latency:g} ms: "
                                  f"{ips / local_ips:.2f}x (goal >= 0.95x{bound})")
     print(f"machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
